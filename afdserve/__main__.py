@@ -1,0 +1,5 @@
+import sys
+
+from afdserve.cli import main
+
+sys.exit(main())

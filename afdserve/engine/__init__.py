@@ -1,0 +1,1 @@
+"""Serving engine: requests, paged KV block manager, scheduler and the engine loop."""

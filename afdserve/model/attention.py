@@ -1,0 +1,198 @@
+"""MFA (Multi-Matrix Factorization Attention) over a paged KV cache, and its naive reference.
+
+MFA: q = wq(inter_norm(q_proj(x))) gives n_q wide heads from a low-rank query; k_proj and v_proj
+give ONE key head and ONE value head (num_attention_groups = 1) shared by every query head.
+With one KV head, the n_q heads of a token are n_q queries against the same keys, so a decode
+step is one [n_q, d] x [d, ctx] matmul per sequence.
+
+Shapes: T = new tokens in the flattened batch, S = sequences, n_q query heads, g KV heads,
+d head dim, bs block size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from afdserve.config import Step3Config
+from afdserve.model.layers import RMSNorm, RotaryEmbedding
+
+
+class KVCache:
+    """Paged K/V storage: per layer, `k[layer]` is `[num_blocks * block_size, g, d]` (flat slots).
+
+    A token at position p of a sequence lives in slot `block_table[p // bs] * bs + p % bs`.
+    """
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each new token sits and what each sequence attends to, built once per step.
+
+    Sequences appear in the flattened batch in order; sequence s owns `query_lens[s]` new
+    tokens and, after this step, `context_lens[s]` tokens of KV (cached + new).
+    """
+
+    positions: torch.Tensor        # [T] int64
+    slot_mapping: torch.Tensor     # [T] int64: cache slot each new token's K/V is written to
+    query_lens: list[int]          # [S]
+    context_lens: list[int]        # [S]
+    context_slots: torch.Tensor    # [S, max_ctx] int64: slots of positions 0..ctx-1 (padded with 0)
+    context_mask: torch.Tensor     # [S, max_ctx] bool: True where the slot is a real token
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(q == 1 for q in self.query_lens)
+
+    @classmethod
+    def build(cls, positions: list[int], slot_mapping: list[int], query_lens: list[int],
+              context_lens: list[int], block_tables: list[list[int]], block_size: int,
+              device: torch.device | str = "cpu") -> "AttentionMetadata":
+        max_ctx = max(context_lens) if context_lens else 0
+        max_blocks = max((len(b) for b in block_tables), default=0)
+        table = torch.zeros((len(block_tables), max_blocks), dtype=torch.int64)
+        for s, blocks in enumerate(block_tables):
+            table[s, :len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+        offsets = torch.arange(block_size, dtype=torch.int64)
+        slots = (table.unsqueeze(-1) * block_size + offsets).reshape(len(block_tables), -1)[:, :max_ctx]
+        mask = torch.arange(max_ctx).unsqueeze(0) < torch.tensor(context_lens, dtype=torch.int64).unsqueeze(1)
+        return cls(
+            positions=torch.tensor(positions, dtype=torch.int64, device=device),
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+            query_lens=list(query_lens), context_lens=list(context_lens),
+            context_slots=slots.to(device), context_mask=mask.to(device))
+
+    def select(self, seqs: slice) -> "AttentionMetadata":
+        """The metadata of a contiguous run of sequences (one micro-batch)."""
+        tok0 = sum(self.query_lens[:seqs.start])
+        tok1 = tok0 + sum(self.query_lens[seqs])
+        ctx = self.context_lens[seqs]
+        width = max(ctx) if ctx else 0
+        return AttentionMetadata(
+            positions=self.positions[tok0:tok1], slot_mapping=self.slot_mapping[tok0:tok1],
+            query_lens=self.query_lens[seqs], context_lens=ctx,
+            context_slots=self.context_slots[seqs, :width], context_mask=self.context_mask[seqs, :width])
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of new queries over each sequence's cached K/V (new tokens included).
+
+    q: [T, n_q, d]; k_cache, v_cache: [slots, g, d] -> [T, n_q, d].
+    """
+    if meta.is_decode_only:
+        return _decode_attention(q, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(q)
+    tok = 0
+    for s, (nq, ctx) in enumerate(zip(meta.query_lens, meta.context_lens)):
+        slots = meta.context_slots[s, :ctx]
+        out[tok:tok + nq] = _sequence_attention(q[tok:tok + nq], k_cache[slots], v_cache[slots], scale)
+        tok += nq
+    return out
+
+
+def _group_queries(q: torch.Tensor, g: int) -> torch.Tensor:
+    """[..., T, n_q, d] -> [..., g, T * n_q/g, d]: each KV head's queries as one row block."""
+    *lead, t, nq, d = q.shape
+    q = q.reshape(*lead, t, g, nq // g, d).movedim(-3, -4)
+    return q.reshape(*lead, g, t * (nq // g), d)
+
+
+def _ungroup(o: torch.Tensor, t: int, nq: int) -> torch.Tensor:
+    """Inverse of _group_queries: [..., g, T * n_q/g, d] -> [..., T, n_q, d]."""
+    *lead, g, _, d = o.shape
+    o = o.reshape(*lead, g, t, nq // g, d).movedim(-4, -3)
+    return o.reshape(*lead, t, nq, d)
+
+
+def _decode_attention(q, k_cache, v_cache, meta, scale):
+    # One new token per sequence: gather each sequence's K/V ([S, ctx, g, d]) and attend with a
+    # padding mask; the n_q heads sharing a KV head become rows of one matmul.
+    S, nq, d = q.shape
+    g = k_cache.shape[1]
+    k = k_cache[meta.context_slots].transpose(1, 2)            # [S, g, ctx, d]
+    v = v_cache[meta.context_slots].transpose(1, 2)
+    qg = _group_queries(q.unsqueeze(1), g)                       # [S, g, n_q/g, d]
+    mask = meta.context_mask[:, None, None, :]                   # [S, 1, 1, ctx]
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    return _ungroup(o, 1, nq).squeeze(1)
+
+
+def _sequence_attention(q, k, v, scale):
+    # q [t, n_q, d] are the last t positions of a sequence whose K/V are k, v [ctx, g, d].
+    t, nq, _ = q.shape
+    ctx, g, _ = k.shape
+    qg = _group_queries(q, g)                                    # [g, t*n_q/g, d]
+    qpos = torch.arange(ctx - t, ctx, device=q.device).repeat_interleave(nq // g)
+    mask = torch.arange(ctx, device=q.device).unsqueeze(0) <= qpos.unsqueeze(1)   # [t*n_q/g, ctx]
+    o = F.scaled_dot_product_attention(qg, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale)
+    return _ungroup(o, t, nq)
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Reference: q [t, n_q, d] are the last t positions of a sequence with K/V [ctx, g, d].
+
+    Loops over tokens and heads with an explicit fp32 softmax; slow and obviously right.
+    """
+    t, nq, d = q.shape
+    ctx, g, _ = k.shape
+    out = torch.empty_like(q)
+    for i in range(t):
+        pos = ctx - t + i
+        for h in range(nq):
+            kv = h // (nq // g)
+            scores = (k[:pos + 1, kv].float() @ q[i, h].float()) * scale
+            probs = torch.softmax(scores, dim=0)
+            out[i, h] = (probs @ v[:pos + 1, kv].float()).to(q.dtype)
+    return out
+
+
+class MFAttention(nn.Module):
+    """The `self_attn` block; parameter names equal the checkpoint's."""
+
+    def __init__(self, config: Step3Config):
+        super().__init__()
+        H = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_attention_groups
+        self.head_dim = config.head_dim
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+        self.q_proj = nn.Linear(H, config.share_q_dim, bias=False)
+        self.inter_norm = RMSNorm(config.share_q_dim, config.rms_norm_eps)
+        self.wq = nn.Linear(config.share_q_dim, config.q_width, bias=False)
+        self.k_proj = nn.Linear(H, config.kv_width, bias=False)
+        self.v_proj = nn.Linear(H, config.kv_width, bias=False)
+        self.o_proj = nn.Linear(config.q_width, H, bias=False)
+
+    def qkv(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor):
+        """x [T, H] -> q [T, n_q, d], k, v [T, g, d], RoPE applied to q and k."""
+        T = x.shape[0]
+        q = self.wq(self.inter_norm(self.q_proj(x))).view(T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        return rope(q, positions), rope(k, positions), v
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, meta: AttentionMetadata,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> [T, H]; writes the new tokens' K/V into the cache first."""
+        q, k, v = self.qkv(x, rope, meta.positions)
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+        o = paged_attention(q, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(o.reshape(x.shape[0], -1))

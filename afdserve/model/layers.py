@@ -1,0 +1,148 @@
+"""Building blocks of the Step-3 model: RMSNorm, RoPE, SwiGLU and the MoE FFN.
+
+Pure tensor math: nothing here knows about processes, caches or networks.
+Shapes: T = tokens in the (flattened) batch, H = hidden size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps), computed in fp32, cast back, then scaled by the weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half ("NeoX") RoPE over the full head dim: freqs theta^(-2i/d), cos/sin = cat(f, f)."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        t = torch.arange(max_positions, dtype=torch.float64)
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos().float(), persistent=False)  # [P, d]
+        self.register_buffer("sin", emb.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, d], positions: [T] -> rotated x, same dtype."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        xf = x.float()
+        return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); used for dense FFNs and the shared expert.
+
+    `width` may be a slice of the checkpoint's intermediate size when the FFN is split across
+    workers (tensor parallel): each slice's output is a partial sum of the full output.
+    """
+
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts in fp32, then top-k. Returns (weights fp32 [T, k], ids int64 [T, k])."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, ids
+
+
+class StackedWeight(nn.Module):
+    """Experts stacked along dim 0: `weight` is [E, out, in], as in the checkpoint."""
+
+    def __init__(self, num: int, out_features: int, in_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num, out_features, in_features))
+
+
+class MoE(nn.Module):
+    """The `moe` block: a router (`gate`) and stacked routed experts, either of which may be absent.
+
+    In disaggregated execution the router runs on the attention side and the experts on the
+    FFN side; an FFN worker may own only the experts [first, first + num_local).
+    Parameter names equal the checkpoint's (`gate.weight`, stacked `gate_proj.weight`, ...).
+    """
+
+    def __init__(self, hidden: int, width: int, num_experts: int, top_k: int, renormalize: bool,
+                 router: bool = True, experts: tuple[int, int] | None = (0, None)):
+        super().__init__()
+        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        if router:
+            self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.first, stop = (0, 0) if experts is None else experts
+        stop = num_experts if stop is None else stop
+        self.num_local = stop - self.first
+        if experts is not None:
+            self.gate_proj = StackedWeight(self.num_local, width, hidden)
+            self.up_proj = StackedWeight(self.num_local, width, hidden)
+            self.down_proj = StackedWeight(self.num_local, hidden, width)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (weights fp32 [T, k], global expert ids [T, k])."""
+        return route(self.gate(x), self.top_k, self.renormalize)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Local expert e applied to x [n, H]."""
+        gate, up, down = self.gate_proj.weight[e], self.up_proj.weight[e], self.down_proj.weight[e]
+        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; weights [T, k] fp32; ids [T, k] -> weighted sum over this module's experts."""
+        out = torch.zeros_like(x)
+        local = ids - self.first
+        hit = (local >= 0) & (local < self.num_local)
+        flat_tok, flat_slot = hit.nonzero(as_tuple=True)
+        if flat_tok.numel() == 0:
+            return out
+        flat_e = local[flat_tok, flat_slot]
+        order = torch.argsort(flat_e, stable=True)
+        flat_tok, flat_slot, flat_e = flat_tok[order], flat_slot[order], flat_e[order]
+        counts = torch.bincount(flat_e, minlength=self.num_local).tolist()
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            tok = flat_tok[start:start + n]
+            w = weights[tok, flat_slot[start:start + n]].to(x.dtype).unsqueeze(-1)
+            out.index_add_(0, tok, self.expert(e, x[tok]) * w)
+            start += n
+        return out
+
+
+def moe_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: MoE) -> torch.Tensor:
+    """Slow, obviously-correct MoE: token by token, expert by expert. Used in tests."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j]) - experts.first
+            if 0 <= e < experts.num_local:
+                out[t] += experts.expert(e, x[t:t + 1])[0] * weights[t, j].to(x.dtype)
+    return out
