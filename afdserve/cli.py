@@ -33,10 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        if importlib.util.find_spec(name) is None:
+        if not _exists(name):
             continue
         importlib.import_module(name).register(sub)
     return parser
+
+
+def _exists(module: str) -> bool:
+    """Whether a command module is present (parts of the project may be installed without others)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
