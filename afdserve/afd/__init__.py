@@ -1,0 +1,1 @@
+"""Attention-FFN Disaggregation: attention and FFN halves of every layer in different workers."""
