@@ -1,0 +1,111 @@
+"""Sub-commands for the model itself: `init-checkpoint`, `generate`, `demo`."""
+from __future__ import annotations
+
+import argparse
+import time
+
+from afdserve.afd.options import add_afd_arguments, engine_kwargs_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init-checkpoint", help="write a random-initialised checkpoint of a preset",
+                       description="Write config.json + model.safetensors (HF tensor names) with random "
+                       "weights, so every feature can be tried without downloading anything.")
+    p.add_argument("--preset", required=True, help="step3, small or tiny")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=_init_checkpoint)
+
+    g = sub.add_parser("generate", help="generate text or token ids offline",
+                       description="Generate from a prompt with the offline LLM API (greedy by default).")
+    g.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    src.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeatable)")
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop-token-ids", default="", help="comma-separated ids that end generation")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_afd_arguments(g)
+    g.set_defaults(func=_generate)
+
+    d = sub.add_parser("demo", help="answer a few questions with the embedded model, colocated and AFD",
+                       description="Run the main job on the embedded default model: held-out questions "
+                       "answered colocated and through Attention-FFN Disaggregation (1A1F), with the score.")
+    d.add_argument("--model", default=None)
+    d.add_argument("--n", type=int, default=40, help="held-out prompts to score")
+    d.add_argument("--afd", default="1A1F", help="topology for the disaggregated run ('none' to skip)")
+    d.set_defaults(func=_demo)
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated token ids, got {text!r}") from None
+
+
+def _init_checkpoint(args: argparse.Namespace) -> int:
+    from afdserve.config import get_preset
+    from afdserve.model.checkpoint import init_checkpoint
+
+    config = get_preset(args.preset)
+    out = init_checkpoint(config, args.out, seed=args.seed, dtype=args.dtype)
+    n = config.num_parameters()
+    print(f"wrote {args.preset} checkpoint to {out} ({n['total'] / 1e6:.1f}M parameters, {args.dtype})")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from afdserve import LLM, SamplingParams
+
+    prompts = args.prompt if args.prompt else [_ids(p) for p in args.prompt_ids]
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            seed=args.seed, max_tokens=args.max_tokens,
+                            stop_token_ids=_ids(args.stop_token_ids))
+    with LLM(model=args.model, dtype=args.dtype, **engine_kwargs_from_args(args)) as llm:
+        if args.prompt and llm.tokenizer is None:
+            raise ValueError("this model has no tokenizer.json: use --prompt-ids")
+        for out in llm.generate(prompts, params):
+            c = out.outputs[0]
+            print(c.text if llm.tokenizer is not None else ",".join(map(str, c.token_ids)))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from afdserve import LLM, SamplingParams
+    from afdserve.tasks import held_out, score
+
+    console = Console()
+    examples = held_out(args.n)
+    prompts = [e.prompt for e in examples]
+    params = SamplingParams(temperature=0.0, max_tokens=32)
+    modes = [("colocated", None)] + ([] if args.afd.lower() == "none" else [(f"AFD {args.afd}", args.afd)])
+    answers = {}
+    for label, afd in modes:
+        t0 = time.perf_counter()
+        with LLM(model=args.model, afd=afd) as llm:
+            outs = llm.generate(prompts, params)
+        answers[label] = [o.outputs[0].text.strip() for o in outs]
+        acc = score(examples, answers[label])
+        console.print(f"[bold]{label}[/]: {acc['overall']:.1%} exact match on {len(examples)} held-out "
+                      f"prompts ({time.perf_counter() - t0:.1f}s)")
+    table = Table(title="embedded default model, greedy")
+    table.add_column("prompt")
+    table.add_column("expected")
+    for label, _ in modes:
+        table.add_column(label)
+    for i, e in enumerate(examples[:10]):
+        table.add_row(e.prompt, e.answer, *[answers[label][i] for label, _ in modes])
+    console.print(table)
+    if len(modes) == 2:
+        same = sum(a == b for a, b in zip(*answers.values()))
+        console.print(f"colocated and {modes[1][0]} agree on {same}/{len(examples)} answers")
+    return 0

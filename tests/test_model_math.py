@@ -1,0 +1,137 @@
+"""Fast paths against slow references: paged MFA vs naive attention, MoE vs per-token loop."""
+import math
+
+import pytest
+import torch
+
+from afdserve.config import get_preset
+from afdserve.model.attention import AttentionMetadata, KVCache, naive_attention, paged_attention
+from afdserve.model.checkpoint import init_random
+from afdserve.model.layers import MoE, RMSNorm, moe_reference, route
+from afdserve.model.step3 import FFNShard, Step3ForCausalLM
+
+
+def _paged_setup(ctx_lens, q_lens, g, d, bs=4, seed=0):
+    """Random K/V for several sequences scattered over shuffled blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    nblocks = sum(-(-c // bs) for c in ctx_lens) + 3
+    perm = torch.randperm(nblocks, generator=gen).tolist()
+    kv = KVCache(1, nblocks, bs, g, d, torch.float32)
+    kv.k.normal_(generator=gen)
+    kv.v.normal_(generator=gen)
+    tables, used = [], 0
+    for c in ctx_lens:
+        n = -(-c // bs)
+        tables.append(perm[used:used + n])
+        used += n
+    positions, slots = [], []
+    for c, q, t in zip(ctx_lens, q_lens, tables):
+        for p in range(c - q, c):
+            positions.append(p)
+            slots.append(t[p // bs] * bs + p % bs)
+    meta = AttentionMetadata.build(positions, slots, q_lens, ctx_lens, tables, bs)
+    return kv, meta, tables
+
+
+@pytest.mark.parametrize("q_lens, ctx_lens, g", [
+    ([1, 1, 1], [5, 9, 1], 1),       # decode batch, MFA (one KV head)
+    ([3, 1, 6], [7, 4, 6], 1),       # mixed prefill chunks and decode
+    ([1, 1], [8, 13], 2),            # GQA-style grouping still right
+    ([4], [4], 2),
+])
+def test_paged_attention_matches_naive(q_lens, ctx_lens, g):
+    nq, d = 4, 8
+    kv, meta, tables = _paged_setup(ctx_lens, q_lens, g, d)
+    q = torch.randn(sum(q_lens), nq, d, generator=torch.Generator().manual_seed(1))
+    scale = 1 / math.sqrt(d)
+    out = paged_attention(q, kv.k[0], kv.v[0], meta, scale)
+    tok = 0
+    for s, (nql, c) in enumerate(zip(q_lens, ctx_lens)):
+        slots = meta.context_slots[s, :c]
+        ref = naive_attention(q[tok:tok + nql], kv.k[0][slots], kv.v[0][slots], scale)
+        torch.testing.assert_close(out[tok:tok + nql], ref, rtol=1e-5, atol=1e-5)
+        tok += nql
+
+
+def test_micro_batch_select_matches_whole():
+    kv, meta, _ = _paged_setup([5, 9, 3, 7], [1, 1, 1, 1], 1, 8)
+    q = torch.randn(4, 4, 8)
+    full = paged_attention(q, kv.k[0], kv.v[0], meta, 0.3)
+    part = paged_attention(q[1:3], kv.k[0], kv.v[0], meta.select(slice(1, 3)), 0.3)
+    torch.testing.assert_close(part, full[1:3])
+
+
+def test_rmsnorm_fp32_then_cast():
+    n = RMSNorm(4, 1e-5)
+    n.weight.data = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    x = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    torch.testing.assert_close(n(x), torch.tensor([[1.0, -2.0, 3.0, -4.0]]) / math.sqrt(1 + 1e-5))
+    assert n(x.bfloat16()).dtype == torch.float32 or n.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_moe_hand_set_weights_known_answer():
+    # H = 1, width 1: expert e computes (e + 1) * silu(x) * x. Router logits are (0, 1, 2, 3) * x.
+    moe = MoE(1, 1, 4, top_k=2, renormalize=False)
+    with torch.no_grad():
+        moe.gate.weight.copy_(torch.tensor([[0.0], [1.0], [2.0], [3.0]]))
+        moe.gate_proj.weight.fill_(1.0)
+        moe.up_proj.weight.fill_(1.0)
+        moe.down_proj.weight.copy_(torch.arange(1.0, 5.0).view(4, 1, 1))
+    x = torch.tensor([[1.0]])
+    w, ids = moe.route(x)
+    probs = torch.softmax(torch.tensor([0.0, 1.0, 2.0, 3.0]), 0)
+    assert ids.tolist() == [[3, 2]]
+    torch.testing.assert_close(w, probs[[3, 2]].view(1, 2))   # no renormalisation by default
+    silu_x_x = 1.0 / (1 + math.exp(-1.0))
+    want = (probs[3] * 4 + probs[2] * 3) * silu_x_x
+    torch.testing.assert_close(moe(x, w, ids), torch.tensor([[float(want)]]))
+    w2, _ = route(moe.gate(x), 2, renormalize=True)
+    torch.testing.assert_close(w2.sum(-1), torch.ones(1))
+
+
+def test_moe_fast_matches_reference_and_router_is_fp32():
+    torch.manual_seed(0)
+    moe = MoE(16, 8, 6, top_k=3, renormalize=False)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(11, 16)
+    w, ids = moe.route(x)
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(moe(x, w, ids), moe_reference(x, w, ids, moe), rtol=1e-5, atol=1e-6)
+    mb = moe.to(torch.bfloat16)
+    wb, _ = mb.route(x.bfloat16())
+    assert wb.dtype == torch.float32
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ffn_shards_sum_to_full_ffn(world):
+    config = get_preset("tiny")
+    full = init_random(Step3ForCausalLM(config), seed=1)
+    state = dict(full.named_parameters())
+    x = torch.randn(5, config.hidden_size)
+    for layer_id in (0, 1):   # a dense layer and a MoE layer
+        inp = full.layers[layer_id].ffn_input(x)
+        want = full.layers[layer_id].ffn_half(inp)
+        total = torch.zeros_like(want)
+        for r in range(world):
+            shard = Step3ForCausalLM(config, role="ffn", shard=FFNShard(r, world))
+            slices = shard.shard_slices()
+            with torch.no_grad():
+                for name, p in shard.named_parameters():
+                    src = state[name]
+                    if name in slices:
+                        dim, a, b = slices[name]
+                        src = src.narrow(dim, a, b - a)
+                    p.copy_(src)
+            total += shard.layers[layer_id].ffn_half(inp)
+        torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-5)
+
+
+def test_roles_hold_only_their_weights():
+    config = get_preset("tiny")
+    attn = {n for n, _ in Step3ForCausalLM(config, role="attention").named_parameters()}
+    ffn = {n for n, _ in Step3ForCausalLM(config, role="ffn").named_parameters()}
+    full = {n for n, _ in Step3ForCausalLM(config).named_parameters()}
+    assert not attn & ffn and attn | ffn == full
+    assert "model.layers.1.moe.gate.weight" in attn and "lm_head.weight" in attn
+    assert "model.layers.1.moe.gate_proj.weight" in ffn and "model.layers.0.mlp.up_proj.weight" in ffn
