@@ -1,0 +1,299 @@
+"""The HTTP API in-process (FastAPI TestClient / httpx ASGI transport) on a tiny random model."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest_server import make_text_checkpoint
+
+MODEL = "tiny-test"
+KEY = "sekret"
+MAX_BODY = 64 * 1024
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def async_engine(tmp_path_factory):
+    from afdserve.engine.engine import EngineArgs, LLMEngine
+    from afdserve.server.async_engine import AsyncEngine
+
+    ckpt = make_text_checkpoint(tmp_path_factory.mktemp("server_api"))
+    engine = AsyncEngine(LLMEngine(EngineArgs(model=ckpt, num_kv_blocks=64, max_model_len=96, max_num_seqs=16)))
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def app(async_engine):
+    from afdserve.server.api import build_app
+    return build_app(async_engine, MODEL, None, MAX_BODY)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with TestClient(app) as c:
+        yield c
+
+
+def _complete(client, **body):
+    r = client.post("/v1/completions", json={"model": MODEL, "max_tokens": 5, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _sse(text: str) -> list:
+    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def _assert_alive(client):
+    """After a bad request, a good one still works."""
+    out = _complete(client, prompt="hello world", **GREEDY)
+    assert out["choices"][0]["finish_reason"] == "length"
+
+
+# ------------------------------------------------------------------ happy paths
+def test_models_and_health(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    data = client.get("/v1/models").json()
+    assert [m["id"] for m in data["data"]] == [MODEL]
+
+
+def test_completion_text_and_usage(client):
+    out = _complete(client, prompt="hello world the", **GREEDY)
+    assert out["object"] == "text_completion" and out["model"] == MODEL
+    (choice,) = out["choices"]
+    assert choice["finish_reason"] == "length" and len(choice["text"].split()) == 5
+    assert out["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+
+
+def test_prompt_forms(client):
+    by_text = _complete(client, prompt="hello world", **GREEDY)["choices"][0]["text"]
+    ids = [103, 104]   # "hello world" in the test vocabulary
+    assert _complete(client, prompt=ids, **GREEDY)["choices"][0]["text"] == by_text
+    batch = _complete(client, prompt=["hello world", "the a"], **GREEDY)
+    assert [c["index"] for c in batch["choices"]] == [0, 1]
+    assert batch["choices"][0]["text"] == by_text
+    assert batch["usage"]["prompt_tokens"] == 4
+    batch_ids = _complete(client, prompt=[ids, [5, 6, 7]], **GREEDY)
+    assert batch_ids["choices"][0]["text"] == by_text and len(batch_ids["choices"]) == 2
+
+
+def test_n_and_seed(client):
+    out = _complete(client, prompt=["hello", "world"], n=3, temperature=1.0, seed=7)
+    assert sorted(c["index"] for c in out["choices"]) == list(range(6))
+    again = _complete(client, prompt=["hello", "world"], n=3, temperature=1.0, seed=7)
+    assert [c["text"] for c in again["choices"]] == [c["text"] for c in out["choices"]]
+
+
+def test_stop_string(client):
+    full = _complete(client, prompt="hello world", max_tokens=8, **GREEDY)["choices"][0]["text"]
+    words = full.split()
+    stop = " " + words[3]
+    cut = _complete(client, prompt="hello world", max_tokens=8, stop=[stop], **GREEDY)["choices"][0]
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == full[:full.find(stop)]
+    streamed = client.post("/v1/completions", json={"model": MODEL, "prompt": "hello world", "max_tokens": 8,
+                                                    "stop": stop, "stream": True, **GREEDY})
+    chunks = _sse(streamed.text)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == cut["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_completion_logprobs(client):
+    out = _complete(client, prompt="hello world", logprobs=3, **GREEDY)
+    lp = out["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == 5
+    for tok, val, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert len(top) == 3 and val <= 0
+        assert max(top.values()) == pytest.approx(val)   # greedy: the chosen token is the top one
+        assert top[tok] == pytest.approx(val)
+    assert lp["text_offset"] == sorted(lp["text_offset"])
+
+
+def test_chat(client):
+    body = {"model": MODEL, "messages": [{"role": "system", "content": "be brief"},
+                                         {"role": "user", "content": "hello world"}],
+            "max_completion_tokens": 4, "logprobs": True, "top_logprobs": 2, **GREEDY}
+    out = client.post("/v1/chat/completions", json=body).json()
+    assert out["object"] == "chat.completion"
+    choice = out["choices"][0]
+    assert choice["message"]["role"] == "assistant" and len(choice["message"]["content"].split()) == 4
+    assert len(choice["logprobs"]["content"]) == 4
+    assert all(len(t["top_logprobs"]) == 2 for t in choice["logprobs"]["content"])
+    # The template renders "system says be brief . user says hello world . assistant says".
+    assert out["usage"]["prompt_tokens"] == 12
+    stream = client.post("/v1/chat/completions", json={**body, "stream": True,
+                                                       "stream_options": {"include_usage": True}})
+    chunks = _sse(stream.text)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == choice["message"]["content"]
+    assert chunks[-1]["usage"] == out["usage"] and chunks[-1]["choices"] == []
+    assert [c for c in chunks if c["choices"]][-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_streaming_completion_n(client):
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": ["hello", "world"], "n": 2,
+                                             "max_tokens": 4, "stream": True, **GREEDY})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    chunks = _sse(r.text)
+    texts: dict[int, str] = {}
+    finished = set()
+    for c in chunks:
+        for ch in c["choices"]:
+            texts[ch["index"]] = texts.get(ch["index"], "") + ch["text"]
+            if ch["finish_reason"]:
+                finished.add(ch["index"])
+    assert finished == {0, 1, 2, 3}
+    whole = _complete(client, prompt=["hello", "world"], n=2, max_tokens=4, **GREEDY)
+    assert texts == {c["index"]: c["text"] for c in whole["choices"]}
+
+
+def test_metrics(client):
+    _complete(client, prompt="hello", **GREEDY)
+    text = client.get("/metrics").text
+    for name in ("afdserve_time_to_first_token_seconds_bucket", "afdserve_time_per_output_token_seconds",
+                 "afdserve_e2e_request_latency_seconds", "afdserve_num_requests_running",
+                 "afdserve_kv_cache_usage_perc", "afdserve_generation_tokens_total",
+                 'afdserve_request_success_total{finished_reason="length"'):
+        assert name in text, name
+
+
+# ----------------------------------------------------------------- error cases
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "hello", "temperature": -1}, "temperature"),
+    ({"prompt": "hello", "n": 0}, "n"),
+    ({"prompt": "hello", "top_p": 0}, "top_p"),
+    ({"prompt": "hello", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "hello", "logprobs": 50}, "logprobs"),
+    ({"prompt": "hello", "echo": True}, "echo"),
+    ({"prompt": "hello", "logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"prompt": "hello", "best_of": 3}, "best_of"),
+    ({"prompt": "hello", "frobnicate": 1}, "frobnicate"),
+    ({"prompt": "hello", "temperature": "hot"}, "temperature"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [1, 99999]}, "prompt"),
+    ({"prompt": " ".join(["hello"] * 200)}, "prompt"),
+    ({}, "prompt"),
+])
+def test_bad_completion_requests(client, body, param):
+    r = client.post("/v1/completions", json={"model": MODEL, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param, err
+    _assert_alive(client)
+
+
+def test_too_long_prompt_message(client):
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": list(range(5, 105))})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "context" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": []},
+    {"messages": [{"role": "wizard", "content": "hi"}]},
+    {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+    {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+])
+def test_bad_chat_requests(client, body):
+    r = client.post("/v1/chat/completions", json={"model": MODEL, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    _assert_alive(client)
+
+
+def test_unknown_model_404(client):
+    for path, extra in (("/v1/completions", {"prompt": "hi"}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        r = client.post(path, json={"model": "gpt-17", **extra})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    _assert_alive(client)
+
+
+def test_raw_body_errors(client):
+    headers = {"content-type": "application/json"}
+    cases = [(b'{"model": "tiny-test", "prompt": "hi"', 400),                 # malformed JSON
+             (b'{"prompt": "\xff\xfe hi"}', 400),                            # not UTF-8
+             (b'[1, 2]', 400),                                               # not an object
+             (b'{"prompt": "' + b"a" * (MAX_BODY + 10) + b'"}', 413)]        # too large
+    for raw, status in cases:
+        r = client.post("/v1/completions", content=raw, headers=headers)
+        assert r.status_code == status, (raw[:40], r.text)
+        assert r.json()["error"]["message"]
+        _assert_alive(client)
+    # Too large without a Content-Length header (chunked upload).
+    r = client.post("/v1/completions", content=iter([b"{" + b" " * MAX_BODY, b"}"]), headers=headers)
+    assert r.status_code == 413
+    _assert_alive(client)
+
+
+def test_api_key(async_engine):
+    from afdserve.server.api import build_app
+
+    with TestClient(build_app(async_engine, MODEL, KEY, MAX_BODY)) as c:
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
+        assert c.post("/v1/completions", json=body).status_code == 401
+        r = c.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert c.get("/v1/models").status_code == 401
+        assert c.get("/health").status_code == 200
+        assert c.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+# --------------------------------------------------------------- batching
+def test_concurrent_greedy_equals_sequential(app):
+    prompts = ["hello world", "the a of", "you that he was", "water than call", "w1 w2 w3", "first who"]
+
+    async def one(c, p):
+        r = await c.post("/v1/completions", json={"model": MODEL, "prompt": p, "max_tokens": 8,
+                                                  "logprobs": 0, **GREEDY})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["logprobs"]["tokens"]
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+            sequential = [await one(c, p) for p in prompts]
+            concurrent = await asyncio.gather(*(one(c, p) for p in prompts))
+        return sequential, concurrent
+
+    sequential, concurrent = asyncio.run(main())
+    assert concurrent == sequential
+
+
+def test_engine_failure_marks_unhealthy_and_fails_requests(tmp_path):
+    """An exception in the step loop fails the request with a message; /health turns 503."""
+    from afdserve.engine.engine import EngineArgs, LLMEngine
+    from afdserve.server.api import build_app
+    from afdserve.server.async_engine import AsyncEngine
+    from afdserve.config import get_preset
+    from afdserve.model.checkpoint import init_checkpoint
+
+    ckpt = init_checkpoint(get_preset("tiny"), tmp_path / "m", seed=0)
+    engine = LLMEngine(EngineArgs(model=ckpt, num_kv_blocks=8))
+
+    def broken_step():
+        raise RuntimeError("boom")
+
+    engine.step = broken_step
+    ae = AsyncEngine(engine)
+    try:
+        with TestClient(build_app(ae, MODEL, None, MAX_BODY)) as c:
+            r = c.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 3})
+            assert r.status_code == 503 and "boom" in r.json()["error"]["message"]
+            assert c.get("/health").status_code == 503
+            r = c.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 3, "stream": True})
+            assert r.status_code == 503
+    finally:
+        ae.shutdown()
