@@ -278,24 +278,31 @@ def pipeline_period(arch: ModelArch, st: StageTimes, m: int, resources: dict[str
     at a time in (step, layer, stage, micro-batch) order. A micro-batch's stages run in order;
     its next step starts after its head (LM head, sampling) finishes.
     """
-    free: dict[str, float] = {r: 0.0 for r in set(resources.values())}
-    ready = [0.0] * m
-    moe = set(arch.moe_layer_ids)
-    ends: list[float] = []
     stages = ("attention", "a2f", "ffn", "f2a")
+    names = sorted(set(resources.values()))
+    res = [names.index(resources[s]) for s in stages]
+    head_res = res[0]
+    moe = set(arch.moe_layer_ids)
+    moe_t = (st.attention, st.a2f, st.ffn, st.f2a)
+    dense_t = (st.attention, st.a2f, st.dense_ffn, st.f2a)
+    layer_times = [moe_t if layer in moe else dense_t for layer in range(arch.num_layers)]
+    free = [0.0] * len(names)
+    ready = [0.0] * m
+    ends: list[float] = []
     for _ in range(STEPS_SIMULATED):
-        for layer in range(arch.num_layers):
-            times = {"attention": st.attention, "a2f": st.a2f, "f2a": st.f2a,
-                     "ffn": st.ffn if layer in moe else st.dense_ffn}
-            for stage in stages:
-                res = resources[stage]
+        for times in layer_times:
+            for k in range(4):
+                r, t = res[k], times[k]
+                f = free[r]
                 for i in range(m):
-                    start = max(ready[i], free[res])
-                    ready[i] = free[res] = start + times[stage]
-        res = resources["attention"]
+                    f = (ready[i] if ready[i] > f else f) + t
+                    ready[i] = f
+                free[r] = f
+        f = free[head_res]
         for i in range(m):
-            start = max(ready[i], free[res])
-            ready[i] = free[res] = start + st.head
+            f = (ready[i] if ready[i] > f else f) + st.head
+            ready[i] = f
+        free[head_res] = f
         ends.append(max(ready))
     return ends[-1] - ends[-2]
 
