@@ -1,0 +1,209 @@
+"""AFD deployment simulator: calibration points, physics, sanity checks, CLI (no torch)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from afdserve.cost.arch import get_model
+from afdserve.cost.hardware import get_hardware
+from afdserve.sim.cli import PAPER_KEYS
+from afdserve.sim.planner import PlanQuery, plan
+from afdserve.sim.simulator import Deployment, SimPrecision, attention_time, load_efficiency, \
+    max_batch_for_tpot, parse_afd, simulate
+
+H800 = get_hardware("H800")
+STEP3, DSV3 = get_model("step3"), get_model("deepseek-v3")
+
+
+def afd(x: int, y: int, m: int = 3, a=H800, f=H800) -> Deployment:
+    return Deployment("afd", a, f, x, y, 8, micro_batches=m)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "afdserve", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+# ----- the two calibration points (report section 7, spec section 6) -----
+
+def test_step3_2a2f_calibration_point():
+    r = simulate(STEP3, afd(2, 2), 4096, 6144)
+    assert r.gpus == 32 and r.fits
+    assert r.tokens_per_gpu_s == pytest.approx(4039, rel=0.05)
+    assert r.tpot_ms <= 50
+
+
+def test_deepseek_v3_colocated_calibration_point():
+    dep = Deployment("colocated", H800, H800, ep=128, micro_batches=2)
+    r = max_batch_for_tpot(DSV3, dep, 4096, 50.0)
+    assert r is not None and r.tpot_ms <= 50 and r.fits
+    assert r.tokens_per_gpu_s == pytest.approx(2324, rel=0.05)
+
+
+def test_efficiency_file_documents_every_value():
+    data = json.loads(open("afdserve/sim/efficiency.json").read())
+    calibrated = []
+    for profile, values in data["profiles"].items():
+        for name, v in values.items():
+            assert v["source"] and isinstance(v["value"], (int, float)), (profile, name)
+            if v.get("calibrated"):
+                calibrated.append(name)
+    assert sorted(calibrated) == ["colocated_a2a_efficiency", "hbm_efficiency"]
+
+
+# ----- physics -----
+
+def test_longer_context_costs_more_attention_and_throughput():
+    r4 = simulate(STEP3, afd(2, 2), 4096, 3072)
+    r32 = simulate(STEP3, afd(2, 2), 32768, 3072)
+    assert r32.stage_us["attention"] > 3 * r4.stage_us["attention"]
+    assert r32.stage_us["ffn"] == pytest.approx(r4.stage_us["ffn"])
+    assert r32.tokens_per_gpu_s < r4.tokens_per_gpu_s
+
+
+def test_bf16_attention_doubles_kv_and_halves_flop_rate():
+    eff = load_efficiency()
+    f8 = attention_time(STEP3, H800, 128, 8192, SimPrecision.for_attention("fp8"), eff)
+    b16 = attention_time(STEP3, H800, 128, 8192, SimPrecision.for_attention("bf16"), eff)
+    assert b16["core"] == pytest.approx(2 * f8["core"], rel=0.01)
+    assert b16["linear"] == f8["linear"]
+    kv8 = simulate(STEP3, afd(2, 2), 4096, 6144).memory["attention"]["kv_gb"]
+    kv16 = simulate(STEP3, afd(2, 2), 4096, 6144, SimPrecision.for_attention("bf16"))
+    assert kv16.memory["attention"]["kv_gb"] == pytest.approx(2 * kv8)
+    assert not kv16.fits                      # 2 x 49 GB of KV per attention GPU
+
+
+def test_more_attention_instances_at_long_context():
+    two = max_batch_for_tpot(STEP3, afd(2, 2), 32768, 50.0)
+    six = max_batch_for_tpot(STEP3, afd(6, 2), 32768, 50.0)
+    assert six.batch > 2 * two.batch
+    assert six.tokens_per_gpu_s > two.tokens_per_gpu_s
+
+
+def test_transfer_bytes_match_report():
+    # Report: 2A2F moves ~0.9 MB A->F and ~1.8 MB F->A per FFN GPU per layer (micro-batch).
+    r = simulate(STEP3, afd(2, 2), 4096, 6144)
+    nic = H800.nic_bytes_per_s * load_efficiency().nic_efficiency
+    lat = load_efficiency().transfer_latency_us
+    assert (r.stage_us["a2f"] - lat) * 1e-6 * nic == pytest.approx(0.95e6, rel=0.1)
+    assert (r.stage_us["f2a"] - lat) * 1e-6 * nic == pytest.approx(1.84e6, rel=0.05)
+
+
+def test_more_micro_batches_hide_more_but_tpot_is_monotone_in_batch():
+    tpots = [simulate(STEP3, afd(2, 2), 4096, b).tpot_ms for b in (768, 1536, 3072, 6144)]
+    assert tpots == sorted(tpots)
+    one = simulate(STEP3, afd(2, 2, m=1), 4096, 6144)
+    three = simulate(STEP3, afd(2, 2, m=3), 4096, 6144)
+    assert three.tpot_ms < one.tpot_ms
+
+
+def test_heterogeneous_hardware_and_memory_check():
+    h20 = get_hardware("H20")
+    r = simulate(STEP3, afd(2, 2, a=h20, f=H800), 8192, 2048)
+    assert r.deployment == "2A2F x8 H20+H800"
+    assert r.memory["attention"]["usable_gb"] == pytest.approx(96 * 0.9)
+    # One FFN GPU cannot hold Step-3's experts.
+    tiny = Deployment("afd", H800, H800, 1, 1, 1, micro_batches=3)
+    assert not simulate(STEP3, tiny, 4096, 30).fits
+
+
+def test_parse_afd():
+    assert parse_afd("3a2f") == (3, 2)
+    for bad in ("2A", "0A1F", "AF", "2x2F"):
+        with pytest.raises(ValueError):
+            parse_afd(bad)
+
+
+# ----- sanity check against the report's attention-layer latencies (NOT calibrated on) -----
+
+ATTN_8K = {  # spec section 6: 8K context, 4 GPUs, total batch 256, linear projections included
+    ("step3", "H800"): 281, ("step3", "H20"): 438, ("step3", "A800"): 531,
+    ("deepseek-v3", "H800"): 372, ("deepseek-v3", "H20"): 1252,
+    ("qwen3-235b-a22b", "H800"): 382, ("qwen3-235b-a22b", "H20"): 812,
+    ("qwen3-235b-a22b", "A800"): 791,
+}
+# Qwen3 on H20 measured 2.1x slower than on H800 although H20 has more HBM bandwidth and the
+# GQA core is memory bound: a kernel effect a roofline cannot predict; reported, not asserted.
+KNOWN_OUTLIERS = {("qwen3-235b-a22b", "H20")}
+
+
+@pytest.mark.parametrize("key", sorted(ATTN_8K))
+def test_attention_layer_latency_sanity(key):
+    model, chip = key
+    t = attention_time(get_model(model), get_hardware(chip), 256 / 4, 8192, SimPrecision(),
+                       load_efficiency())["total"] * 1e6
+    ratio = t / ATTN_8K[key]
+    print(f"{model} {chip}: predicted {t:.0f} us vs measured {ATTN_8K[key]} (x{ratio:.2f})")
+    if key in KNOWN_OUTLIERS:
+        assert 0.3 < ratio < 1.0
+    else:
+        assert 0.65 < ratio < 1.35
+
+
+# ----- planner -----
+
+def test_planner_ranks_feasible_deployments():
+    q = PlanQuery(STEP3, (H800,), 4096, 50.0, max_gpus=32)
+    out = plan(q, top=5)
+    tps = [r["tokens_per_gpu_s"] for r in out["by_throughput"]]
+    cost = [r["usd_per_mtok"] for r in out["by_cost"]]
+    assert tps == sorted(tps, reverse=True) and cost == sorted(cost)
+    assert all(r["tpot_ms"] <= 50 and r["fits"] and r["gpus"] <= 32
+               for r in out["by_throughput"])
+    kinds = {r["kind"] for r in out["by_throughput"] + out["by_cost"]}
+    assert "afd" in kinds
+
+
+# ----- CLI -----
+
+def test_cli_simulate_afd_json():
+    p = run_cli("simulate", "--model", "step3", "--afd", "2A2F", "--gpus-per-instance", "8",
+                "--attention-hw", "H800", "--ffn-hw", "H800", "--context", "4096",
+                "--batch", "6144", "--micro-batches", "3", "--tpot-ms", "50",
+                "--attention-precision", "fp8", "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert set(PAPER_KEYS) <= set(out)
+    assert set(out["stage_us"]) >= {"attention", "ffn", "a2f", "f2a"}
+    assert out["batch"] == 6144 and out["gpus"] == 32
+    assert out["tokens_per_gpu_s"] == pytest.approx(4039, rel=0.05)
+
+
+def test_cli_simulate_colocated_json_and_no_torch():
+    code = ("import sys; from afdserve.cli import main; "
+            "rc = main(['simulate', '--model', 'deepseek-v3', '--colocated-ep', '128', "
+            "'--hardware', 'H800', '--context', '4096', '--tpot-ms', '50', '--json']); "
+            "assert 'torch' not in sys.modules, 'sim imported torch'; sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert set(PAPER_KEYS) <= set(out) and out["gpus"] == 128
+    assert out["tokens_per_gpu_s"] == pytest.approx(2324, rel=0.05)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--afd", "2B2F", "--hardware", "H800"], "bad AFD shape"),
+    (["--afd", "2A2F", "--colocated-ep", "8", "--hardware", "H800"], "exactly one"),
+    (["--afd", "2A2F", "--attention-hw", "H999", "--ffn-hw", "H800"], "unknown hardware"),
+    (["--afd", "2A2F", "--hardware", "H800", "--context", "-5"], "bad context"),
+    (["--afd", "2A2F", "--hardware", "H800", "--tpot-ms", "0"], "must be positive"),
+])
+def test_cli_errors_are_one_line(args, msg):
+    p = run_cli("simulate", "--model", "step3", *args)
+    assert p.returncode == 2
+    assert msg in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_cli_plan_json_and_plot(tmp_path):
+    png = tmp_path / "pareto.png"
+    p = run_cli("plan", "--model", "step3", "--hardware", "H800", "--context", "4096",
+                "--tpot-ms", "50", "--max-gpus", "24", "--top", "3", "--json",
+                "--plot", str(png))
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["by_throughput"] and out["by_cost"]
+    assert png.stat().st_size > 10_000
