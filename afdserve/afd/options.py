@@ -10,8 +10,43 @@ def add_afd_arguments(parser: argparse.ArgumentParser) -> None:
                    help="run disaggregated with x attention and y FFN workers, e.g. 1A1F, 2A1F, 1A2F")
     g.add_argument("--micro-batches", type=int, default=3, metavar="M",
                    help="micro-batches pipelined per step in AFD mode (default 3)")
+    g.add_argument("--afd-timeout", type=float, default=30.0, metavar="S",
+                   help="a step that takes longer fails with an error naming the stalled worker (default 30)")
+    g.add_argument("--afd-transfer", choices=("model", "8bit"), default="model",
+                   help="A->F activation precision: the model dtype, or 8-bit (FP8 e4m3, int8 fallback) "
+                        "with per-token scales (default model)")
+    g.add_argument("--afd-return-dtype", choices=("model", "bfloat16", "float32"), default="model",
+                   help="F->A precision of the FFN outputs (default: the model dtype)")
+    g.add_argument("--ffn-remote", action="store_true",
+                   help="start only the attention workers here; the FFN workers join from elsewhere with "
+                        "`afdserve worker --role ffn` (needs --master-addr/--master-port)")
+    g.add_argument("--master-addr", default="127.0.0.1", metavar="ADDR",
+                   help="address of the rendezvous (hosted by attention worker 0; default 127.0.0.1)")
+    g.add_argument("--master-port", type=int, default=None, metavar="PORT",
+                   help="rendezvous port (default: a free port; set it with --ffn-remote)")
+    g.add_argument("--afd-join-timeout", type=float, default=120.0, metavar="S",
+                   help="how long start-up waits for every worker to join (default 120)")
+    g.add_argument("--afd-trace-file", default=None, metavar="PATH",
+                   help="append per-step, per-layer, per-micro-batch timings as JSON lines "
+                        "(also: environment variable AFD_TRACE_FILE)")
+    g.add_argument("--afd-link-latency-ms", type=float, default=0.0, metavar="MS",
+                   help="benchmarking only: emulate this much A<->F link latency per message")
 
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
     """EngineArgs fields set by the options above."""
-    return {"afd": args.afd, "micro_batches": args.micro_batches}
+    ret = getattr(args, "afd_return_dtype", "model")
+    options = {
+        "timeout_s": getattr(args, "afd_timeout", 30.0),
+        "a2f": getattr(args, "afd_transfer", "model"),
+        "f2a_dtype": None if ret == "model" else ret,
+        "ffn_remote": getattr(args, "ffn_remote", False),
+        "master_addr": getattr(args, "master_addr", "127.0.0.1"),
+        "master_port": getattr(args, "master_port", None),
+        "join_timeout_s": getattr(args, "afd_join_timeout", 120.0),
+        "trace_file": getattr(args, "afd_trace_file", None),
+        "link_latency_ms": getattr(args, "afd_link_latency_ms", 0.0),
+    }
+    if options["ffn_remote"] and not options["master_port"]:
+        raise SystemExit("--ffn-remote needs --master-port (the port remote FFN workers connect to)")
+    return {"afd": args.afd, "micro_batches": args.micro_batches, "afd_options": options}

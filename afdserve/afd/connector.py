@@ -1,0 +1,199 @@
+"""The A<->F transport: one micro-batch's hidden states plus metadata each way.
+
+A->F message (attention worker -> every FFN worker), per layer and micro-batch:
+    header  int64[8]: kind, layer, micro-batch, token count T, send time (us), x encoding, top-k,
+            micro-batches in this step (m may change between steps)
+    x       [T, H]  hidden states after the post-attention norm: model dtype, or 8-bit codes
+    meta    [T, 2k+s] fp32: routing weights (k), global expert ids (k, exact in fp32), and the
+            per-token scale (s = 1 in 8-bit mode); absent for a dense layer in full precision
+An empty micro-batch (T = 0) sends the header only, so FFN workers stay in lockstep.
+F->A message: y [T, H] (partial sum of this FFN worker) in `f2a_dtype`; no header, since the
+attention worker knows T. After the last layer of a step each FFN worker sends its timings to
+attention worker 0 (`send_trace`).
+
+Matching: gloo point-to-point ops carry a tag; every (micro-batch, slot) pair gets its own tag,
+so micro-batches never match each other's buffers, and messages with one tag between one pair
+of ranks match in order (layer after layer). NCCL ignores tags and matches in issue order,
+which is the same order here.
+
+8-bit A->F (`a2f="8bit"`): FP8 e4m3 with one fp32 scale per token (amax / 448) where
+`torch.float8_e4m3fn` exists, else int8 (amax / 127). The relative error per element is at
+most 2^-4 (FP8, 3 mantissa bits) or 1/254 of the token's amax (int8); see docs/afd.md.
+
+`link_latency_ms` (benchmarks only) emulates a slower link: an FFN worker holds each A->F message
+until its send time + 2 x latency (the whole round trip, charged on the way in), so a FIFO link
+with that latency is modelled without delaying the sender.
+"""
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from afdserve.afd.topology import Topology
+from afdserve.model.step3 import FFNInput
+
+KIND_DATA, KIND_STOP = 0, 1
+ENC_MODEL, ENC_FP8, ENC_INT8 = 0, 1, 2
+HEADER_LEN = 8
+SLOT_HEADER, SLOT_X, SLOT_META, SLOT_Y, SLOTS = 0, 1, 2, 3, 8
+TRACE_TAG = 7          # micro-batch 0's unused slot 7
+FP8 = getattr(torch, "float8_e4m3fn", None)
+
+
+@dataclass
+class FFNMessage:
+    """One attention worker's share of one FFN micro-batch, as the FFN worker sees it."""
+
+    layer: int
+    micro_batch: int
+    num_tokens: int
+    x: torch.Tensor | None = None          # [T, H] model dtype (decoded)
+    weights: torch.Tensor | None = None    # [T, k] fp32
+    ids: torch.Tensor | None = None        # [T, k] int64
+    sent_us: int = 0
+    num_micro_batches: int = 1
+    stop: bool = False
+
+
+@dataclass
+class Encoded:
+    """An A->F micro-batch ready to send to every FFN worker (encoded once)."""
+
+    header: torch.Tensor
+    payload: list[tuple[int, torch.Tensor]]   # (slot, tensor)
+
+
+class Pending(Protocol):
+    def wait(self, timeout: datetime.timedelta | None = None) -> object: ...
+
+
+def quantize_8bit(x: torch.Tensor, fp8: bool = FP8 is not None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, H] -> (codes [T, H] uint8 (FP8 bits) or int8, scales [T] fp32); one scale per token."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1).clamp(min=1e-12)
+    if fp8:
+        scale = amax / 448.0
+        return (xf / scale[:, None]).to(FP8).view(torch.uint8), scale
+    scale = amax / 127.0
+    return (xf / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def dequantize_8bit(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    vals = codes.view(FP8).float() if codes.dtype == torch.uint8 else codes.float()
+    return (vals * scales[:, None]).to(dtype)
+
+
+def _tag(micro_batch: int, slot: int) -> int:
+    return micro_batch * SLOTS + slot
+
+
+class TorchP2PConnector:
+    """A<->F transfers over torch.distributed point-to-point (gloo on CPU, NCCL on GPU).
+
+    The process group must be initialised by the caller; this class only moves tensors.
+    """
+
+    def __init__(self, topology: Topology, hidden_size: int, top_k: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", a2f: str = "model", f2a_dtype: torch.dtype | None = None,
+                 link_latency_ms: float = 0.0):
+        self.topology, self.hidden, self.top_k = topology, hidden_size, top_k
+        self.dtype, self.device = dtype, torch.device(device)
+        self.f2a_dtype = f2a_dtype or dtype
+        self.latency_s = link_latency_ms / 1000.0
+        self.set_a2f(a2f)
+
+    def set_a2f(self, a2f: str) -> None:
+        """A->F encoding of the messages this side sends: 'model' (model dtype) or '8bit'."""
+        if a2f not in ("model", "8bit"):
+            raise ValueError(f"a2f must be 'model' or '8bit', not {a2f!r}")
+        self.a2f = a2f
+        self.encoding = ENC_MODEL if a2f == "model" else (ENC_FP8 if FP8 is not None else ENC_INT8)
+
+    # ------------------------------------------------------------ attention side
+    def encode(self, layer: int, micro_batch: int, num_micro_batches: int, inp: FFNInput) -> Encoded:
+        """FFN input -> header + payload tensors (quantized in 8-bit mode)."""
+        T = inp.x.shape[0]
+        k = inp.ids.shape[1] if inp.ids is not None else 0
+        header = torch.tensor([KIND_DATA, layer, micro_batch, T, time.time_ns() // 1000, self.encoding, k,
+                               num_micro_batches],
+                              dtype=torch.int64, device=self.device)
+        if T == 0:
+            return Encoded(header, [])
+        meta = []
+        if self.encoding == ENC_MODEL:
+            x = inp.x.contiguous()
+        else:
+            x, scale = quantize_8bit(inp.x, fp8=self.encoding == ENC_FP8)
+        if k:
+            meta += [inp.weights.float(), inp.ids.float()]
+        if self.encoding != ENC_MODEL:
+            meta.append(scale[:, None])
+        payload = [(SLOT_X, x)]
+        if meta:
+            payload.append((SLOT_META, torch.cat(meta, dim=1).contiguous()))
+        return Encoded(header, payload)
+
+    def send_ffn_input(self, dst: int, enc: Encoded) -> list[Pending]:
+        """Start sending an encoded micro-batch to global rank `dst`; returns the send handles."""
+        mb = int(enc.header[2])
+        works = [dist.isend(enc.header, dst, tag=_tag(mb, SLOT_HEADER))]
+        works += [dist.isend(t, dst, tag=_tag(mb, slot)) for slot, t in enc.payload]
+        return works
+
+    def recv_ffn_output(self, src: int, micro_batch: int, num_tokens: int) -> tuple[Pending | None, torch.Tensor]:
+        """Post the receive of one FFN worker's partial sum [T, H]; (handle, buffer)."""
+        buf = torch.empty(num_tokens, self.hidden, dtype=self.f2a_dtype, device=self.device)
+        if num_tokens == 0:
+            return None, buf
+        return dist.irecv(buf, src, tag=_tag(micro_batch, SLOT_Y)), buf
+
+    def send_stop(self, dst: int) -> Pending:
+        header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.device)
+        header[0] = KIND_STOP
+        return dist.isend(header, dst, tag=_tag(0, SLOT_HEADER))
+
+    def recv_trace(self, src: int, n: int) -> tuple[Pending, torch.Tensor]:
+        buf = torch.empty(n, dtype=torch.float32, device=self.device)
+        return dist.irecv(buf, src, tag=TRACE_TAG), buf
+
+    # ------------------------------------------------------------------ FFN side
+    def recv_ffn_input(self, src: int, micro_batch: int) -> FFNMessage:
+        """Blocking receive of one attention worker's micro-batch (header, then payload), decoded."""
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        dist.recv(header, src, tag=_tag(micro_batch, SLOT_HEADER))
+        kind, layer, mb, T, sent_us, enc, k, m = header.tolist()
+        if kind == KIND_STOP:
+            return FFNMessage(-1, micro_batch, 0, stop=True)
+        msg = FFNMessage(layer, mb, T, sent_us=sent_us, num_micro_batches=m)
+        if T == 0:
+            return msg
+        xdt = self.dtype if enc == ENC_MODEL else (torch.uint8 if enc == ENC_FP8 else torch.int8)
+        x = torch.empty(T, self.hidden, dtype=xdt, device=self.device)
+        dist.recv(x, src, tag=_tag(mb, SLOT_X))
+        width = 2 * k + (enc != ENC_MODEL)
+        meta = None
+        if width:
+            meta = torch.empty(T, width, dtype=torch.float32, device=self.device)
+            dist.recv(meta, src, tag=_tag(mb, SLOT_META))
+        msg.x = x if enc == ENC_MODEL else dequantize_8bit(x, meta[:, -1].contiguous(), self.dtype)
+        if k:
+            msg.weights, msg.ids = meta[:, :k].contiguous(), meta[:, k:2 * k].long()
+        return msg
+
+    def hold_for_link(self, sent_us: int) -> None:
+        """Emulated link latency: wait until send time + 2 x latency (no-op when latency is 0)."""
+        if self.latency_s:
+            delay = sent_us / 1e6 + 2 * self.latency_s - time.time()
+            if delay > 0:
+                time.sleep(delay)
+
+    def send_ffn_output(self, dst: int, micro_batch: int, y: torch.Tensor) -> Pending:
+        return dist.isend(y.to(self.f2a_dtype).contiguous(), dst, tag=_tag(micro_batch, SLOT_Y))
+
+    def send_trace(self, dst: int, values: torch.Tensor) -> Pending:
+        return dist.isend(values.float().contiguous(), dst, tag=TRACE_TAG)
