@@ -81,17 +81,20 @@ def _demo(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from afdserve import LLM, SamplingParams
-    from afdserve.tasks import held_out, score
+    from afdserve.tasks import format_prompt, heldout_set, score
 
     console = Console()
-    examples = held_out(args.n)
-    prompts = [e.prompt for e in examples]
+    examples = heldout_set(args.n)
     params = SamplingParams(temperature=0.0, max_tokens=32)
     modes = [("colocated", None)] + ([] if args.afd.lower() == "none" else [(f"AFD {args.afd}", args.afd)])
     answers = {}
     for label, afd in modes:
         t0 = time.perf_counter()
         with LLM(model=args.model, afd=afd) as llm:
+            if llm.tokenizer is None:
+                raise ValueError("the demo needs a model with a tokenizer (the embedded default model has one)")
+            # The chat template's form of each question; the tokenizer adds BOS itself when configured to.
+            prompts = [format_prompt(e.prompt, "chat", bos=not llm.tokenizer.add_bos) for e in examples]
             outs = llm.generate(prompts, params)
         answers[label] = [o.outputs[0].text.strip() for o in outs]
         acc = score(examples, answers[label])
