@@ -42,6 +42,11 @@ class _Abort:
 
 
 @dataclass
+class _FailAll:
+    message: str
+
+
+@dataclass
 class StatsSnapshot:
     """What the step thread last saw; read by /metrics and /health from the event loop."""
 
@@ -135,6 +140,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._send(_Abort(request_id), force=True)
 
+    def fail_in_flight(self, message: str = "the server is shutting down") -> None:
+        """End every in-flight request with EngineStoppedError(message); new requests still work."""
+        self._send(_FailAll(message), force=True)
+
     def health(self) -> str | None:
         return self._error or self.snapshot.health
 
@@ -180,6 +189,9 @@ class AsyncEngine:
         return self._error is None and self.engine.has_unfinished_requests()
 
     def _apply(self, cmd) -> None:
+        if isinstance(cmd, _FailAll):
+            self._fail_all(EngineStoppedError(cmd.message))
+            return
         if isinstance(cmd, _Abort):
             stream = self._streams.pop(cmd.request_id, None)
             if self.engine.abort_request(cmd.request_id) and self.on_abort:

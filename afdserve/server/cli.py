@@ -1,13 +1,14 @@
 """`afdserve serve`: the OpenAI-compatible server (FastAPI + uvicorn) over one engine.
 
 Shutdown: on SIGINT/SIGTERM uvicorn stops accepting connections and gives in-flight requests
-`--shutdown-timeout` seconds to finish; then the remaining ones are cancelled (their requests
-aborted), the step thread fails whatever is left with "the server is shutting down", and
-`engine.close()` stops the workers (AFD mode). The process exits with status 0.
+`--shutdown-timeout` seconds to finish; the ones still running then end with an error ("the
+server is shutting down": an SSE error event then `data: [DONE]`, or a 503), the step thread
+stops, and `engine.close()` stops the workers (AFD mode). The process exits with status 0.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import sys
 
@@ -55,8 +56,8 @@ def serve(args: argparse.Namespace) -> int:
         print(summary(engine, name, args), flush=True)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 access_log=not args.no_access_log,
-                                timeout_graceful_shutdown=args.shutdown_timeout, lifespan="off")
-        server = uvicorn.Server(config)
+                                timeout_graceful_shutdown=args.shutdown_timeout + 5, lifespan="off")
+        server = _GracefulServer(config, async_engine, args.shutdown_timeout)
         # uvicorn re-raises the signal that stopped it once it is done; these handlers take it, so
         # the engine below is still closed and the exit is clean.
         previous = {s: signal.signal(s, _noted) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -73,6 +74,28 @@ def serve(args: argparse.Namespace) -> int:
 
 def _noted(signum, frame) -> None:
     pass
+
+
+def _GracefulServer(config, async_engine, grace: float):
+    """A uvicorn.Server (imported here: `afdserve --help` must stay cheap)."""
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """Ends requests still running `grace` seconds into shutdown with an error, instead of
+        letting uvicorn cancel their tasks (which would cut streams without a message)."""
+
+        def __init__(self, config, async_engine, grace: float):
+            super().__init__(config)
+            self.async_engine, self.grace = async_engine, grace
+
+        async def shutdown(self, sockets=None) -> None:
+            timer = asyncio.get_running_loop().call_later(self.grace, self.async_engine.fail_in_flight)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    return GracefulServer(config, async_engine, grace)
 
 
 def summary(engine, name: str, args: argparse.Namespace) -> str:
