@@ -138,6 +138,10 @@ def test_disconnect_aborts_and_frees_blocks(server):
                 if next(lines).startswith("data: "):
                     got += 1
             assert _metric(server, "afdserve_kv_cache_usage_perc") > 0
+    _wait_all_free(server)
+
+
+def _wait_all_free(server) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if (_metric(server, "afdserve_kv_cache_usage_perc") == 0
@@ -147,6 +151,22 @@ def test_disconnect_aborts_and_frees_blocks(server):
     assert _metric(server, "afdserve_kv_cache_usage_perc") == 0
     assert _metric(server, "afdserve_num_requests_running") == 0
     assert _metric(server, "afdserve_kv_free_blocks") == _metric(server, "afdserve_kv_total_blocks")
+
+
+def test_disconnect_non_streaming_aborts(server):
+    body = {"model": MODEL, "prompt": "hello world", "max_tokens": 600, "ignore_eos": True}
+    before = _aborted(server)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=httpx.Timeout(30, read=0.5))
+    _wait_all_free(server)
+    assert _aborted(server) == before + 1
+
+
+def _aborted(server) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    m = re.search(r'^afdserve_request_success_total\{[^}]*finished_reason="abort"[^}]*\} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
 
 
 def test_sigterm_shuts_down_cleanly(server):

@@ -342,7 +342,9 @@ async def _sse(fmt, request_id: str, streams: list[RequestStream], params, inclu
                 text = c.text if finished else c.text[:len(c.text) - _held_back(c.text, params.stop)]
                 delta = text[len(st.text):] if text.startswith(st.text) else ""
                 new_samples = (c.logprobs or [])[st.tokens:] if c.logprobs is not None else None
-                if delta or new_samples or finished:
+                # Without a tokenizer there is no text: one (empty) chunk per token shows progress.
+                progress = fmt.srv.engine.tokenizer is None and len(c.token_ids) > st.tokens
+                if delta or new_samples or finished or progress:
                     yield _sse_line(fmt.chunk(request_id, idx, delta, new_samples, st,
                                               c.finish_reason if finished else None))
                 if delta:
