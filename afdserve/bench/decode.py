@@ -1,0 +1,257 @@
+"""Decode throughput of the engine over a batch x context grid, with roofline accounting.
+
+Method (documented in benchmarks/README.md):
+* B requests whose prompt length is the context C are added to an `LLMEngine`; the engine is
+  stepped until every request decodes; only steps in which all B requests decode are timed
+  (wall time of `engine.step()`: scheduling, model, sampling, bookkeeping).
+* Prefill is *synthetic* by default: steps holding prefill chunks skip the model and return a
+  fixed token, so the KV cache keeps its initial zeros. Decode time does not depend on the
+  cached values, and a real prefill of 64 x 4096 tokens would take minutes on a CPU.
+  `prefill="real"` runs it for real.
+* Bytes a step needs: active weights (attention + dense + router + routed experts actually hit
+  + shared expert + LM head) + the KV it reads (B x C x L x 2 x kv_width x elem) + embeddings rows.
+  FLOPs: 2 x per-token active weights x B + attention 4 x n_q x d x C x L x B.
+"""
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from afdserve.config import Step3Config
+
+ELEM_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+# ---------------------------------------------------------------------------- accounting
+def expected_distinct_experts(num_experts: int, top_k: int, tokens: int) -> float:
+    """Expected distinct experts hit by `tokens` tokens choosing top_k of num_experts uniformly."""
+    if num_experts == 0 or tokens == 0:
+        return 0.0
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+
+
+def attention_params_per_layer(c: Step3Config) -> int:
+    H = c.hidden_size
+    return H * c.share_q_dim + c.share_q_dim * c.q_width + 2 * H * c.kv_width + c.q_width * H
+
+
+def step_bytes(c: Step3Config, batch: int, context: float, elem: int,
+               distinct_experts: float | list[float] | None = None) -> dict:
+    """Bytes one decode step of `batch` sequences at `context` must move (a lower bound)."""
+    H = c.hidden_size
+    moe_layers = list(c.moe_layers_enum)
+    if distinct_experts is None:
+        distinct = [expected_distinct_experts(c.moe_num_experts, c.moe_top_k, batch)] * len(moe_layers)
+    elif isinstance(distinct_experts, (int, float)):
+        distinct = [float(distinct_experts)] * len(moe_layers)
+    else:
+        distinct = list(distinct_experts)
+    n_dense = c.num_hidden_layers - len(moe_layers)
+    attn = c.num_hidden_layers * (attention_params_per_layer(c) + c.share_q_dim + 2 * H)
+    dense = n_dense * 3 * H * c.intermediate_size
+    routed = sum(distinct) * 3 * H * c.moe_intermediate_size
+    shared = len(moe_layers) * 3 * H * c.share_expert_dim
+    router = len(moe_layers) * c.moe_num_experts * H
+    head = c.vocab_size * H + H + batch * H          # LM head, final norm, embedding rows
+    weights = (attn + dense + routed + shared + router + head) * elem
+    kv = batch * context * c.num_hidden_layers * 2 * c.kv_width * elem
+    return {"weights": weights, "kv": kv, "total": weights + kv,
+            "distinct_experts_per_moe_layer": sum(distinct) / max(len(distinct), 1)}
+
+
+def step_flops(c: Step3Config, batch: int, context: float) -> float:
+    """FLOPs of one decode step: 2 x active weights per token + QK^T and PV over the context."""
+    H = c.hidden_size
+    moe = len(c.moe_layers_enum)
+    per_tok = (c.num_hidden_layers * attention_params_per_layer(c)
+               + (c.num_hidden_layers - moe) * 3 * H * c.intermediate_size
+               + moe * (c.moe_top_k * 3 * H * c.moe_intermediate_size + 3 * H * c.share_expert_dim
+                        + c.moe_num_experts * H)
+               + c.vocab_size * H)
+    attn = 4 * c.num_attention_heads * c.head_dim * context * c.num_hidden_layers
+    return batch * (2.0 * per_tok + attn)
+
+
+# ----------------------------------------------------------------------------- checkpoint
+def make_checkpoint(preset: str, out_dir: str | Path, dtype: str = "float32") -> Path:
+    from afdserve.config import get_preset
+    from afdserve.model.checkpoint import init_checkpoint
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        return out
+    return init_checkpoint(get_preset(preset), out, seed=0, dtype=dtype)
+
+
+def kv_bytes_needed(c: Step3Config, batch: int, context: int, steps: int, elem: int,
+                    block_size: int = 16) -> tuple[int, int]:
+    """(KV blocks, bytes) for `batch` sequences of context + steps tokens."""
+    per_seq = math.ceil((context + steps + 2) / block_size)
+    blocks = batch * per_seq + 1
+    per_block = 2 * c.num_hidden_layers * block_size * c.kv_width * elem
+    return blocks, blocks * per_block
+
+
+# ---------------------------------------------------------------------------------- runs
+class _StepProbe:
+    """Wraps the executor: records each step's shape and, for synthetic prefill, skips the model
+    on steps that hold prefill chunks."""
+
+    def __init__(self, executor, synthetic_prefill: bool, vocab_size: int, seed: int = 0):
+        self.executor, self.synthetic = executor, synthetic_prefill
+        self.rng = random.Random(seed)
+        self.vocab_size = vocab_size
+        self.inner = executor.execute
+        self.last_decode_batch = 0
+        executor.execute = self
+
+    def __call__(self, steps):
+        from afdserve.sampling import Sample
+        prefill = any(len(s.token_ids) > 1 for st in steps for s in st.seqs)
+        self.last_decode_batch = 0 if prefill else sum(len(st.seqs) for st in steps)
+        if prefill and self.synthetic:
+            # Random first tokens, so that sequences (and their routing) differ from the first decode.
+            return [{s.request_id: Sample(self.rng.randrange(2, self.vocab_size))
+                     for s in st.seqs if s.sample is not None} for st in steps]
+        return self.inner(steps)
+
+
+def _expert_hooks(engine, counts: list[list[int]]):
+    """Forward hooks counting distinct experts per MoE layer (colocated engines only)."""
+    runner = getattr(engine.executor, "runner", None)
+    model = getattr(runner, "model", None)
+    if model is None:
+        return []
+    handles = []
+    for layer in model.layers:
+        if getattr(layer, "is_moe", False) and hasattr(layer, "moe"):
+            def hook(mod, args, out, _li=len(handles)):
+                counts[_li].append(int(torch.unique(args[2]).numel()))
+            handles.append(layer.moe.register_forward_hook(hook))
+    counts.extend([] for _ in range(len(handles) - len(counts)))
+    return handles
+
+
+def measure_decode(model_dir: str | Path, batch: int, context: int, steps: int = 8, warmup: int = 2,
+                   device: str = "cpu", dtype: str = "float32", afd: str | None = None,
+                   micro_batches: int = 1, prefill: str = "synthetic", seed: int = 0,
+                   afd_options: dict | None = None, profile: str | None = None) -> dict:
+    """Time `steps` decode steps of `batch` sequences at prompt length `context` (after `warmup`).
+
+    Returns tokens/s, time per output token (ms), the mean context of the timed steps, and the
+    distinct experts hit per MoE layer (counted during warm-up when the model is reachable).
+    `profile`: None, "cprofile" or "torch": also return a profile of the timed steps.
+    """
+    from afdserve.engine.engine import EngineArgs, LLMEngine
+    from afdserve.sampling import SamplingParams
+
+    c = Step3Config.from_file(model_dir)
+    tdtype = getattr(torch, dtype)
+    elem = ELEM_BYTES[tdtype]
+    blocks, _ = kv_bytes_needed(c, batch, context, steps + warmup, elem)
+    args = EngineArgs(model=str(model_dir), dtype=dtype, device=device, num_kv_blocks=blocks,
+                      max_num_seqs=max(batch, 1), max_num_batched_tokens=max(2048, batch),
+                      max_model_len=min(context + steps + warmup + 8, c.max_position_embedding),
+                      afd=afd, micro_batches=micro_batches, afd_options=afd_options or {})
+    engine = LLMEngine(args)
+    try:
+        probe = _StepProbe(engine.executor, prefill == "synthetic", c.vocab_size, seed)
+        step = _stepper(engine, probe)
+        rng = random.Random(seed)
+        params = SamplingParams(temperature=0, max_tokens=steps + warmup + 4, ignore_eos=True)
+        for i in range(batch):
+            engine.add_request(f"r{i}", [rng.randrange(2, c.vocab_size) for _ in range(context)], params)
+        # Prefill (and any mixed steps) until every request decodes.
+        t0 = time.perf_counter()
+        guard = 0
+        while True:
+            step()
+            guard += 1
+            if probe.last_decode_batch == batch:
+                break
+            if guard > 100000 or not engine.has_unfinished_requests():
+                raise RuntimeError("the requests never all decoded together")
+        prefill_s = time.perf_counter() - t0
+        counts: list[list[int]] = []
+        handles = _expert_hooks(engine, counts)
+        for _ in range(warmup):
+            step()
+        for h in handles:
+            h.remove()
+        distinct = [statistics.mean(x) for x in counts if x] or None
+        times = []
+        prof = _Profiler(profile)
+        with prof:
+            for _ in range(steps):
+                t = time.perf_counter()
+                step()
+                dt = time.perf_counter() - t
+                if probe.last_decode_batch == batch:
+                    times.append(dt)
+        if not times:
+            raise RuntimeError("no full decode step was timed")
+        step_s = statistics.median(times)
+        ctx = context + 1 + warmup + (len(times) + 1) / 2  # mean context (KV length) of the timed steps
+        out = {"batch": batch, "context": context, "mean_context": ctx, "steps_timed": len(times),
+               "step_s": step_s, "step_s_min": min(times), "tpot_ms": step_s * 1e3,
+               "tokens_per_s": batch / step_s, "prefill": prefill, "prefill_s": prefill_s,
+               "distinct_experts": distinct, "afd": afd, "micro_batches": micro_batches}
+        if prof.summary is not None:
+            out["profile"] = prof.summary
+        return out
+    finally:
+        engine.close()
+
+
+def _stepper(engine, probe: _StepProbe):
+    def step():
+        probe.last_decode_batch = 0
+        return engine.step()
+    return step
+
+
+class _Profiler:
+    def __init__(self, kind: str | None):
+        self.kind, self.summary, self._p = kind, None, None
+
+    def __enter__(self):
+        if self.kind == "cprofile":
+            import cProfile
+            self._p = cProfile.Profile()
+            self._p.enable()
+        elif self.kind == "torch":
+            from torch.profiler import ProfilerActivity, profile
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self._p = profile(activities=acts)
+            self._p.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.kind == "cprofile":
+            import io
+            import pstats
+            self._p.disable()
+            s = io.StringIO()
+            pstats.Stats(self._p, stream=s).sort_stats("tottime").print_stats(25)
+            self.summary = s.getvalue()
+        elif self.kind == "torch":
+            self._p.__exit__(*exc)
+            self.summary = self._p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        return False
+
+
+def roofline(c: Step3Config, r: dict, bandwidth: float, matmul: float, elem: int) -> dict:
+    """Bytes and FLOPs of a measured step against the measured machine limits."""
+    b = step_bytes(c, r["batch"], r["mean_context"], elem, r.get("distinct_experts"))
+    f = step_flops(c, r["batch"], r["mean_context"])
+    t = r["step_s"]
+    bound = max(b["total"] / bandwidth, f / matmul)
+    return {"bytes_per_step": b["total"], "weight_bytes": b["weights"], "kv_bytes": b["kv"],
+            "distinct_experts_per_moe_layer": b["distinct_experts_per_moe_layer"],
+            "flops_per_step": f, "achieved_bytes_per_s": b["total"] / t, "achieved_flops_per_s": f / t,
+            "bandwidth_fraction": b["total"] / t / bandwidth, "matmul_fraction": f / t / matmul,
+            "roofline_step_s": bound, "roofline_efficiency": bound / t}
