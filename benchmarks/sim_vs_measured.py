@@ -1,0 +1,120 @@
+"""Simulator vs reality on this machine: predict, then measure, decode throughput of `small`.
+
+    python benchmarks/sim_vs_measured.py [--quick] [--batch 16] [--tokens 24] [--micro-batches 3]
+
+1. Measures this CPU (afdserve.sim.local): streaming-read bandwidth, matmul FLOP/s, per-op
+   cost (1 thread for each AFD process, 2 threads colocated) and gloo point-to-point latency and
+   bandwidth between two local processes.
+2. Predicts decode tokens/s of the `small` preset (fp32) colocated and AFD 1A1F.
+3. Measures it with afdserve.LLM on a fresh checkpoint: B requests, short prompts, greedy,
+   ignore_eos; the first engine step (prefill) is excluded, the decode steps after it are timed.
+Reports prediction vs measurement (target: within 25%). If the AFD runtime is not importable,
+the AFD row says so and is skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout
+
+
+def measure_decode(model_dir: str, batch: int, tokens: int, prompt_len: int, **llm_kwargs) -> float:
+    """Decode tokens/s after prefill, timing engine.step() ourselves."""
+    from afdserve import LLM, SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    with LLM(model=model_dir, max_num_seqs=max(batch, 64), **llm_kwargs) as llm:
+        eng = llm.engine
+        prompts = [[(7 * i + j) % 1000 + 2 for j in range(prompt_len)] for i in range(batch)]
+        for i, p in enumerate(prompts):
+            eng.add_request(f"r{i}", p, params)
+        produced = {}
+        while len(produced) < batch or min(produced.values()) < 1:   # prefill (+ first token)
+            for out in eng.step():
+                produced[out.request_id] = len(out.outputs[0].token_ids)
+        start_tokens = sum(produced.values())
+        t = time.perf_counter()
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                produced[out.request_id] = len(out.outputs[0].token_ids)
+        elapsed = time.perf_counter() - t
+    return (sum(produced.values()) - start_tokens) / elapsed
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller measurements (a few minutes)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=None, help="decode tokens per request")
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--micro-batches", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    tokens = args.tokens or (12 if args.quick else 32)
+
+    from afdserve.config import get_preset
+    from afdserve.model.checkpoint import init_checkpoint
+    from afdserve.sim import local
+
+    one = local.measure_cpu(1, args.quick)
+    two = local.measure_cpu(2, args.quick)
+    lat_us, p2p_bw = local.measure_p2p(args.quick)
+    one = dataclasses.replace(one, p2p_latency_us=lat_us, p2p_bytes_per_s=p2p_bw)
+    print(f"measured: read {one.read_bytes_per_s / 1e9:.2f} GB/s (1 thread), "
+          f"{two.read_bytes_per_s / 1e9:.2f} GB/s (2 threads); matmul "
+          f"{one.matmul_flops / 1e9:.1f} / {two.matmul_flops / 1e9:.1f} GFLOP/s; op "
+          f"{one.op_us:.1f} / {two.op_us:.1f} us; gloo p2p {lat_us:.0f} us, "
+          f"{p2p_bw / 1e9:.2f} GB/s", file=sys.stderr)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        init_checkpoint(get_preset("small"), tmp, seed=0)
+        arch = local.small_arch(tmp)
+        context = args.prompt_len + tokens // 2          # average context during decode
+        pred = local.predict_colocated(arch, two, args.batch, context)
+        rows.append(_row("colocated", pred, lambda: measure_decode(
+            tmp, args.batch, tokens, args.prompt_len)))
+        try:
+            import afdserve.afd.executor  # noqa: F401
+        except ImportError as exc:
+            rows.append({"deployment": "AFD 1A1F", "skipped": f"AFD runtime not importable: "
+                         f"{exc}"})
+        else:
+            pred = local.predict_afd(arch, one, one, args.batch, context, args.micro_batches)
+            rows.append(_row("AFD 1A1F", pred, lambda: measure_decode(
+                tmp, args.batch, tokens, args.prompt_len, afd="1A1F",
+                micro_batches=args.micro_batches)))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            if "skipped" in r:
+                print(f"{r['deployment']:<10} skipped: {r['skipped']}")
+                continue
+            print(f"{r['deployment']:<10} predicted {r['predicted_tok_s']:7.1f} tok/s  measured "
+                  f"{r['measured_tok_s']:7.1f} tok/s  ratio {r['ratio']:.2f}  "
+                  f"{'OK' if r['within_25pct'] else 'OFF'} (bottleneck {r['bottleneck']}, "
+                  f"stages us {r['stage_us']})")
+    return 0
+
+
+def _row(name: str, pred, measure) -> dict:
+    predicted = pred.batch / (pred.tpot_ms / 1e3)
+    try:
+        measured = measure()
+    except Exception as exc:  # the runtime under test may fail; report and continue
+        return {"deployment": name, "skipped": f"measurement failed: {type(exc).__name__}: {exc}"}
+    ratio = predicted / measured
+    return {"deployment": name, "batch": pred.batch, "context": pred.context,
+            "predicted_tok_s": predicted, "measured_tok_s": measured, "ratio": ratio,
+            "within_25pct": abs(ratio - 1) <= 0.25, "bottleneck": pred.bottleneck,
+            "stage_us": {k: round(v) for k, v in pred.stage_us.items()}}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
