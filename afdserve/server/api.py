@@ -42,11 +42,10 @@ def _engine_error(exc: Exception) -> APIError:
     """Errors from AsyncEngine.add_request / a stream -> the HTTP answer."""
     if isinstance(exc, (EngineDeadError, EngineStoppedError)):
         return APIError(503, str(exc), "server_error", code="engine_unavailable")
-    if isinstance(exc, ValueError):
+    if isinstance(exc, ValueError):   # LLMEngine.add_request only rejects prompts
         message = str(exc)
         code = "context_length_exceeded" if "context" in message else None
-        return APIError(400, message, param="prompt" if code or "prompt" in message or "token" in message
-                        else None, code=code)
+        return APIError(400, message, param="prompt", code=code)
     return APIError(500, f"{type(exc).__name__}: {exc}", "server_error")
 
 

@@ -176,14 +176,19 @@ class AsyncEngine:
                 commands = list(self._commands)
                 self._commands.clear()
                 stopping = self._stopping
-            for cmd in commands:
-                self._apply(cmd)
-            if stopping:
-                self._fail_all(EngineStoppedError("the server is shutting down"))
-                return
-            if self._has_work():
-                self._step()
-            self._publish()
+            try:
+                for cmd in commands:
+                    self._apply(cmd)
+                if stopping:
+                    self._fail_all(EngineStoppedError("the server is shutting down"))
+                    return
+                if self._has_work():
+                    self._step()
+                self._publish()
+            except Exception as exc:   # a bug here must not leave requests hanging forever
+                traceback.print_exc()
+                self._error = f"engine loop failed: {type(exc).__name__}: {exc}"
+                self._fail_all(EngineDeadError(self._error))
 
     def _has_work(self) -> bool:
         return self._error is None and self.engine.has_unfinished_requests()
@@ -219,7 +224,10 @@ class AsyncEngine:
             return
         for out in outputs:
             if self.on_output:
-                self.on_output(out)
+                try:
+                    self.on_output(out)
+                except Exception:   # metrics must never stop generation
+                    traceback.print_exc()
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue

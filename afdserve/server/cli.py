@@ -57,7 +57,7 @@ def serve(args: argparse.Namespace) -> int:
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 access_log=not args.no_access_log,
                                 timeout_graceful_shutdown=args.shutdown_timeout + 5, lifespan="off")
-        server = _GracefulServer(config, async_engine, args.shutdown_timeout)
+        server = _make_server(config, async_engine, args.shutdown_timeout)
         # uvicorn re-raises the signal that stopped it once it is done; these handlers take it, so
         # the engine below is still closed and the exit is clean.
         previous = {s: signal.signal(s, _noted) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -76,7 +76,7 @@ def _noted(signum, frame) -> None:
     pass
 
 
-def _GracefulServer(config, async_engine, grace: float):
+def _make_server(config, async_engine, grace: float):
     """A uvicorn.Server (imported here: `afdserve --help` must stay cheap)."""
     import uvicorn
 
