@@ -72,7 +72,7 @@ class AFDExecutor:
                  timeout_s: float = 30.0, a2f: str = "model", f2a_dtype: str | None = None,
                  link_latency_ms: float = 0.0, ffn_remote: bool = False, master_addr: str = "127.0.0.1",
                  master_port: int | None = None, join_timeout_s: float = 120.0, threads_per_worker: int | None = None,
-                 trace_file: str | None = None, trace_keep: int = 256):
+                 trace_file: str | None = None, trace_keep: int = 256, start_method: str = "spawn"):
         self.topology = parse_topology(topology)
         if micro_batches < 1:
             raise ValueError("micro_batches must be >= 1")
@@ -96,7 +96,7 @@ class AFDExecutor:
         self._pipes: list = []
         self._procs: list[tuple[str, tmp.Process]] = []
         try:
-            self._start(ffn_remote)
+            self._start(ffn_remote, start_method)
             readies = self._gather(Ready, join_timeout_s + 60.0 + self.timeout_s, "start-up")
         except ExecutorError:
             self.close()
@@ -107,8 +107,14 @@ class AFDExecutor:
     def num_workers(self) -> int:
         return self.topology.num_attention
 
-    def _start(self, ffn_remote: bool) -> None:
-        ctx = tmp.get_context("spawn")
+    def _start(self, ffn_remote: bool, start_method: str) -> None:
+        # spawn: each worker imports torch afresh (seconds on a busy machine). forkserver: one
+        # server process imports it once and forks workers from that clean state (no threads).
+        if start_method not in ("spawn", "forkserver"):
+            raise ValueError(f"start_method must be 'spawn' or 'forkserver', not {start_method!r}")
+        ctx = tmp.get_context(start_method)
+        if start_method == "forkserver":
+            ctx.set_forkserver_preload(["afdserve.afd.worker"])
         me = os.getpid()
         for i in range(self.topology.num_attention):
             parent_end, child_end = ctx.Pipe()

@@ -59,8 +59,8 @@ def parse_topology(text: str | Topology) -> Topology:
     """'2A1F' -> Topology(2, 1). Strict: both counts >= 1, upper-case A and F, nothing else."""
     if isinstance(text, Topology):
         return text
-    if not isinstance(text, str) or not _PATTERN.match(text.strip()):
+    if not isinstance(text, str) or not _PATTERN.match(text):
         raise TopologyError(f"invalid AFD topology {text!r}: expected xAyF with x, y >= 1 attention "
                             "and FFN workers, e.g. 1A1F, 2A1F, 1A2F, 3A2F")
-    a, f = _PATTERN.match(text.strip()).groups()
+    a, f = _PATTERN.match(text).groups()
     return Topology(int(a), int(f))

@@ -108,12 +108,23 @@ def checkpoint_fingerprint(model_dir: str | Path, config: Step3Config) -> str:
 
 
 def watch_parent(parent_pid: int | None) -> None:
-    """Exit this process (without cleanup, which could block on dead peers) when its parent dies."""
+    """Exit this process (without cleanup, which could block on dead peers) when the engine process
+    `parent_pid` is gone or this process was re-parented (its forkserver parent exited)."""
     if not parent_pid:
         return
+    first_ppid = os.getppid()
+
+    def alive() -> bool:
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return os.getppid() == first_ppid
 
     def loop():
-        while os.getppid() == parent_pid:
+        while alive():
             time.sleep(0.25)
         os._exit(3)
     threading.Thread(target=loop, daemon=True, name="afd-parent-watch").start()
@@ -161,9 +172,12 @@ def rendezvous(spec: WorkerSpec, role: str, index: int, config: Step3Config) -> 
     if rank == 0:
         verdict = _judge(store, spec)
         store.set("afd/verdict", verdict)
+        if verdict != "ok":
+            _await_readers(store, topo.world_size - 1)   # rank 0 hosts the store: let the others read first
     else:
         try:
             verdict = store.get("afd/verdict").decode()
+            store.add("afd/verdict_read", 1)
         except Exception:
             raise HandshakeError(f"{_describe(role, index)}: no verdict from attention worker 0 at "
                                  f"{spec.master_addr}:{spec.master_port} within {spec.join_timeout_s:g} s") from None
@@ -176,6 +190,12 @@ def rendezvous(spec: WorkerSpec, role: str, index: int, config: Step3Config) -> 
     dist.init_process_group(backend, store=store, rank=rank, world_size=topo.world_size,
                             timeout=datetime.timedelta(days=7))
     return ref["settings"]
+
+
+def _await_readers(store, n: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while store.add("afd/verdict_read", 0) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _judge(store, spec: WorkerSpec) -> str:

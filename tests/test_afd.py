@@ -1,0 +1,273 @@
+"""Attention-FFN Disaggregation end to end: several processes on 127.0.0.1 over gloo.
+
+One deployment per topology is started once (module scope) and reused: the micro-batch count and
+the A->F precision are switched between generations. The fault tests run last, each on a
+deployment the equality tests are done with.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from afdserve.afd.connector import dequantize_8bit, quantize_8bit
+from afdserve.afd.executor import AFDExecutor, free_port
+from afdserve.afd.topology import Topology, TopologyError, parse_topology
+from afdserve.config import Step3Config, get_preset
+from afdserve.engine.engine import EngineDeadError
+from afdserve.engine.executor import ExecutorError
+from afdserve.engine.llm import LLM
+from afdserve.engine.runner import LocalFFN, ModelRunner, SeqWork, StepInput
+from afdserve.model.checkpoint import init_checkpoint, load_model
+from afdserve.model.step3 import FFNInput
+from afdserve.engine.executor import CacheConfig, make_kv_cache
+from afdserve.sampling import SamplingParams
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16], [20, 21], [30, 31, 32, 33]]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+TIMEOUT_S = 20.0
+# 8-bit A->F on the tiny random model, relative to std(logits): max |diff| and rms (docs/afd.md).
+LOGIT_TOLERANCE_8BIT = 0.5
+LOGIT_TOLERANCE_8BIT_RMS = 0.06
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _wait_gone(pids, timeout=10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(_gone(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return all(_gone(p) for p in pids)
+
+
+def _tokens(llm: LLM, params: SamplingParams = GREEDY) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+
+
+def _start_ffn_cli(ckpt, topo: str, rank: int, port: int, log) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "afdserve.afd.cli", "worker", "--role", "ffn", "--afd", topo, "--rank", str(rank),
+           "--master-addr", "127.0.0.1", "--master-port", str(port), "--model", str(ckpt), "--device", "cpu",
+           "--threads", "1", "--join-timeout", "60"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+
+
+class Deployments:
+    """LLMs per topology, made on first use; 1A2F's FFN workers are started by the worker CLI
+    (the multi-node path), the others as local children."""
+
+    def __init__(self, ckpt, tmp_path):
+        self.ckpt, self.tmp = ckpt, tmp_path
+        self.llms: dict[str, LLM] = {}
+        self.remote: dict[str, list[subprocess.Popen]] = {}
+
+    def get(self, topo: str) -> LLM:
+        if topo not in self.llms:
+            # 1A1F covers the default spawn start; the others fork from one preloaded server (faster).
+            opts = {"timeout_s": TIMEOUT_S, "threads_per_worker": 1,
+                    "start_method": "spawn" if topo == "1A1F" else "forkserver"}
+            if topo == "1A2F":
+                port = free_port()
+                log = open(self.tmp / "ffn.log", "wb")
+                self.remote[topo] = [_start_ffn_cli(self.ckpt, topo, k, port, log) for k in range(2)]
+                opts.update(ffn_remote=True, master_port=port, join_timeout_s=60)
+            self.llms[topo] = LLM(model=str(self.ckpt), device="cpu", afd=topo, micro_batches=3, afd_options=opts,
+                                  num_kv_blocks=64, block_size=4)
+        return self.llms[topo]
+
+    def close(self) -> None:
+        for llm in self.llms.values():
+            llm.close()
+        for procs in self.remote.values():
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait(10)
+
+
+@pytest.fixture(scope="module")
+def deployments(tiny_ckpt, tmp_path_factory):
+    d = Deployments(tiny_ckpt, tmp_path_factory.mktemp("afd"))
+    yield d
+    d.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt):
+    with LLM(model=str(tiny_ckpt), device="cpu", num_kv_blocks=64, block_size=4) as llm:
+        return _tokens(llm)
+
+
+# ---------------------------------------------------------------------- pure functions
+@pytest.mark.parametrize("text,expected", [("1A1F", (1, 1)), ("2A1F", (2, 1)), ("1A2F", (1, 2)), ("3A2F", (3, 2)),
+                                           ("12A10F", (12, 10))])
+def test_parse_topology(text, expected):
+    t = parse_topology(text)
+    assert (t.num_attention, t.num_ffn) == expected and str(t) == text
+    assert t.ffn_ranks == list(range(expected[0], sum(expected)))
+    assert t.role_of(expected[0]) == ("ffn", 0) and t.role_of(0) == ("attention", 0)
+
+
+@pytest.mark.parametrize("text", ["", "2a1f", "0A1F", "1A0F", "2A", "A1F", "1F1A", " 1A1F", "1A1F ", "1.5A1F",
+                                  "01A1F", "2A1F1", None, 3])
+def test_parse_topology_rejects(text):
+    with pytest.raises(TopologyError, match="expected xAyF"):
+        parse_topology(text)
+
+
+def test_afd_executor_rejects_bad_topology_before_starting(tiny_ckpt):
+    with pytest.raises(TopologyError, match="invalid AFD topology '2x1'"):
+        AFDExecutor(tiny_ckpt, Step3Config.from_file(tiny_ckpt), topology="2x1")
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+def test_8bit_round_trip_error(fp8):
+    x = torch.randn(7, 64) * torch.logspace(-2, 2, 7)[:, None]
+    codes, scale = quantize_8bit(x, fp8=fp8)
+    y = dequantize_8bit(codes, scale, torch.float32)
+    amax = x.abs().amax(-1, keepdim=True)
+    bound = amax / 16 if fp8 else amax / 254 + 1e-6     # e4m3: half an ulp (2^-4) of the largest value
+    assert ((y - x).abs() <= bound).all()
+    assert codes.dtype == (torch.uint8 if fp8 else torch.int8)
+
+
+class _Quantizing8bitFFN(LocalFFN):
+    """In-process reference of what an FFN worker sees in 8-bit mode."""
+
+    def submit(self, layer, micro_batch, inp):
+        codes, scale = quantize_8bit(inp.x)
+        super().submit(layer, micro_batch, FFNInput(dequantize_8bit(codes, scale, inp.x.dtype), inp.weights, inp.ids))
+
+
+def test_8bit_logit_tolerance(tiny_ckpt):
+    config = Step3Config.from_file(tiny_ckpt)
+    model = load_model(tiny_ckpt, torch.float32, config=config)
+    step = StepInput([SeqWork(str(i), p, 0, [i * 4 + b for b in range(4)], None) for i, p in enumerate(PROMPTS)])
+    logits = []
+    for ffn in (LocalFFN(model), _Quantizing8bitFFN(model)):
+        kv = make_kv_cache(config, CacheConfig(block_size=4, num_blocks=32), torch.float32)
+        runner = ModelRunner(model, kv, ffn, micro_batches=2)
+        with torch.inference_mode():
+            ids = torch.tensor([t for p in PROMPTS for t in p])
+            logits.append(model.logits(runner.forward(ids, runner._metadata(step))))
+    ref, q = logits
+    rel = ((q - ref).abs().max() / ref.std()).item()
+    rms = ((q - ref).pow(2).mean().sqrt() / ref.std()).item()
+    agree = (q.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    print(f"8-bit A->F: max |dlogit|/std = {rel:.4f}, rms {rms:.4f}, greedy agreement {agree:.1%} over {len(ref)} positions")
+    assert rel < LOGIT_TOLERANCE_8BIT, rel
+    assert rms < LOGIT_TOLERANCE_8BIT_RMS, rms
+    assert agree >= 0.75
+
+
+# ---------------------------------------------------------------------- equality
+@pytest.mark.parametrize("topo", ["1A1F", "2A1F", "1A2F", "2A2F"])
+def test_topology_matches_colocated(deployments, reference, topo):
+    llm = deployments.get(topo)
+    ex = llm.engine.executor
+    for m in (1, 2, 3):
+        ex.set_micro_batches(m)
+        assert _tokens(llm) == reference, f"{topo} m={m}"
+    assert llm.engine.health() is None
+    trace = ex.trace(3)
+    json.dumps(trace)
+    t = trace[-1]
+    L = get_preset("tiny").num_hidden_layers
+    assert len(t["attn_ms"]) == L and len(t["wait_ms"][0]) == t["micro_batches"] == 3
+    if t["worker"] == 0:
+        assert len(t["ffn_ms"]) == parse_topology(topo).num_ffn
+    s = ex.trace_summary()
+    assert s["afd_steps"] > 0 and 0 <= s["afd_bubble_fraction"] <= 1 and s["afd_step_ms"] > 0
+
+
+def test_8bit_transfer_end_to_end(deployments, reference):
+    llm = deployments.get("1A1F")
+    ex = llm.engine.executor
+    ex.set_a2f("8bit")
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=0)
+        out = llm.generate(PROMPTS, params)
+    finally:
+        ex.set_a2f("model")
+    got = [o.outputs[0].token_ids for o in out]
+    same = sum(a == b for g, r in zip(got, reference) for a, b in zip(g, r))
+    total = sum(len(r) for r in reference)
+    print(f"8-bit A->F greedy agreement with fp32 colocated: {same}/{total} tokens")
+    assert same >= total // 2
+    assert _tokens(llm) == reference                           # back to full precision
+
+
+# ---------------------------------------------------------------------- faults
+def test_killed_ffn_worker_fails_requests_within_timeout(deployments):
+    llm = deployments.get("2A1F")
+    eng, ex = llm.engine, llm.engine.executor
+    pids = list(ex.pids.values())
+    eng.add_request("long", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+    eng.step()
+    eng.step()
+    os.kill(ex.pids["FFN worker 0"], signal.SIGKILL)
+    t0 = time.monotonic()
+    outs = []
+    while eng.has_unfinished_requests() and time.monotonic() - t0 < TIMEOUT_S + 5:
+        outs += eng.step()
+    elapsed = time.monotonic() - t0
+    assert elapsed < TIMEOUT_S
+    assert outs and outs[-1].finished and "FFN worker 0" in outs[-1].error
+    assert "FFN worker 0" in eng.health()
+    with pytest.raises(EngineDeadError):
+        eng.add_request("after", PROMPTS[1])
+    llm.close()
+    assert _wait_gone(pids)
+
+
+def test_stalled_ffn_worker_times_out(deployments):
+    llm = deployments.get("1A2F")
+    eng, ex = llm.engine, llm.engine.executor
+    ffn = deployments.remote["1A2F"]
+    ex.timeout_s = 3.0
+    os.kill(ffn[1].pid, signal.SIGSTOP)
+    try:
+        eng.add_request("stall", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+        t0 = time.monotonic()
+        outs = eng.step()
+        elapsed = time.monotonic() - t0
+        assert 2.5 < elapsed < 3.0 + 2.0
+        assert outs and "did not complete within 3 s" in outs[0].error
+        assert "did not complete" in eng.health()
+        pids = list(ex.pids.values())
+        llm.close()
+        assert _wait_gone(pids)
+    finally:
+        os.kill(ffn[1].pid, signal.SIGKILL)
+    assert ffn[0].wait(15) is not None      # the other FFN worker leaves once its peers are gone
+
+
+def test_mismatched_checkpoint_is_refused(tiny_ckpt, tmp_path):
+    other = init_checkpoint(get_preset("tiny"), tmp_path / "other", seed=1)
+    port = free_port()
+    with open(tmp_path / "ffn.log", "wb") as log:
+        ffn = _start_ffn_cli(other, "1A1F", 0, port, log)
+        try:
+            with pytest.raises(ExecutorError, match="different checkpoint or config"):
+                AFDExecutor(tiny_ckpt, Step3Config.from_file(tiny_ckpt), "1A1F", device="cpu", ffn_remote=True,
+                            master_port=port, join_timeout_s=60, threads_per_worker=1, start_method="forkserver")
+            assert ffn.wait(30) == 2
+        finally:
+            if ffn.poll() is None:
+                ffn.kill()
+                ffn.wait()
+    err = (tmp_path / "ffn.log").read_text()
+    assert "refused to start" in err and "different checkpoint" in err
