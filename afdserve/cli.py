@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = (
     "afdserve.commands",        # generate, init-checkpoint, demo
     "afdserve.server.cli",      # serve
+    "afdserve.afd.cli",         # worker (a role of a multi-node AFD deployment)
     "afdserve.cost.cli",        # cost, cost sparsity, cost compare
     "afdserve.sim.cli",         # simulate, plan
     "afdserve.bench.cli",       # bench

@@ -163,7 +163,7 @@ class LLMEngine:
             ids = self.tokenizer.encode(prompt)
         else:
             ids = list(prompt)
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
+        bad = [t for t in ids if type(t) is not int or not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]!r} is outside the vocabulary (0..{self.config.vocab_size - 1})")
         if not ids:

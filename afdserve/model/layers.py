@@ -115,26 +115,30 @@ class MoE(nn.Module):
         return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x [T, H]; weights [T, k] fp32; ids [T, k] -> weighted sum over this module's experts."""
-        out = torch.zeros_like(x)
+        """x [T, H]; weights [T, k] fp32; ids [T, k] -> weighted sum over this module's experts.
+
+        Tokens are grouped by expert (one GEMM per expert hit), each (token, slot) result lands in
+        its own row of a [T, k, H] buffer, and the k slots are summed in a fixed order, so a
+        token's output does not depend on the other tokens in the batch.
+        """
+        T, k = ids.shape
         local = ids - self.first
-        hit = (local >= 0) & (local < self.num_local)
-        flat_tok, flat_slot = hit.nonzero(as_tuple=True)
-        if flat_tok.numel() == 0:
-            return out
-        flat_e = local[flat_tok, flat_slot]
-        order = torch.argsort(flat_e, stable=True)
-        flat_tok, flat_slot, flat_e = flat_tok[order], flat_slot[order], flat_e[order]
-        counts = torch.bincount(flat_e, minlength=self.num_local).tolist()
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            tok = flat_tok[start:start + n]
-            w = weights[tok, flat_slot[start:start + n]].to(x.dtype).unsqueeze(-1)
-            out.index_add_(0, tok, self.expert(e, x[tok]) * w)
-            start += n
-        return out
+        hit = ((local >= 0) & (local < self.num_local)).reshape(-1)
+        rows = hit.nonzero().squeeze(1)                      # flat (token, slot) indices
+        expert_out = x.new_zeros(T * k, x.shape[1])
+        if rows.numel():
+            flat_e = local.reshape(-1)[rows]
+            order = torch.argsort(flat_e, stable=True)
+            rows, flat_e = rows[order], flat_e[order]
+            counts = torch.bincount(flat_e, minlength=self.num_local).tolist()
+            start = 0
+            for e, n in enumerate(counts):
+                if n:
+                    r = rows[start:start + n]
+                    expert_out[r] = self.expert(e, x[r // k])
+                    start += n
+        w = (weights * hit.view(T, k)).to(x.dtype).unsqueeze(-1)
+        return (expert_out.view(T, k, -1) * w).sum(1)
 
 
 def moe_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: MoE) -> torch.Tensor:
