@@ -44,6 +44,7 @@ def test_bench_run_writes_json_with_expected_keys(tmp_path):
     assert modes[0]["mode"] == "colocated" and modes[0]["tokens_per_s"] > 0
     assert "unavailable" in modes[1]                                   # a bad topology is recorded, not fatal
     assert (tmp_path / "out" / "decode.png").is_file()
+    assert "tok/s" in (tmp_path / "out" / "summary.md").read_text()
 
 
 def test_memory_aware_skip(tmp_path):

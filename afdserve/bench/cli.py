@@ -101,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:  # plots are a convenience; the JSON is the record
         result["plots"] = [f"failed: {exc}"]
     (out / "results.json").write_text(json.dumps(_clean(result), indent=2) + "\n")
+    from afdserve.bench.report import markdown
+    (out / "summary.md").write_text(markdown(result))
     if args.json:
         print(json.dumps(_clean(result), indent=2))
     else:
@@ -124,6 +126,10 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
                     "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     log("measuring the machine: streaming read and matmul")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > 0.5 * (os.cpu_count() or 1) and args.device == "cpu":
+        log(f"warning: load average {load:.1f} on {os.cpu_count()} cores: other work is running, timings "
+            "will be noisy (and multi-threaded torch may stall; try --threads 1)")
     m = machine.measure(args.device, dtype, quick=args.quick,
                         size_bytes=args.bandwidth_mib << 20 if args.bandwidth_mib else None, n=args.matmul_n)
     result["machine"] = m
@@ -216,20 +222,24 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
 
 
 def _profile(args, model_dir: Path, log, out: Path) -> dict:
+    """torch.profiler (and cProfile for the first point) of timed decode steps at the first grid
+    point and at (AFD batch, last grid context)."""
     from afdserve.bench import decode
     res = {}
-    b, c = args.batches[0], args.contexts[0]
-    for kind in ("torch", "cprofile"):
+    points = list(dict.fromkeys([(args.batches[0], args.contexts[0]), (args.afd_batch, args.contexts[-1])]))
+    jobs = [("torch", b, c) for b, c in points] + [("cprofile",) + points[0]]
+    for kind, b, c in jobs:
         log(f"profiling decode steps ({kind}), batch {b} context {c}")
+        key = f"{kind}_b{b}_c{c}"
         try:
             r = decode.measure_decode(model_dir, b, c, max(2, min(args.steps, 8)), args.warmup, args.device,
                                       args.dtype, profile=kind)
-            path = out / f"profile_{kind}_b{b}_c{c}.txt"
+            path = out / f"profile_{key}.txt"
             path.write_text(r["profile"])
-            res[kind] = {"batch": b, "context": c, "file": str(path), "step_s": r["step_s"],
-                         "top": r["profile"].splitlines()[:40]}
+            res[key] = {"kind": kind, "batch": b, "context": c, "file": str(path), "step_s": r["step_s"],
+                        "top": r["profile"].splitlines()[:40]}
         except Exception as exc:
-            res[kind] = {"error": f"{type(exc).__name__}: {exc}"}
+            res[key] = {"error": f"{type(exc).__name__}: {exc}"}
     return res
 
 

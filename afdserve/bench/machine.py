@@ -34,6 +34,7 @@ def describe(device: str = "cpu") -> dict:
         "torch": torch.__version__, "python": platform.python_version(),
         "platform": platform.platform(), "device": str(device),
         "mem_available_gb": round(mem / 2**30, 1) if mem else None,
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     try:
         import transformers
