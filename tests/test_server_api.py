@@ -297,3 +297,11 @@ def test_engine_failure_marks_unhealthy_and_fails_requests(tmp_path):
             assert r.status_code == 503
     finally:
         ae.shutdown()
+
+
+def test_metrics_expose_afd_pipeline_summary():
+    from afdserve.server.metrics import ServerMetrics
+
+    text = ServerMetrics("m").render(None, {"afd_step_ms": 12.5, "afd_bubble_fraction": 0.25}).decode()
+    assert 'afdserve_afd_pipeline{model_name="m",quantity="step_ms"} 12.5' in text
+    assert 'quantity="bubble_fraction"} 0.25' in text

@@ -63,7 +63,7 @@ class TraceLog:
 
     def summary(self) -> dict[str, float]:
         """Means per step over the ring: attention/ffn/wait/rtt/step ms, bubble and hidden fractions."""
-        steps = [t for t in self.steps if t.num_tokens > 0]
+        steps = [t for t in list(self.steps) if t.num_tokens > 0]   # copy: read from other threads
         if not steps:
             return {"afd_steps": 0.0}
         n = len(steps)

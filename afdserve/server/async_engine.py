@@ -150,6 +150,11 @@ class AsyncEngine:
     def stats(self) -> EngineStats | None:
         return self.snapshot.stats
 
+    def afd_trace_summary(self) -> dict[str, float]:
+        """Per-step means of the disaggregated pipeline's stages (empty when colocated)."""
+        summary = getattr(self.engine.executor, "trace_summary", None)
+        return summary() if summary else {}
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Fail in-flight requests, stop the step thread, close the engine (and its workers)."""
         with self._cond:

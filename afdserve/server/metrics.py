@@ -37,6 +37,8 @@ class ServerMetrics:
         self.kv_usage = Gauge("afdserve_kv_cache_usage_perc", "Fraction of KV blocks in use (0..1)",
                               labels, registry=r)
         self.kv_free = Gauge("afdserve_kv_free_blocks", "Free KV blocks", labels, registry=r)
+        self.afd_pipeline = Gauge("afdserve_afd_pipeline", "AFD pipeline per-step means over recent steps: "
+                                  "*_ms stages, bubble and hidden fractions", labels + ["quantity"], registry=r)
         self.kv_total = Gauge("afdserve_kv_total_blocks", "KV blocks in all", labels, registry=r)
         self.prompt_tokens = Counter("afdserve_prompt_tokens", "Prompt tokens accepted", labels, registry=r)
         self.generation_tokens = Counter("afdserve_generation_tokens", "Tokens generated", labels, registry=r)
@@ -79,9 +81,11 @@ class ServerMetrics:
         self.http_errors.labels(self.model_name, str(status)).inc()
 
     # ------------------------------------------------------------------ scraping
-    def render(self, stats: EngineStats | None) -> bytes:
+    def render(self, stats: EngineStats | None, afd: dict[str, float] | None = None) -> bytes:
         if stats is not None:
             self._set_gauges(stats)
+        for key, value in (afd or {}).items():
+            self.afd_pipeline.labels(self.model_name, key.removeprefix("afd_")).set(value)
         return generate_latest(self.registry)
 
     def _set_gauges(self, s: EngineStats) -> None:
