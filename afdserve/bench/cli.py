@@ -167,10 +167,11 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
             for c in args.contexts:
                 row: dict = {"batch": b, "context": c}
                 rows.append(row)
-                if c + args.steps + args.warmup + 8 > cfg.max_position_embedding:
+                gen = decode.tokens_to_generate(b, c, args.steps, args.warmup)
+                if c + gen + 2 > cfg.max_position_embedding:
                     row["skipped"] = f"context {c} exceeds the model's {cfg.max_position_embedding}"
                     continue
-                _, kv = decode.kv_bytes_needed(cfg, b, c, args.steps + args.warmup, elem)
+                _, kv = decode.kv_bytes_needed(cfg, b, c, gen, elem)
                 peer_kv = (b * (c + args.steps + 2) * cfg.num_hidden_layers * 2 * cfg.kv_width * elem
                            if peer_model is not None else 0)
                 need = kv + max(peer_kv, kv // 4) + weights_bytes   # ours and the peer run one after the other

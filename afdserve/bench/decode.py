@@ -96,6 +96,12 @@ def kv_bytes_needed(c: Step3Config, batch: int, context: int, steps: int, elem: 
     return blocks, blocks * per_block
 
 
+def tokens_to_generate(batch: int, context: int, steps: int, warmup: int, budget: int = 2048) -> int:
+    """max_tokens per request: early requests decode while later ones still prefill (chunked
+    prefill), so every request must still be running when the last prefill ends."""
+    return steps + warmup + math.ceil(batch * context / max(budget, batch)) + 4
+
+
 # ---------------------------------------------------------------------------------- runs
 class _StepProbe:
     """Wraps the executor: records each step's shape and, for synthetic prefill, skips the model
@@ -107,12 +113,16 @@ class _StepProbe:
         self.vocab_size = vocab_size
         self.inner = executor.execute
         self.last_decode_batch = 0
+        self.recording, self.contexts = False, []
         executor.execute = self
 
     def __call__(self, steps):
         from afdserve.sampling import Sample
         prefill = any(len(s.token_ids) > 1 for st in steps for s in st.seqs)
         self.last_decode_batch = 0 if prefill else sum(len(st.seqs) for st in steps)
+        if not prefill and self.recording:
+            ctxs = [s.start + 1 for st in steps for s in st.seqs]
+            self.contexts.append(sum(ctxs) / len(ctxs))
         if prefill and self.synthetic:
             # Random first tokens, so that sequences (and their routing) differ from the first decode.
             return [{s.request_id: Sample(self.rng.randrange(2, self.vocab_size))
@@ -152,17 +162,19 @@ def measure_decode(model_dir: str | Path, batch: int, context: int, steps: int =
     c = Step3Config.from_file(model_dir)
     tdtype = getattr(torch, dtype)
     elem = ELEM_BYTES[tdtype]
-    blocks, _ = kv_bytes_needed(c, batch, context, steps + warmup, elem)
+    budget = max(2048, batch)
+    max_tokens = tokens_to_generate(batch, context, steps, warmup, budget)
+    blocks, _ = kv_bytes_needed(c, batch, context, max_tokens, elem)
     args = EngineArgs(model=str(model_dir), dtype=dtype, device=device, num_kv_blocks=blocks,
-                      max_num_seqs=max(batch, 1), max_num_batched_tokens=max(2048, batch),
-                      max_model_len=min(context + steps + warmup + 8, c.max_position_embedding),
+                      max_num_seqs=max(batch, 1), max_num_batched_tokens=budget,
+                      max_model_len=min(context + max_tokens + 2, c.max_position_embedding),
                       afd=afd, micro_batches=micro_batches, afd_options=afd_options or {})
     engine = LLMEngine(args)
     try:
         probe = _StepProbe(engine.executor, prefill == "synthetic", c.vocab_size, seed)
         step = _stepper(engine, probe)
         rng = random.Random(seed)
-        params = SamplingParams(temperature=0, max_tokens=steps + warmup + 4, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
         for i in range(batch):
             engine.add_request(f"r{i}", [rng.randrange(2, c.vocab_size) for _ in range(context)], params)
         # Prefill (and any mixed steps) until every request decodes.
@@ -185,6 +197,7 @@ def measure_decode(model_dir: str | Path, batch: int, context: int, steps: int =
         distinct = [statistics.mean(x) for x in counts if x] or None
         times = []
         prof = _Profiler(profile)
+        probe.recording = True
         with prof:
             for _ in range(steps):
                 t = time.perf_counter()
@@ -195,7 +208,7 @@ def measure_decode(model_dir: str | Path, batch: int, context: int, steps: int =
         if not times:
             raise RuntimeError("no full decode step was timed")
         step_s = statistics.median(times)
-        ctx = context + 1 + warmup + (len(times) + 1) / 2  # mean context (KV length) of the timed steps
+        ctx = statistics.mean(probe.contexts) if probe.contexts else context  # mean KV length of timed steps
         out = {"batch": batch, "context": context, "mean_context": ctx, "steps_timed": len(times),
                "step_s": step_s, "step_s_min": min(times), "tpot_ms": step_s * 1e3,
                "tokens_per_s": batch / step_s, "prefill": prefill, "prefill_s": prefill_s,
