@@ -98,6 +98,24 @@ def measure_matmul(device: str = "cpu", dtype: torch.dtype = torch.float32, n: i
             "best_s": t, "repeats": repeats, "method": "best-of-N time of torch.mm on square matrices"}
 
 
+def measure_weight_streaming(device: str = "cpu", dtype: torch.dtype = torch.float32,
+                             rows: tuple[int, ...] = (1, 8, 32, 64), total_bytes: int = 64 << 20,
+                             repeats: int = 3) -> dict:
+    """Decode-shaped GEMMs: x [M, 768] @ W^T over many distinct [2048, 768] weights (more than the
+    caches hold), as a decode step streams its weights. Bytes of weight / time per M: what the
+    BLAS actually sustains at that batch, next to the plain streaming read above."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    per = 2048 * 768 * elem
+    ws = [torch.randn(2048, 768, dtype=dtype, device=device) for _ in range(max(1, total_bytes // per))]
+    out = {}
+    for m in rows:
+        x = torch.randn(m, 768, dtype=dtype, device=device)
+        t = best_time(lambda: [torch.nn.functional.linear(x, w) for w in ws], repeats, device)
+        out[str(m)] = {"bytes_per_s": len(ws) * per / t, "flops_per_s": 2 * m * len(ws) * 2048 * 768 / t}
+    return {"rows": out, "weight_bytes": len(ws) * per,
+            "method": "best-of-N time of F.linear(x[M, 768], W[2048, 768]) over distinct weights"}
+
+
 def measure(device: str = "cpu", dtype: torch.dtype = torch.float32, quick: bool = False,
             size_bytes: int | None = None, n: int | None = None) -> dict:
     cuda = torch.device(device).type == "cuda"
@@ -106,4 +124,6 @@ def measure(device: str = "cpu", dtype: torch.dtype = torch.float32, quick: bool
     reps = 3 if quick else (10 if cuda else 5)
     return {"description": describe(device),
             "bandwidth": measure_bandwidth(device, size, reps),
-            "matmul": measure_matmul(device, dtype, n, reps)}
+            "matmul": measure_matmul(device, dtype, n, reps),
+            "weight_streaming": measure_weight_streaming(device, dtype, total_bytes=(16 << 20) if quick or
+                                                         size < (64 << 20) else (256 << 20 if cuda else 64 << 20))}

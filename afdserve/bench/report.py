@@ -17,6 +17,7 @@ def markdown(r: dict) -> str:
              f"(sum of {m['bandwidth']['size_bytes'] / 2**30:.2f} GiB fp32, best of {m['bandwidth']['repeats']}); "
              f"matmul **{m['matmul']['flops_per_s'] / 1e9:.1f} GFLOP/s** ({m['matmul']['dtype']}, "
              f"{m['matmul']['n']}^3, best of {m['matmul']['repeats']}).", "",
+             _ws(m), "",
              "| batch | context | tok/s | TPOT ms | MB/step | % of BW | % of matmul | experts hit/layer | peer tok/s | ours/peer |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r.get("decode", []):
@@ -54,3 +55,12 @@ def markdown(r: dict) -> str:
             else:
                 lines.append(f"| {a['mode']} | unavailable: {a.get('unavailable', '')[:80]} | | |")
     return "\n".join(lines) + "\n"
+
+
+def _ws(m: dict) -> str:
+    ws = m.get("weight_streaming", {}).get("rows", {})
+    if not ws:
+        return ""
+    return ("Decode-shaped GEMMs (x[M, 768] @ W^T over distinct weights, what the BLAS sustains while "
+            "streaming weights): " + ", ".join(f"M={k}: {v['bytes_per_s'] / 1e9:.1f} GB/s" for k, v in ws.items())
+            + ".")
