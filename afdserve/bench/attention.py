@@ -45,7 +45,10 @@ def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 class _Contiguous(nn.Module):
     """Decode layer over a contiguous cache [B, g, max_len, w]; all sequences at the same position."""
 
+    rope_dim, rope_theta = HEAD_DIM, 500000.0
+
     def allocate(self, batch: int, max_len: int, dtype, device) -> None:
+        self.rope = RotaryEmbedding(self.rope_dim, self.rope_theta, max_len + 1).to(device)
         shape = (batch, self.cache_heads, max_len, self.cache_width)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape[:-1] + (self.value_width,), dtype=dtype, device=device) \
@@ -66,7 +69,6 @@ class GQALayer(_Contiguous):
         self.k_proj = nn.Linear(HIDDEN, kv_heads * HEAD_DIM, bias=False)
         self.v_proj = nn.Linear(HIDDEN, kv_heads * HEAD_DIM, bias=False)
         self.o_proj = nn.Linear(HEADS * HEAD_DIM, HIDDEN, bias=False)
-        self.rope = RotaryEmbedding(HEAD_DIM, 500000.0, 16384)
 
     def forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         B = x.shape[0]
@@ -93,7 +95,7 @@ class MLALayer(_Contiguous):
         self.w_uk = nn.Parameter(torch.randn(HEADS, MLA_NOPE, MLA_LORA) * s)   # kv_b, key half
         self.w_uv = nn.Parameter(torch.randn(HEADS, MLA_LORA, MLA_V) * s)      # kv_b, value half
         self.o_proj = nn.Linear(HEADS * MLA_V, HIDDEN, bias=False)
-        self.rope = RotaryEmbedding(MLA_ROPE, 10000.0, 16384)
+        self.rope_dim, self.rope_theta = MLA_ROPE, 10000.0
 
     def forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         B = x.shape[0]
@@ -120,11 +122,11 @@ class PagedMFA(nn.Module):
         from afdserve.model.attention import MFAttention
         self.config = get_preset("small")
         self.attn = MFAttention(self.config)
-        self.rope = RotaryEmbedding(HEAD_DIM, 500000.0, 16384)
 
     def allocate(self, batch: int, max_len: int, dtype, device) -> None:
         from afdserve.model.attention import AttentionMetadata, KVCache
         bs = 16
+        self.rope = RotaryEmbedding(HEAD_DIM, 500000.0, max_len + 1).to(device)
         per_seq = math.ceil(max_len / bs)
         self.kv = KVCache(1, batch * per_seq, bs, 1, HEAD_DIM, dtype, device)
         self.tables = [list(range(s * per_seq, (s + 1) * per_seq)) for s in range(batch)]
@@ -184,9 +186,7 @@ def time_layer(design: str, batch: int, context: int, repeats: int = 10, dtype=t
     """Median seconds of one decode step of one layer at `context` (KV of `context` + the new token)."""
     torch.manual_seed(seed)
     layer = make_layer(design).to(device=device, dtype=dtype).eval()
-    if hasattr(layer, "rope"):
-        layer.rope.float()
-    layer.allocate(batch, context + 1, dtype, device)
+    layer.allocate(batch, context + 1, dtype, device)    # also builds the fp32 RoPE tables
     x = torch.randn(batch, HIDDEN, dtype=dtype, device=device)
     for _ in range(2):
         layer(x, context)
