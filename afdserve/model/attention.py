@@ -55,6 +55,8 @@ class AttentionMetadata:
     context_lens: list[int]        # [S]
     context_slots: torch.Tensor    # [S, max_ctx] int64: slots of positions 0..ctx-1 (padded with 0)
     context_mask: torch.Tensor     # [S, max_ctx] bool: True where the slot is a real token
+    block_tables: torch.Tensor     # [S, max_blocks] int64 (padded with 0)
+    block_size: int
 
     @property
     def is_decode_only(self) -> bool:
@@ -76,7 +78,8 @@ class AttentionMetadata:
             positions=torch.tensor(positions, dtype=torch.int64, device=device),
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
             query_lens=list(query_lens), context_lens=list(context_lens),
-            context_slots=slots.to(device), context_mask=mask.to(device))
+            context_slots=slots.to(device), context_mask=mask.to(device), block_tables=table.to(device),
+            block_size=block_size)
 
     def select(self, seqs: slice) -> "AttentionMetadata":
         """The metadata of a contiguous run of sequences (one micro-batch)."""
@@ -84,10 +87,12 @@ class AttentionMetadata:
         tok1 = tok0 + sum(self.query_lens[seqs])
         ctx = self.context_lens[seqs]
         width = max(ctx) if ctx else 0
+        nblk = -(-width // self.block_size)
         return AttentionMetadata(
             positions=self.positions[tok0:tok1], slot_mapping=self.slot_mapping[tok0:tok1],
             query_lens=self.query_lens[seqs], context_lens=ctx,
-            context_slots=self.context_slots[seqs, :width], context_mask=self.context_mask[seqs, :width])
+            context_slots=self.context_slots[seqs, :width], context_mask=self.context_mask[seqs, :width],
+            block_tables=self.block_tables[seqs, :nblk], block_size=self.block_size)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -121,15 +126,25 @@ def _ungroup(o: torch.Tensor, t: int, nq: int) -> torch.Tensor:
     return o.reshape(*lead, t, nq, d)
 
 
+def _gather_blocks(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """[slots, g, d] -> [S, max_ctx, g, d]: each sequence's K or V, copied a whole block at a time."""
+    S = meta.block_tables.shape[0]
+    g, d = cache.shape[1:]
+    blocks = cache.view(-1, meta.block_size * g * d)                 # [num_blocks, bs*g*d]
+    out = blocks.index_select(0, meta.block_tables.reshape(-1)).view(S, -1, g, d)
+    return out[:, :meta.context_mask.shape[1]]
+
+
 def _decode_attention(q, k_cache, v_cache, meta, scale):
-    # One new token per sequence: gather each sequence's K/V ([S, ctx, g, d]) and attend with a
-    # padding mask; the n_q heads sharing a KV head become rows of one matmul.
+    # One new token per sequence: gather each sequence's K/V ([S, ctx, g, d]) block by block and
+    # attend with a padding mask; the n_q heads sharing a KV head become rows of one matmul.
     S, nq, d = q.shape
     g = k_cache.shape[1]
-    k = k_cache[meta.context_slots].transpose(1, 2)            # [S, g, ctx, d]
-    v = v_cache[meta.context_slots].transpose(1, 2)
+    k = _gather_blocks(k_cache, meta).transpose(1, 2)          # [S, g, ctx, d]
+    v = _gather_blocks(v_cache, meta).transpose(1, 2)
     qg = _group_queries(q.unsqueeze(1), g)                       # [S, g, n_q/g, d]
-    mask = meta.context_mask[:, None, None, :]                   # [S, 1, 1, ctx]
+    # [S, 1, 1, ctx]; none needed when every sequence has the same context length
+    mask = None if min(meta.context_lens) == max(meta.context_lens) else meta.context_mask[:, None, None, :]
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     return _ungroup(o, 1, nq).squeeze(1)
 
