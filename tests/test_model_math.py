@@ -37,6 +37,7 @@ def _paged_setup(ctx_lens, q_lens, g, d, bs=4, seed=0):
     ([1, 1, 1], [5, 9, 1], 1),       # decode batch, MFA (one KV head)
     ([3, 1, 6], [7, 4, 6], 1),       # mixed prefill chunks and decode
     ([1, 1], [8, 13], 2),            # GQA-style grouping still right
+    ([1, 1, 1], [6, 6, 6], 1),       # equal contexts: the unmasked decode path
     ([4], [4], 2),
 ])
 def test_paged_attention_matches_naive(q_lens, ctx_lens, g):
