@@ -33,8 +33,7 @@ SPECIAL_TOKENS = [BOS, EOS, USER, ASSISTANT, SYSTEM, PAD]   # ids 0..5 in the to
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}<|system|>{{ message['content'] }}"
-    "{% elif message['role'] == 'user' %}<|user|>{{ message['content'] }}"
+    "{% if message['role'] == 'user' %}<|user|>{{ message['content'] }}"
     "{% elif message['role'] == 'assistant' %}<|assistant|>{{ message['content'] }}{{ eos_token }}"
     "{% endif %}"
     "{% endfor %}"
@@ -209,12 +208,12 @@ def format_answer(answer: str, fmt: str = "chat") -> str:
 
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Pure-Python rendering of CHAT_TEMPLATE (the Jinja template is the reference)."""
+    """Pure-Python rendering of CHAT_TEMPLATE (the Jinja template is the reference).
+
+    System messages are left out: the model was never trained with one, and clients often add one."""
     out = BOS
     for m in messages:
-        if m["role"] == "system":
-            out += SYSTEM + m["content"]
-        elif m["role"] == "user":
+        if m["role"] == "user":
             out += USER + m["content"]
         elif m["role"] == "assistant":
             out += ASSISTANT + m["content"] + EOS
