@@ -61,8 +61,9 @@ def main() -> int:
     from afdserve.model.checkpoint import init_checkpoint
     from afdserve.sim import local
 
-    one = local.measure_cpu(1, args.quick)
-    two = local.measure_cpu(2, args.quick)
+    # GEMM rates at the decode shapes of each run: the whole batch colocated, one micro-batch in AFD.
+    one = local.measure_cpu(1, args.quick, rows=max(1, args.batch // args.micro_batches))
+    two = local.measure_cpu(2, args.quick, rows=args.batch)
     lat_us, p2p_bw = local.measure_p2p(args.quick)
     one = dataclasses.replace(one, p2p_latency_us=lat_us, p2p_bytes_per_s=p2p_bw)
     print(f"measured: read {one.read_bytes_per_s / 1e9:.2f} GB/s (1 thread), "

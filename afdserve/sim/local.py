@@ -58,8 +58,13 @@ def _best_time(fn, repeat: int) -> float:
     return best
 
 
-def measure_cpu(threads: int, quick: bool = False) -> CpuFigures:
-    """Streaming-read bandwidth, GEMM FLOP/s and per-op cost with `threads` torch threads."""
+def measure_cpu(threads: int, quick: bool = False, rows: int | None = None) -> CpuFigures:
+    """Streaming-read bandwidth, GEMM FLOP/s and per-op cost with `threads` torch threads.
+
+    With `rows`, the GEMM rate is the one the BLAS sustains at decode shape: x[rows, 768] times
+    distinct streamed [2048, 768] weights (what a decode step of `rows` tokens does). On CPUs the
+    small-M path reaches a fraction of the large-GEMM peak, so this is the rate to predict with.
+    """
     import torch
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -67,8 +72,14 @@ def measure_cpu(threads: int, quick: bool = False) -> CpuFigures:
         x = torch.ones(32 * 2**20 if quick else 64 * 2**20)          # 128/256 MB fp32
         bw = x.numel() * 4 / _best_time(lambda: x.sum(), 3 if quick else 5)
         del x
-        a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
-        flops = 2 * 512 * 1024 * 1024 / _best_time(lambda: a @ b, 5)
+        if rows:
+            weights = [torch.randn(2048, 768) for _ in range(8 if quick else 24)]
+            xr = torch.randn(rows, 768)
+            flops = 2 * rows * 768 * 2048 * len(weights) / _best_time(
+                lambda: [torch.nn.functional.linear(xr, w) for w in weights], 3)
+        else:
+            a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
+            flops = 2 * 512 * 1024 * 1024 / _best_time(lambda: a @ b, 5)
         s = torch.ones(4)
         n = 2000
 
