@@ -176,12 +176,20 @@ class AFDExecutor:
                 except (EOFError, OSError):
                     self._fail(f"attention worker {i} exited during {what}{self._process_report('; ', '')}")
                 if isinstance(msg, Failed):
+                    # A peer's death usually reaches the attention worker as a transport error
+                    # before its exit is visible here: give it a moment, so the message names it.
+                    self._await_death(1.0)
                     self._fail(self._process_report("", "; ", dead_only=True) + msg.message)
                 out[i] = msg
                 del pending[i]
             if pending and self._dead():
                 self._fail(f"AFD worker died during {what}: {self._process_report('', '', dead_only=True)}")
         return out
+
+    def _await_death(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self._dead() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def _dead(self) -> list[str]:
         return [f"{name} (pid {p.pid}) exited with code {p.exitcode}" for name, p in self._procs
