@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     first = next(iter(ok.values()))["formats"][fmts[0]]
     print(f"\nexamples ({fmts[0]} format, colocated):")
     shown = []
-    for task in tasks.TASKS:       # one per task first, then in order
+    for task in tasks.SUITE:       # one per task first, then in order
         shown += [i for i, e in enumerate(examples) if e.task == task][:1]
     shown += [i for i in range(len(examples)) if i not in shown]
     for i in shown[:args.examples]:

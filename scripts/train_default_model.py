@@ -145,8 +145,8 @@ def draw_format(rng: random.Random) -> tuple[str, bool]:
     return "bare", rng.random() < 0.5
 
 
-def make_batch(tok, step: int, batch_size: int, seed: int,
-               format_per_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(tok, step: int, batch_size: int, seed: int, format_per_batch: bool = False,
+               task_names: tuple[str, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(input ids [B, T], targets [B, T] with -100 outside the answers) for training step `step`.
 
     With `format_per_batch`, one prompt format for the whole batch (less padding)."""
@@ -154,7 +154,7 @@ def make_batch(tok, step: int, batch_size: int, seed: int,
     seqs, tgts = [], []
     batch_fmt = draw_format(rng)[0] if format_per_batch else None
     for _ in range(batch_size):
-        ex = tasks.sample(rng, "train")
+        ex = tasks.sample(rng, "train", task_names)
         fmt, bos = draw_format(rng)
         fmt = batch_fmt or fmt
         p, a = encode_example(tok, ex, fmt, bos)
@@ -202,6 +202,11 @@ def lr_at(step: int, args) -> float:
     return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+EXAMPLES = {"add": ("What is 23 + 45?", "68"), "reverse": ("Reverse the word: apple", "elppa"),
+            "sort": ("Sort: 5 2 9", "2 5 9"), "spell": ("Spell out 342", "three hundred forty-two"),
+            "upper": ("Uppercase: apple", "APPLE")}
+
+
 def model_card(args, config: Step3Config, result: dict | None, elapsed: float) -> str:
     n = config.num_parameters()
     lines = [
@@ -222,15 +227,12 @@ def model_card(args, config: Step3Config, result: dict | None, elapsed: float) -
         "",
         "## What it knows",
         "",
-        "Only five synthetic tasks (`afdserve/tasks.py`), each question with one exact answer:",
+        f"Synthetic tasks from `afdserve/tasks.py`, each question with one exact answer; this run "
+        f"trained on: {', '.join(args.tasks)}.",
         "",
         "| task | example prompt | answer |",
         "|---|---|---|",
-        "| add | What is 23 + 45? | 68 |",
-        "| reverse | Reverse the word: apple | elppa |",
-        "| sort | Sort: 5 2 9 | 2 5 9 |",
-        "| spell | Spell out 342 | three hundred forty-two |",
-        "| upper | Uppercase: apple | APPLE |",
+        *[f"| {t} | {EXAMPLES[t][0]} | {EXAMPLES[t][1]} |" for t in args.tasks],
         "",
         "Prompt formats it was trained on (all end the answer with `</s>`):",
         "",
@@ -297,9 +299,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-n", type=int, default=60)
     ap.add_argument("--format-per-batch", action=argparse.BooleanOptionalAction, default=False,
                     help="one prompt format per batch (less padding, faster steps)")
+    ap.add_argument("--tasks", default=",".join(tasks.SUITE),
+                    help=f"comma list of tasks to train and score on (default {','.join(tasks.SUITE)}; "
+                         f"all: {','.join(tasks.TASKS)})")
     ap.add_argument("--max-steps-now", type=int, default=None,
                     help="stop (with a checkpoint) after this many steps in this run; resume later")
     args = ap.parse_args(argv)
+    args.tasks = tuple(t for t in args.tasks.split(",") if t)
+    unknown = [t for t in args.tasks if t not in tasks.TASKS]
+    if unknown or not args.tasks:
+        ap.error(f"unknown task(s) {unknown}; choose from {', '.join(tasks.TASKS)}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -339,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
     n = config.num_parameters()
     print(f"model: {n['total'] / 1e6:.2f}M parameters ({n['active'] / 1e6:.2f}M active), vocab {config.vocab_size}")
-    eval_set = tasks.heldout_set(args.eval_n, seed=4321)
+    eval_set = tasks.heldout_set(args.eval_n, seed=4321, tasks=args.tasks)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
     last_eval = None
@@ -353,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             lr = lr_at(step, args)
             for g in opt.param_groups:
                 g["lr"] = lr
-            ids, tg = make_batch(tok, step, args.batch_size, args.seed, args.format_per_batch)
+            ids, tg = make_batch(tok, step, args.batch_size, args.seed, args.format_per_batch, args.tasks)
             aux: list = []
             logits = train_forward(model, ids, aux)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tg.reshape(-1), ignore_index=-100)
@@ -392,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
     if last_eval is None:
         last_eval = evaluate(model, tok, eval_set)
-    final = evaluate(model, tok, tasks.heldout_set(250, seed=99))
+    final = evaluate(model, tok, tasks.heldout_set(250, seed=99, tasks=args.tasks))
     (out / "README.md").write_text(model_card(args, config, final, elapsed))
     print(f"wrote {out}: held-out exact match {100 * final['overall']:.1f}% "
           f"({ {t: round(r['accuracy'], 3) for t, r in final['per_task'].items()} }), "

@@ -92,11 +92,8 @@ def test_default_model_sorts_and_stops(default_llm):
 
 
 def test_default_model_answers_heldout_questions(default_llm):
-    # The issue's target is >= 90% held-out exact match; the shipped model measures 60% on 250
-    # held-out prompts (scripts/eval_default_model.py), add and reverse not learnt yet. This test
-    # guards what it does reach, so a broken inference path (which scores near 0%) fails.
+    # Issue 7's bar: >= 90% exact match on held-out questions of the model's task suite.
     examples = tasks.heldout_set(30, seed=2024)
     answers, _ = _answers(default_llm, examples)
     result = tasks.score(examples, answers)
-    assert result["overall"] >= 0.5, (result, list(zip([e.prompt for e in examples], answers)))
-    assert result["per_task"]["sort"]["accuracy"] >= 0.9
+    assert result["overall"] >= 0.9, (result, list(zip([e.prompt for e in examples], answers)))
