@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -47,7 +47,7 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 def _open(path: Path):
     try:
         return safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError, Exception) as exc:  # safetensors raises several types
+    except Exception as exc:  # safetensors raises SafetensorError, OSError and others
         raise CheckpointError(f"cannot read {path.name}: {exc} (truncated or corrupt safetensors file?)") from None
 
 
