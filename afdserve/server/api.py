@@ -160,12 +160,17 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
         card = P.ModelCard(id=served_model_name, max_model_len=async_engine.max_model_len)
         return P.ModelList(data=[card]).model_dump()
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def parse(request: Request, model_cls):
+        """Auth, body, schema, model name and supported options: the common gate of both routes."""
         srv.check_auth(request)
-        req = _validate(P.CompletionRequest, await _read_json(request, max_body_bytes))
+        req = _validate(model_cls, await _read_json(request, max_body_bytes))
         srv.check_model(req.model)
         _check_supported(req)
+        return req
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await parse(request, P.CompletionRequest)
         params = _sampling(req, 16)
         try:
             prompts = req.prompts()
@@ -175,10 +180,7 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        srv.check_auth(request)
-        req = _validate(P.ChatCompletionRequest, await _read_json(request, max_body_bytes))
-        srv.check_model(req.model)
-        _check_supported(req)
+        req = await parse(request, P.ChatCompletionRequest)
         params = _sampling(req, async_engine.max_model_len)
         prompt = _chat_prompt(srv, req)
         return await _serve(srv, request, req, "chatcmpl", [prompt], params, _ChatFormat(srv, req))
