@@ -207,3 +207,11 @@ def test_cli_plan_json_and_plot(tmp_path):
     out = json.loads(p.stdout)
     assert out["by_throughput"] and out["by_cost"]
     assert png.stat().st_size > 10_000
+
+
+def test_cpu_gemm_curve_fit_recovers_half_rows():
+    from afdserve.sim.local import fit_gemm_half_tokens
+
+    measured = {n: n / (n + 30.0) for n in (4, 8, 16, 32, 64)}
+    assert abs(fit_gemm_half_tokens(measured) - 30.0) < 1e-9
+    assert fit_gemm_half_tokens({}) == 1.0

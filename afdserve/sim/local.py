@@ -37,6 +37,8 @@ class CpuFigures:
     read_bytes_per_s: float
     matmul_flops: float
     op_us: float
+    gemm_half_tokens: float = 1.0
+    """Rows at which a decode-shaped GEMM reaches half of `matmul_flops` (fitted to measurements)."""
     p2p_latency_us: float = 0.0
     p2p_bytes_per_s: float = 1e12
 
@@ -58,12 +60,17 @@ def _best_time(fn, repeat: int) -> float:
     return best
 
 
-def measure_cpu(threads: int, quick: bool = False, rows: int | None = None) -> CpuFigures:
-    """Streaming-read bandwidth, GEMM FLOP/s and per-op cost with `threads` torch threads.
+GEMM_ROWS = (4, 8, 16, 32, 64)
 
-    With `rows`, the GEMM rate is the one the BLAS sustains at decode shape: x[rows, 768] times
-    distinct streamed [2048, 768] weights (what a decode step of `rows` tokens does). On CPUs the
-    small-M path reaches a fraction of the large-GEMM peak, so this is the rate to predict with.
+
+def measure_cpu(threads: int, quick: bool = False) -> CpuFigures:
+    """Streaming-read bandwidth, GEMM FLOP/s, the decode-shape GEMM curve and per-op cost with
+    `threads` torch threads.
+
+    `matmul_flops` is a large GEMM's rate. Decode GEMMs multiply streamed weights by a few rows
+    and reach a fraction of it that grows with the rows: x[rows, 768] times distinct [2048, 768]
+    weights is timed at GEMM_ROWS and `gemm_half_tokens` is fitted to e(n) = n / (n + n_half),
+    the simulator's GEMM-efficiency curve.
     """
     import torch
     old = torch.get_num_threads()
@@ -72,14 +79,14 @@ def measure_cpu(threads: int, quick: bool = False, rows: int | None = None) -> C
         x = torch.ones(32 * 2**20 if quick else 64 * 2**20)          # 128/256 MB fp32
         bw = x.numel() * 4 / _best_time(lambda: x.sum(), 3 if quick else 5)
         del x
-        if rows:
-            weights = [torch.randn(2048, 768) for _ in range(8 if quick else 24)]
+        a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
+        flops = 2 * 512 * 1024 * 1024 / _best_time(lambda: a @ b, 5)
+        weights = [torch.randn(2048, 768) for _ in range(8 if quick else 24)]
+        efficiency = {}
+        for rows in GEMM_ROWS:
             xr = torch.randn(rows, 768)
-            flops = 2 * rows * 768 * 2048 * len(weights) / _best_time(
-                lambda: [torch.nn.functional.linear(xr, w) for w in weights], 3)
-        else:
-            a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
-            flops = 2 * 512 * 1024 * 1024 / _best_time(lambda: a @ b, 5)
+            t = _best_time(lambda: [torch.nn.functional.linear(xr, w) for w in weights], 3)
+            efficiency[rows] = 2 * rows * 768 * 2048 * len(weights) / t / flops
         s = torch.ones(4)
         n = 2000
 
@@ -89,7 +96,13 @@ def measure_cpu(threads: int, quick: bool = False, rows: int | None = None) -> C
         op_us = _best_time(ops, 3) / n * 1e6
     finally:
         torch.set_num_threads(old)
-    return CpuFigures(threads, bw, flops, op_us)
+    return CpuFigures(threads, bw, flops, op_us, fit_gemm_half_tokens(efficiency))
+
+
+def fit_gemm_half_tokens(efficiency: dict[int, float]) -> float:
+    """n_half of e(n) = n / (n + n_half) from measured efficiencies (mean of the per-point solutions)."""
+    halves = [n * (1 - e) / e for n, e in efficiency.items() if 0 < e < 1]
+    return sum(halves) / len(halves) if halves else 1.0
 
 
 def _p2p_worker(rank: int, port: int, sizes: list[int], reps: int, queue) -> None:
@@ -154,7 +167,8 @@ def small_arch(model_dir: str | os.PathLike | None = None) -> ModelArch:
 def cpu_efficiency(fig: CpuFigures, arch: ModelArch):
     """The 'cpu' profile with the per-op overheads and link latency put in from measurements."""
     ffn_ops = OPS_FFN_LAYER_BASE + OPS_PER_ACTIVE_EXPERT * (arch.num_experts or 1)
-    return load_efficiency("cpu", attention_layer_overhead_us=fig.op_us * OPS_ATTENTION_LAYER,
+    return load_efficiency("cpu", gemm_half_tokens=fig.gemm_half_tokens,
+                           attention_layer_overhead_us=fig.op_us * OPS_ATTENTION_LAYER,
                            ffn_layer_overhead_us=fig.op_us * ffn_ops,
                            step_overhead_us=fig.op_us * OPS_STEP,
                            transfer_latency_us=fig.p2p_latency_us)
