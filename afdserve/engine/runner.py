@@ -120,8 +120,7 @@ class ModelRunner:
         ids = torch.tensor([t for s in step.seqs for t in s.token_ids], dtype=torch.int64, device=self.device)
         meta = self._metadata(step)
         h = self.forward(ids, meta)
-        last, rows, rids = 0, [], []
-        sel = []
+        last, sel, rows, rids = 0, [], [], []
         for s in step.seqs:
             last += len(s.token_ids)
             if s.sample is not None:
