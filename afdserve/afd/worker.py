@@ -35,6 +35,7 @@ from afdserve.config import Step3Config
 from afdserve.engine.executor import CacheConfig, make_kv_cache
 from afdserve.engine.runner import ModelRunner, StepInput
 from afdserve.model.checkpoint import load_model, parse_dtype
+from afdserve.model.kernels import prepare_for_decode
 from afdserve.model.step3 import FFNInput
 from afdserve.sampling import Sample
 
@@ -337,7 +338,7 @@ def _attention_setup(spec: WorkerSpec, index: int):
     err, runner, backend, conn = None, None, None, None
     try:
         dtype = parse_dtype(spec.dtype)
-        model = load_model(spec.model_dir, dtype, role="attention", config=config, device=device)
+        model = prepare_for_decode(load_model(spec.model_dir, dtype, role="attention", config=config, device=device))
         kv = make_kv_cache(config, spec.cache, dtype, device)
         conn = make_connector(spec, settings, config, device)
         backend = RemoteFFN(conn, spec.topology, index, config.num_hidden_layers, dtype, spec.timeout_s)
@@ -395,8 +396,8 @@ def ffn_worker_main(spec: WorkerSpec, index: int, parent_pid: int | None) -> int
     device = _device(spec, spec.topology.ffn_rank(index))
     err = None
     try:
-        model = load_model(spec.model_dir, parse_dtype(spec.dtype), role="ffn", shard=spec.topology.ffn_shard(index),
-                           config=config, device=device)
+        model = prepare_for_decode(load_model(spec.model_dir, parse_dtype(spec.dtype), role="ffn",
+                                              shard=spec.topology.ffn_shard(index), config=config, device=device))
         conn = make_connector(spec, settings, config, device)
     except Exception as exc:
         err = f"{type(exc).__name__}: {exc}"

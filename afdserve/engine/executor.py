@@ -20,6 +20,7 @@ from afdserve.config import Step3Config
 from afdserve.engine.runner import ModelRunner, StepInput
 from afdserve.model.attention import KVCache
 from afdserve.model.checkpoint import load_model, parse_dtype
+from afdserve.model.kernels import prepare_for_decode
 from afdserve.sampling import Sample
 
 
@@ -64,7 +65,7 @@ class ColocatedExecutor:
                  cache: CacheConfig = CacheConfig(), device: str | None = None, progress: bool = False):
         device = device or default_device()
         torch_dtype = parse_dtype(dtype)
-        model = load_model(model_dir, torch_dtype, config=config, device=device, progress=progress)
+        model = prepare_for_decode(load_model(model_dir, torch_dtype, config=config, device=device, progress=progress))
         kv = make_kv_cache(config, cache, torch_dtype, device)
         self.num_kv_blocks = kv.num_blocks
         self.runner = ModelRunner(model, kv)

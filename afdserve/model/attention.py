@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from afdserve.config import Step3Config
+from afdserve.model.kernels import linear
 from afdserve.model.layers import RMSNorm, RotaryEmbedding
 
 
@@ -181,6 +182,8 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 class MFAttention(nn.Module):
     """The `self_attn` block; parameter names equal the checkpoint's."""
 
+    qkv_a: torch.Tensor | None = None     # fused [q_proj; k_proj; v_proj], set by prepare_for_decode
+
     def __init__(self, config: Step3Config):
         super().__init__()
         H = config.hidden_size
@@ -198,9 +201,14 @@ class MFAttention(nn.Module):
     def qkv(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor):
         """x [T, H] -> q [T, n_q, d], k, v [T, g, d], RoPE applied to q and k."""
         T = x.shape[0]
-        q = self.wq(self.inter_norm(self.q_proj(x))).view(T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        if self.qkv_a is None:
+            q_low, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            kv = self.num_kv_heads * self.head_dim
+            q_low, k, v = linear(x, self.qkv_a).split([self.q_proj.out_features, kv, kv], dim=-1)
+        q = linear(self.inter_norm(q_low), self.wq.weight).view(T, self.num_heads, self.head_dim)
+        k = k.reshape(T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)
         return rope(q, positions), rope(k, positions), v
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, meta: AttentionMetadata,
@@ -210,4 +218,4 @@ class MFAttention(nn.Module):
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
         o = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(o.reshape(x.shape[0], -1))
+        return linear(o.reshape(x.shape[0], -1), self.o_proj.weight)

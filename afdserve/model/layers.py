@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from afdserve.model.kernels import linear
+
 
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps), computed in fp32, cast back, then scaled by the weight."""
@@ -56,6 +58,8 @@ class SwiGLU(nn.Module):
     workers (tensor parallel): each slice's output is a partial sum of the full output.
     """
 
+    gate_up: torch.Tensor | None = None     # fused [2 * width, hidden], set by prepare_for_decode
+
     def __init__(self, hidden: int, width: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, width, bias=False)
@@ -63,7 +67,15 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(width, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return linear(silu_mul(linear(x, self.gate_up)), self.down_proj.weight)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for a fused [..., 2W] projection output."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +103,8 @@ class MoE(nn.Module):
     Parameter names equal the checkpoint's (`gate.weight`, stacked `gate_proj.weight`, ...).
     """
 
+    gate_up: torch.Tensor | None = None     # fused [E_local, 2 * width, hidden], set by prepare_for_decode
+
     def __init__(self, hidden: int, width: int, num_experts: int, top_k: int, renormalize: bool,
                  router: bool = True, experts: tuple[int, int] | None = (0, None)):
         super().__init__()
@@ -111,7 +125,10 @@ class MoE(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Local expert e applied to x [n, H]."""
-        gate, up, down = self.gate_proj.weight[e], self.up_proj.weight[e], self.down_proj.weight[e]
+        down = self.down_proj.weight[e]
+        if self.gate_up is not None:
+            return linear(silu_mul(linear(x, self.gate_up[e])), down)
+        gate, up = self.gate_proj.weight[e], self.up_proj.weight[e]
         return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from torch import nn
 
 from afdserve.config import Step3Config
 from afdserve.model.attention import AttentionMetadata, KVCache, MFAttention
+from afdserve.model.kernels import linear
 from afdserve.model.layers import MoE, RMSNorm, RotaryEmbedding, SwiGLU
 
 Role = Literal["full", "attention", "ffn"]
@@ -113,6 +114,7 @@ class Step3ForCausalLM(nn.Module):
         if role != "ffn":
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope: RotaryEmbedding | None = None
+        self.lm_head_packed: torch.Tensor | None = None   # set by prepare_for_decode on CPU
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -137,7 +139,7 @@ class Step3ForCausalLM(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head for the selected hidden states [n, H] -> fp32 logits [n, V]."""
-        return self.lm_head(self.model.norm(h)).float()
+        return linear(self.model.norm(h), self.lm_head.weight, self.lm_head_packed).float()
 
     # ------------------------------------------------------------------ loading
     def shard_slices(self) -> dict[str, tuple[int, int, int]]:

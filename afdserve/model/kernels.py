@@ -1,0 +1,126 @@
+"""Weight layouts and the linear kernel choice for decoding.
+
+A decode step multiplies a few rows (one per sequence, or per token an expert receives) by every
+weight matrix, so its GEMMs read weights rather than compute, and which kernel reads a matrix
+fastest depends on the row count and on how the matrix is laid out. Measured with one thread on
+the 2-core CPU the benchmarks run on (`python benchmarks/kernel_bench.py`, figures in
+benchmarks/README.md):
+
+* 1-3 rows: MKL's GEMV over a *wide* matrix (more outputs than inputs: the fused gate/up
+  projections, wq, the LM head) runs 1.3-1.7x faster when the matrix is stored transposed
+  ([in, out] contiguous), because it then streams whole rows of outputs instead of reducing many
+  short dot products.
+* 4+ rows: MKL's small-M GEMM over the transposed layout is slow; oneDNN's inner product
+  (`torch.ops.mkldnn._linear_pointwise`) over the same memory matches or beats MKL over the
+  original layout. For the LM head (32000 outputs), a oneDNN-prepacked copy is 2-2.5x faster
+  than MKL at 8-64 rows; it is the only matrix kept twice.
+
+`prepare_for_decode(model)` applies this once after loading:
+  1. fuses projections that read the same input: q_proj/k_proj/v_proj into one matrix, and
+     gate_proj/up_proj of every dense FFN, shared expert and routed expert into one [2W, H]
+     matrix (one GEMM instead of two or three). The checkpoint parameters become views into the
+     fused storage, so the state dict, the memory used and the reference code paths are unchanged;
+  2. on CPU in fp32: stores wide matrices transposed and prepacks the LM head for oneDNN.
+`linear(x, w)` picks the kernel from the row count and the weight's layout; it equals
+`F.linear(x, w)` up to floating-point summation order (tests/test_kernels.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Up to these many rows MKL (over transposed storage) beats oneDNN; from PACKED_ROWS on a prepacked
+# copy wins (benchmarks/kernel_bench.py).
+MKL_MAX_ROWS = 3
+PACKED_ROWS = 3
+
+
+def _onednn_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+ONEDNN = _onednn_available()
+
+
+def _onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, None, "none", [], "")
+
+
+def is_transposed(w: torch.Tensor) -> bool:
+    """True for a 2-D [out, in] weight whose memory is [in, out] row-major."""
+    return w.dim() == 2 and w.stride(0) == 1 and w.stride(1) != 1
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, in] @ w[out, in]^T with the fastest kernel for M and w's layout.
+
+    `packed` is an optional oneDNN-prepacked copy of w (see `prepack`), used from PACKED_ROWS rows.
+    """
+    if ONEDNN and x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32:
+        rows = x.shape[0]
+        if packed is not None and rows >= PACKED_ROWS:
+            return _onednn_linear(x, packed)
+        if rows > MKL_MAX_ROWS and is_transposed(w):
+            return _onednn_linear(x, w)
+    return F.linear(x, w)
+
+
+def prepack(w: torch.Tensor, rows_hint: int = 8) -> torch.Tensor | None:
+    """A oneDNN-prepacked copy of a CPU fp32 weight [out, in], or None where oneDNN is absent."""
+    if not ONEDNN or w.device.type != "cpu" or w.dtype != torch.float32:
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows_hint)
+
+
+def _fuse_rows(params: list[nn.Parameter], transpose: bool) -> torch.Tensor:
+    """Concatenate [.., out_i, in] parameters along `out` into one tensor, rebind each parameter to
+    its slice (a view), and return the fused [.., sum(out), in] tensor (a view of [.., in, sum(out)]
+    memory when `transpose`)."""
+    fused = torch.cat([p.detach() for p in params], dim=-2)
+    if transpose:
+        fused = fused.transpose(-1, -2).contiguous().transpose(-1, -2)
+    start = 0
+    for p in params:
+        n = p.shape[-2]
+        p.data = fused[..., start:start + n, :]
+        start += n
+    return fused
+
+
+def _wide(shape: torch.Size) -> bool:
+    return shape[-2] > shape[-1]
+
+
+def _cpu_fp32(p: torch.Tensor) -> bool:
+    return p.device.type == "cpu" and p.dtype == torch.float32
+
+
+@torch.no_grad()
+def prepare_for_decode(model: nn.Module) -> nn.Module:
+    """Fuse projections and pick CPU layouts in place (see the module docstring); returns model."""
+    from afdserve.model.attention import MFAttention
+    from afdserve.model.layers import MoE, SwiGLU
+
+    for mod in model.modules():
+        if getattr(mod, "gate_up", None) is not None or getattr(mod, "qkv_a", None) is not None:
+            continue                                   # already prepared
+        if isinstance(mod, MFAttention):
+            mod.qkv_a = _fuse_rows([mod.q_proj.weight, mod.k_proj.weight, mod.v_proj.weight], False)
+            if _cpu_fp32(mod.wq.weight) and _wide(mod.wq.weight.shape):
+                _fuse_rows([mod.wq.weight], True)
+        elif isinstance(mod, SwiGLU) and mod.gate_proj.weight.shape[0]:
+            p = [mod.gate_proj.weight, mod.up_proj.weight]
+            mod.gate_up = _fuse_rows(p, _cpu_fp32(p[0]) and 2 * p[0].shape[0] > p[0].shape[1])
+        elif isinstance(mod, MoE) and hasattr(mod, "gate_proj") and mod.num_local:
+            p = [mod.gate_proj.weight, mod.up_proj.weight]
+            mod.gate_up = _fuse_rows(p, _cpu_fp32(p[0]) and 2 * p[0].shape[-2] > p[0].shape[-1])
+    head = getattr(model, "lm_head", None)
+    if head is not None and getattr(model, "lm_head_packed", None) is None and _cpu_fp32(head.weight):
+        model.lm_head_packed = prepack(head.weight)
+        if _wide(head.weight.shape):
+            _fuse_rows([head.weight], True)
+    return model

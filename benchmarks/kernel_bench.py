@@ -1,0 +1,105 @@
+"""Which linear kernel reads decode-shaped weights fastest on this machine.
+
+For every weight shape the `small` preset decodes with and every row count M, times (one thread by
+default, candidates interleaved round by round so that machine noise hits them alike) over enough
+distinct weights to stream from memory, not cache:
+  mkl          F.linear over the checkpoint layout [out, in]
+  mkl-T        F.linear over transposed storage ([in, out] contiguous)
+  onednn-T     oneDNN inner product over transposed storage
+  onednn-pack  oneDNN inner product over a prepacked copy
+and prints weight GB/s per candidate, the machine's streaming-read bandwidth measured in the same
+run, and which candidate `afdserve.model.kernels.linear` dispatches to. This is how the layouts and
+thresholds of afdserve/model/kernels.py were chosen (benchmarks/README.md, "Kernel choices").
+
+    python benchmarks/kernel_bench.py [--threads 1] [--rows 1,2,3,4,8,16,32,64] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from afdserve.model import kernels
+
+SHAPES = {  # (out, in): what it is in the small preset
+    (32000, 768): "LM head",
+    (4096, 768): "dense gate+up (fused)",
+    (2048, 384): "wq",
+    (1024, 768): "expert / shared gate+up (fused)",
+    (640, 768): "q_proj+k_proj+v_proj (fused)",
+    (768, 2048): "o_proj, dense down",
+    (768, 512): "expert / shared down",
+}
+
+
+def candidates(ws: list[torch.Tensor], rows: int) -> dict:
+    wt = [w.t().contiguous().t() for w in ws]
+    out = {"mkl": lambda x: [F.linear(x, w) for w in ws],
+           "mkl-T": lambda x: [F.linear(x, w) for w in wt]}
+    if kernels.ONEDNN:
+        packed = [kernels.prepack(w) for w in ws]
+        out["onednn-T"] = lambda x: [kernels._onednn_linear(x, w) for w in wt]
+        out["onednn-pack"] = lambda x: [kernels._onednn_linear(x, p) for p in packed]
+    out["dispatch"] = lambda x: [kernels.linear(x, w) for w in wt] if kernels._wide(ws[0].shape) else \
+        [kernels.linear(x, w) for w in ws]
+    return out
+
+
+def bandwidth(rounds: int = 5) -> float:
+    x = torch.ones(64 * 2 ** 20)  # 256 MiB
+    best = min(_timed(lambda: x.sum()) for _ in range(rounds))
+    return x.numel() * 4 / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rows", default="1,2,3,4,8,16,32,64")
+    ap.add_argument("--bytes", type=float, default=160e6, help="weight bytes streamed per timing")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = [int(r) for r in args.rows.split(",")]
+    bw = bandwidth()
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{args.threads} thread(s), oneDNN {'yes' if kernels.ONEDNN else 'no'}; "
+          f"streaming read {bw / 1e9:.1f} GB/s")
+    results = []
+    g = torch.Generator().manual_seed(0)
+    for (o, i), what in SHAPES.items():
+        n = max(1, int(args.bytes / (o * i * 4)))
+        ws = [torch.randn(o, i, generator=g) for _ in range(n)]
+        for m in rows:
+            x = torch.randn(m, i, generator=g)
+            cands = candidates(ws, m)
+            times: dict[str, list[float]] = {k: [] for k in cands}
+            for k, fn in cands.items():          # warm-up (also oneDNN's primitive cache)
+                fn(x)
+            for _ in range(args.rounds):
+                for k, fn in cands.items():
+                    times[k].append(_timed(lambda: fn(x)))
+            gbs = {k: n * o * i * 4 / statistics.median(v) / 1e9 for k, v in times.items()}
+            best = max((k for k in gbs if k != "dispatch"), key=gbs.get)
+            results.append({"shape": [o, i], "what": what, "rows": m, "gb_per_s": gbs, "best": best})
+            print(f"{what:34s} {o:5d}x{i:<4d} M={m:<3d} " +
+                  "  ".join(f"{k} {v:5.1f}" for k, v in gbs.items()) + f"   best: {best}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"bandwidth_gb_per_s": bw / 1e9, "threads": args.threads, "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""The decode kernels and weight layouts equal the plain F.linear / unprepared model."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from afdserve.config import get_preset
+from afdserve.model import kernels
+from afdserve.model.attention import AttentionMetadata, KVCache
+from afdserve.model.checkpoint import init_random
+from afdserve.model.kernels import is_transposed, linear, prepack, prepare_for_decode
+from afdserve.model.step3 import FFNShard, Step3ForCausalLM
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8, 33])
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96)])
+def test_linear_equals_f_linear_for_every_layout(rows, shape):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(*shape, generator=g)
+    x = torch.randn(rows, shape[1], generator=g)
+    want = F.linear(x, w)
+    wt = w.t().contiguous().t()
+    assert is_transposed(wt) and not is_transposed(w) and torch.equal(wt, w)
+    torch.testing.assert_close(linear(x, w), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear(x, wt), want, rtol=1e-5, atol=1e-5)
+    packed = prepack(w)
+    if kernels.ONEDNN:
+        assert packed is not None
+    torch.testing.assert_close(linear(x, wt, packed), want, rtol=1e-5, atol=1e-5)
+    # non-contiguous activations (a column slice of a fused projection) take the same paths
+    xs = torch.randn(rows, shape[1] + 5, generator=g)[:, 5:]
+    torch.testing.assert_close(linear(xs, wt, packed), F.linear(xs, w), rtol=1e-5, atol=1e-5)
+
+
+def _storages(model):
+    return {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+
+
+def _run(model, ids, positions, kv_seed=0):
+    c = model.config
+    S = len(ids)
+    kv = KVCache(c.num_hidden_layers, 4 * S + 1, 4, c.num_attention_groups, c.head_dim, torch.float32)
+    gen = torch.Generator().manual_seed(kv_seed)
+    kv.k.copy_(torch.randn(kv.k.shape, generator=gen))
+    kv.v.copy_(torch.randn(kv.v.shape, generator=gen))
+    tables = [[1 + 4 * s + j for j in range(4)] for s in range(S)]
+    meta = AttentionMetadata.build(positions, [tables[s][p // 4] * 4 + p % 4 for s, p in enumerate(positions)],
+                                   [1] * S, [p + 1 for p in positions], tables, 4)
+    with torch.inference_mode():
+        return model.logits(model(torch.tensor(ids), meta, kv))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5, 9])
+def test_prepared_model_matches_unprepared(batch):
+    config = get_preset("tiny")
+    plain = init_random(Step3ForCausalLM(config), seed=3)
+    plain.init_rope()
+    fast = copy.deepcopy(plain)
+    before = {n: p.detach().clone() for n, p in fast.named_parameters()}
+    bytes_before = sum(_storages(fast).values())
+    prepare_for_decode(fast)
+    prepare_for_decode(fast)                       # idempotent
+    # same parameters, same values, no extra memory (fused tensors are the parameters' storage)
+    after = dict(fast.named_parameters())
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[n], before[n]) for n in before)
+    assert sum(_storages(fast).values()) == bytes_before
+    attn = fast.layers[1].self_attn
+    assert attn.qkv_a is not None and attn.q_proj.weight.untyped_storage().data_ptr() == \
+        attn.qkv_a.untyped_storage().data_ptr()
+    moe = fast.layers[1].moe
+    assert moe.gate_up is not None and moe.gate_up.shape[-2] == 2 * moe.gate_proj.weight.shape[-2]
+    assert is_transposed(fast.layers[0].mlp.gate_up) and is_transposed(fast.lm_head.weight)  # wide ones
+    ids = [(7 * s + 3) % config.vocab_size for s in range(batch)]
+    positions = [5 + s for s in range(batch)]
+    torch.testing.assert_close(_run(fast, ids, positions), _run(plain, ids, positions), rtol=1e-4, atol=1e-4)
+
+
+def test_prepared_ffn_shard_matches_unprepared():
+    config = get_preset("tiny")
+    full = init_random(Step3ForCausalLM(config), seed=1)
+    state = dict(full.named_parameters())
+    shard = Step3ForCausalLM(config, role="ffn", shard=FFNShard(1, 2))
+    slices = shard.shard_slices()
+    with torch.no_grad():
+        for name, p in shard.named_parameters():
+            dim, a, b = slices.get(name, (0, 0, p.shape[0]))
+            p.copy_(state[name].narrow(dim, a, b - a))
+    fast = prepare_for_decode(copy.deepcopy(shard))
+    x = torch.randn(6, config.hidden_size)
+    for layer_id in (0, 1):
+        inp = full.layers[layer_id].ffn_input(x)
+        torch.testing.assert_close(fast.layers[layer_id].ffn_half(inp), shard.layers[layer_id].ffn_half(inp),
+                                   rtol=1e-5, atol=1e-5)
