@@ -67,8 +67,9 @@ def main() -> int:
     one = dataclasses.replace(one, p2p_latency_us=lat_us, p2p_bytes_per_s=p2p_bw)
     print(f"measured: read {one.read_bytes_per_s / 1e9:.2f} GB/s (1 thread), "
           f"{two.read_bytes_per_s / 1e9:.2f} GB/s (2 threads); matmul "
-          f"{one.matmul_flops / 1e9:.1f} / {two.matmul_flops / 1e9:.1f} GFLOP/s (half rate at "
-          f"{one.gemm_half_tokens:.0f} / {two.gemm_half_tokens:.0f} rows); op "
+          f"{one.matmul_flops / 1e9:.1f} / {two.matmul_flops / 1e9:.1f} GFLOP/s; decode GEMMs "
+          f"{one.gemm_flops / 1e9:.1f} / {two.gemm_flops / 1e9:.1f} GFLOP/s, half rate at "
+          f"{one.gemm_half_tokens:.0f} / {two.gemm_half_tokens:.0f} rows; op "
           f"{one.op_us:.1f} / {two.op_us:.1f} us; gloo p2p {lat_us:.0f} us, "
           f"{p2p_bw / 1e9:.2f} GB/s", file=sys.stderr)
 

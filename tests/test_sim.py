@@ -209,9 +209,17 @@ def test_cli_plan_json_and_plot(tmp_path):
     assert png.stat().st_size > 10_000
 
 
-def test_cpu_gemm_curve_fit_recovers_half_rows():
-    from afdserve.sim.local import fit_gemm_half_tokens
+def test_cpu_gemm_curve_fit_recovers_peak_and_half_rows():
+    import pytest
 
-    measured = {n: n / (n + 30.0) for n in (4, 8, 16, 32, 64)}
-    assert abs(fit_gemm_half_tokens(measured) - 30.0) < 1e-9
-    assert fit_gemm_half_tokens({}) == 1.0
+    from afdserve.sim.local import fit_gemm_curve
+
+    peak, half = 50e9, 30.0
+    # seconds per weight of an n-row GEMM at efficiency n / (n + half) of `peak`
+    measured = {n: 2 * n / (peak * n / (n + half)) for n in (4, 8, 16, 32, 64)}
+    got_peak, got_half = fit_gemm_curve(measured)
+    assert got_peak == pytest.approx(peak) and got_half == pytest.approx(half)
+    with pytest.raises(ValueError):
+        fit_gemm_curve({8: 1e-9})
+    with pytest.raises(ValueError):
+        fit_gemm_curve({4: 2e-9, 8: 1e-9})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -38,9 +39,11 @@ class CpuFigures:
     matmul_flops: float
     op_us: float
     gemm_half_tokens: float = 1.0
-    """Rows at which a decode-shaped GEMM reaches half of `matmul_flops` (fitted to measurements)."""
+    """Rows at which a decode-shaped GEMM reaches half of `gemm_flops` (fitted to measurements)."""
     p2p_latency_us: float = 0.0
     p2p_bytes_per_s: float = 1e12
+    gemm_flops: float = 0.0
+    """The decode-shaped GEMMs' asymptotic FLOP/s (fitted; 0 = `matmul_flops`)."""
 
     def hardware(self) -> Hardware:
         return Hardware(name=f"cpu-{self.threads}t", usd_per_hour=1.0,
@@ -50,14 +53,16 @@ class CpuFigures:
                         source="measured on this machine by afdserve.sim.local")
 
 
-def _best_time(fn, repeat: int) -> float:
+def _median_time(fn, repeat: int) -> float:
+    """Median seconds of `repeat` calls after one untimed call (medians, like the decode runs
+    they predict, which average over noise rather than keep the best case)."""
     fn()
-    best = float("inf")
+    times = []
     for _ in range(repeat):
         t = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 GEMM_ROWS = (4, 8, 16, 32, 64)
@@ -67,42 +72,76 @@ def measure_cpu(threads: int, quick: bool = False) -> CpuFigures:
     """Streaming-read bandwidth, GEMM FLOP/s, the decode-shape GEMM curve and per-op cost with
     `threads` torch threads.
 
-    `matmul_flops` is a large GEMM's rate. Decode GEMMs multiply streamed weights by a few rows
-    and reach a fraction of it that grows with the rows: x[rows, 768] times distinct [2048, 768]
-    weights is timed at GEMM_ROWS and `gemm_half_tokens` is fitted to e(n) = n / (n + n_half),
-    the simulator's GEMM-efficiency curve.
+    `matmul_flops` is a large GEMM's rate. Decode GEMMs multiply streamed weights by a few rows:
+    x[rows, in] times distinct weights of the `small` preset's decode shapes, in the layouts and
+    through the kernels the engine uses (`afdserve.model.kernels`), is timed at GEMM_ROWS, and
+    the simulator's curve, time = 2 x params x rows / (gemm_flops x rows / (rows + n_half)), is
+    fitted to it (`fit_gemm_curve`).
     """
     import torch
+
+    from afdserve.model.kernels import linear
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
+    reps = 3 if quick else 7
     try:
         x = torch.ones(32 * 2**20 if quick else 64 * 2**20)          # 128/256 MB fp32
-        bw = x.numel() * 4 / _best_time(lambda: x.sum(), 3 if quick else 5)
+        bw = x.numel() * 4 / _median_time(lambda: x.sum(), reps)
         del x
         a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
-        flops = 2 * 512 * 1024 * 1024 / _best_time(lambda: a @ b, 5)
-        weights = [torch.randn(2048, 768) for _ in range(8 if quick else 24)]
-        efficiency = {}
+        flops = 2 * 512 * 1024 * 1024 / _median_time(lambda: a @ b, reps)
+        weights = decode_weights(8 if quick else 16)
+        params = sum(w.numel() for w in weights)
+        seconds_per_param = {}
         for rows in GEMM_ROWS:
-            xr = torch.randn(rows, 768)
-            t = _best_time(lambda: [torch.nn.functional.linear(xr, w) for w in weights], 3)
-            efficiency[rows] = 2 * rows * 768 * 2048 * len(weights) / t / flops
+            xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+            seconds_per_param[rows] = _median_time(
+                lambda: [linear(xs[w.shape[1]], w) for w in weights], reps) / params
         s = torch.ones(4)
         n = 2000
 
         def ops():
             for _ in range(n):
                 s.add(1.0)
-        op_us = _best_time(ops, 3) / n * 1e6
+        op_us = _median_time(ops, reps) / n * 1e6
     finally:
         torch.set_num_threads(old)
-    return CpuFigures(threads, bw, flops, op_us, fit_gemm_half_tokens(efficiency))
+    gemm_flops, n_half = fit_gemm_curve(seconds_per_param)
+    return CpuFigures(threads, bw, flops, op_us, n_half, gemm_flops=gemm_flops)
 
 
-def fit_gemm_half_tokens(efficiency: dict[int, float]) -> float:
-    """n_half of e(n) = n / (n + n_half) from measured efficiencies (mean of the per-point solutions)."""
-    halves = [n * (1 - e) / e for n, e in efficiency.items() if 0 < e < 1]
-    return sum(halves) / len(halves) if halves else 1.0
+# (out, in, stored transposed): the small preset's fused expert gate+up, expert down, wq, o_proj.
+DECODE_SHAPES = ((1024, 768, True), (768, 512, False), (2048, 384, True), (768, 2048, False))
+
+
+def decode_weights(per_shape: int):
+    """Distinct random weights of DECODE_SHAPES in the engine's layouts (more than the caches hold)."""
+    import torch
+    out = []
+    for o, i, transposed in DECODE_SHAPES:
+        for _ in range(per_shape):
+            w = torch.randn(o, i)
+            out.append(w.t().contiguous().t() if transposed else w)
+    return out
+
+
+def fit_gemm_curve(seconds_per_param: dict[int, float]) -> tuple[float, float]:
+    """(gemm_flops, n_half) of the simulator's GEMM curve from measured seconds per weight.
+
+    With efficiency e(n) = n / (n + n_half), a GEMM of n rows over P weights takes
+    2 P n / (F e(n)) = P (2 / F) (n + n_half): time per weight is linear in the rows, so a
+    least-squares line a + b n gives F = 2 / b and n_half = a / b.
+    """
+    pts = sorted(seconds_per_param.items())
+    if len(pts) < 2:
+        raise ValueError("need at least two row counts to fit the GEMM curve")
+    n_mean = sum(n for n, _ in pts) / len(pts)
+    t_mean = sum(t for _, t in pts) / len(pts)
+    b = sum((n - n_mean) * (t - t_mean) for n, t in pts) / sum((n - n_mean) ** 2 for n, _ in pts)
+    if b <= 0:
+        raise ValueError("GEMM time does not grow with the rows; the measurement is unusable")
+    a = t_mean - b * n_mean
+    return 2.0 / b, max(a / b, 0.0)
 
 
 def _p2p_worker(rank: int, port: int, sizes: list[int], reps: int, queue) -> None:
@@ -167,7 +206,8 @@ def small_arch(model_dir: str | os.PathLike | None = None) -> ModelArch:
 def cpu_efficiency(fig: CpuFigures, arch: ModelArch):
     """The 'cpu' profile with the per-op overheads and link latency put in from measurements."""
     ffn_ops = OPS_FFN_LAYER_BASE + OPS_PER_ACTIVE_EXPERT * (arch.num_experts or 1)
-    return load_efficiency("cpu", gemm_half_tokens=fig.gemm_half_tokens,
+    peak = (fig.gemm_flops or fig.matmul_flops) / fig.matmul_flops
+    return load_efficiency("cpu", gemm_half_tokens=fig.gemm_half_tokens, gemm_peak_efficiency=peak,
                            attention_layer_overhead_us=fig.op_us * OPS_ATTENTION_LAYER,
                            ffn_layer_overhead_us=fig.op_us * ffn_ops,
                            step_overhead_us=fig.op_us * OPS_STEP,
