@@ -65,21 +65,25 @@ def main() -> int:
     two = local.measure_cpu(2, args.quick)
     lat_us, p2p_bw = local.measure_p2p(args.quick)
     one = dataclasses.replace(one, p2p_latency_us=lat_us, p2p_bytes_per_s=p2p_bw)
+    shared = dataclasses.replace(local.measure_cpu_contended(args.quick), p2p_latency_us=lat_us,
+                                 p2p_bytes_per_s=p2p_bw)
     print(f"measured: read {one.read_bytes_per_s / 1e9:.2f} GB/s (1 thread), "
           f"{two.read_bytes_per_s / 1e9:.2f} GB/s (2 threads); matmul "
           f"{one.matmul_flops / 1e9:.1f} / {two.matmul_flops / 1e9:.1f} GFLOP/s; decode GEMMs "
-          f"{one.gemm_flops / 1e9:.1f} / {two.gemm_flops / 1e9:.1f} GFLOP/s, half rate at "
-          f"{one.gemm_half_tokens:.0f} / {two.gemm_half_tokens:.0f} rows; op "
+          f"(weight GB/s at 1/4/16/64 rows) {_gemm_rates(one)} / {_gemm_rates(two)}; op "
           f"{one.op_us:.1f} / {two.op_us:.1f} us; gloo p2p {lat_us:.0f} us, "
-          f"{p2p_bw / 1e9:.2f} GB/s", file=sys.stderr)
+          f"{p2p_bw / 1e9:.2f} GB/s; two 1-thread processes at once: read "
+          f"{shared.read_bytes_per_s / 1e9:.2f} GB/s each, decode GEMMs {_gemm_rates(shared)}",
+          file=sys.stderr)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         init_checkpoint(get_preset("small"), tmp, seed=0)
         arch = local.small_arch(tmp)
         context = args.prompt_len + tokens // 2          # average context during decode
-        pred = local.predict_colocated(arch, two, args.batch, context)
-        rows.append(_row("colocated", pred, lambda: measure_decode(
+        over_two = local.measure_layer_overheads(2, args.batch, args.quick)
+        pred = local.predict_colocated(arch, two, over_two, args.batch, context)
+        rows.append(_row("colocated", pred, over_two, lambda: measure_decode(
             tmp, args.batch, tokens, args.prompt_len)))
         try:
             import afdserve.afd.executor  # noqa: F401
@@ -87,8 +91,10 @@ def main() -> int:
             rows.append({"deployment": "AFD 1A1F", "skipped": f"AFD runtime not importable: "
                          f"{exc}"})
         else:
-            pred = local.predict_afd(arch, one, one, args.batch, context, args.micro_batches)
-            rows.append(_row("AFD 1A1F", pred, lambda: measure_decode(
+            over_one = local.measure_layer_overheads(1, -(-args.batch // args.micro_batches), args.quick)
+            pred = local.predict_afd(arch, shared, shared, over_one, args.batch, context,
+                                     args.micro_batches)
+            rows.append(_row("AFD 1A1F", pred, over_one, lambda: measure_decode(
                 tmp, args.batch, tokens, args.prompt_len, afd="1A1F",
                 micro_batches=args.micro_batches)))
     if args.json:
@@ -98,14 +104,19 @@ def main() -> int:
             if "skipped" in r:
                 print(f"{r['deployment']:<10} skipped: {r['skipped']}")
                 continue
-            print(f"{r['deployment']:<10} predicted {r['predicted_tok_s']:7.1f} tok/s  measured "
+            print(f"{r['deployment']:<10} layer overheads us {r['overheads_us']}; predicted {r['predicted_tok_s']:7.1f} tok/s  measured "
                   f"{r['measured_tok_s']:7.1f} tok/s  ratio {r['ratio']:.2f}  "
                   f"{'OK' if r['within_25pct'] else 'OFF'} (bottleneck {r['bottleneck']}, "
                   f"stages us {r['stage_us']})")
     return 0
 
 
-def _row(name: str, pred, measure) -> dict:
+def _gemm_rates(fig) -> str:
+    rates = dict(fig.gemm_seconds_per_weight)
+    return ",".join(f"{4 / rates[n] / 1e9:.1f}" for n in (1, 4, 16, 64) if n in rates)
+
+
+def _row(name: str, pred, over, measure) -> dict:
     predicted = pred.batch / (pred.tpot_ms / 1e3)
     try:
         measured = measure()
@@ -115,6 +126,7 @@ def _row(name: str, pred, measure) -> dict:
     return {"deployment": name, "batch": pred.batch, "context": pred.context,
             "predicted_tok_s": predicted, "measured_tok_s": measured, "ratio": ratio,
             "within_25pct": abs(ratio - 1) <= 0.25, "bottleneck": pred.bottleneck,
+            "overheads_us": {"attention_layer": round(over.attention_us), "ffn_layer": round(over.ffn_us)},
             "stage_us": {k: round(v) for k, v in pred.stage_us.items()}}
 
 

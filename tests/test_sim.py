@@ -209,17 +209,18 @@ def test_cli_plan_json_and_plot(tmp_path):
     assert png.stat().st_size > 10_000
 
 
-def test_cpu_gemm_curve_fit_recovers_peak_and_half_rows():
-    import pytest
+def test_measured_gemm_table_drives_the_simulated_gemm_time():
+    from afdserve.cost.hardware import Hardware
+    from afdserve.sim.simulator import SimPrecision, _gemm_part, load_efficiency
 
-    from afdserve.sim.local import fit_gemm_curve
-
-    peak, half = 50e9, 30.0
-    # seconds per weight of an n-row GEMM at efficiency n / (n + half) of `peak`
-    measured = {n: 2 * n / (peak * n / (n + half)) for n in (4, 8, 16, 32, 64)}
-    got_peak, got_half = fit_gemm_curve(measured)
-    assert got_peak == pytest.approx(peak) and got_half == pytest.approx(half)
-    with pytest.raises(ValueError):
-        fit_gemm_curve({8: 1e-9})
-    with pytest.raises(ValueError):
-        fit_gemm_curve({4: 2e-9, 8: 1e-9})
+    hw = Hardware(name="t", usd_per_hour=1.0, bf16_flops=1e11, fp8_flops=1e11, hbm_bytes_per_s=1e12,
+                  memory_bytes=1e9, nic_bytes_per_s=1e9, gpus_per_node=1, source="test")
+    prec = SimPrecision(weight_bytes=4, kv_bytes=4, a2f_bytes=4, f2a_bytes=4, a2f_scales=False)
+    # measured seconds per weight at 1, 4, 8 rows -> efficiencies of the 1e11 FLOP/s peak
+    table = {1: 1e-10, 4: 4e-10, 8: 3e-10}
+    eff = load_efficiency("cpu", gemm_table=tuple((n, 2 * n / (t * 1e11)) for n, t in table.items()))
+    for rows, t in table.items():
+        assert _gemm_part(hw, 1e6, rows, prec, eff) == pytest.approx(1e6 * t)
+    # between points: efficiency interpolated; below the first point: time per weight of 1 row
+    assert table[4] * 1e6 > _gemm_part(hw, 1e6, 6, prec, eff) > table[8] * 1e6
+    assert _gemm_part(hw, 1e6, 0.5, prec, eff) == pytest.approx(1e6 * table[1])

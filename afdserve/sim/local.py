@@ -21,13 +21,9 @@ from afdserve.sim.simulator import Deployment, SimPrecision, SimResult, load_eff
     simulate
 
 FP32 = SimPrecision(weight_bytes=4, kv_bytes=4, a2f_bytes=4, f2a_bytes=4, a2f_scales=False)
-# PyTorch ops dispatched per layer half and per step by afdserve's model code (counted from
-# afdserve/model: norms, projections, RoPE, paged-cache write/read, softmax, residuals; the MoE
-# half: router, top-k, per-expert gather/GEMMs/scatter for each active expert, shared expert).
-OPS_ATTENTION_LAYER = 40
-OPS_FFN_LAYER_BASE = 20
-OPS_PER_ACTIVE_EXPERT = 10
-OPS_STEP = 300            # embedding, LM head, sampling, batch building (Python + torch)
+# PyTorch ops dispatched per step outside the layers (embedding, final norm, sampling, batch
+# building; Python + torch), counted from afdserve/engine.
+OPS_STEP = 300
 
 
 @dataclass(frozen=True)
@@ -38,12 +34,14 @@ class CpuFigures:
     read_bytes_per_s: float
     matmul_flops: float
     op_us: float
-    gemm_half_tokens: float = 1.0
-    """Rows at which a decode-shaped GEMM reaches half of `gemm_flops` (fitted to measurements)."""
+    gemm_seconds_per_weight: tuple[tuple[int, float], ...] = ()
+    """(rows, seconds per weight) of decode-shaped GEMMs through the engine's kernels."""
     p2p_latency_us: float = 0.0
     p2p_bytes_per_s: float = 1e12
-    gemm_flops: float = 0.0
-    """The decode-shaped GEMMs' asymptotic FLOP/s (fitted; 0 = `matmul_flops`)."""
+
+    def gemm_efficiency_table(self) -> tuple[tuple[float, float], ...]:
+        """(rows, achieved fraction of `matmul_flops`) for the simulator's `gemm_table`."""
+        return tuple((n, 2 * n / (t * self.matmul_flops)) for n, t in self.gemm_seconds_per_weight)
 
     def hardware(self) -> Hardware:
         return Hardware(name=f"cpu-{self.threads}t", usd_per_hour=1.0,
@@ -65,7 +63,7 @@ def _median_time(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-GEMM_ROWS = (4, 8, 16, 32, 64)
+GEMM_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 def measure_cpu(threads: int, quick: bool = False) -> CpuFigures:
@@ -74,9 +72,9 @@ def measure_cpu(threads: int, quick: bool = False) -> CpuFigures:
 
     `matmul_flops` is a large GEMM's rate. Decode GEMMs multiply streamed weights by a few rows:
     x[rows, in] times distinct weights of the `small` preset's decode shapes, in the layouts and
-    through the kernels the engine uses (`afdserve.model.kernels`), is timed at GEMM_ROWS, and
-    the simulator's curve, time = 2 x params x rows / (gemm_flops x rows / (rows + n_half)), is
-    fitted to it (`fit_gemm_curve`).
+    through the kernels the engine uses (`afdserve.model.kernels`), is timed at GEMM_ROWS; the
+    simulator interpolates these points instead of its GEMM-efficiency curve (the CPU kernels'
+    rate is not monotone in the rows: 1-row GEMVs stream faster than 3-4-row GEMMs).
     """
     import torch
 
@@ -106,8 +104,7 @@ def measure_cpu(threads: int, quick: bool = False) -> CpuFigures:
         op_us = _median_time(ops, reps) / n * 1e6
     finally:
         torch.set_num_threads(old)
-    gemm_flops, n_half = fit_gemm_curve(seconds_per_param)
-    return CpuFigures(threads, bw, flops, op_us, n_half, gemm_flops=gemm_flops)
+    return CpuFigures(threads, bw, flops, op_us, tuple(sorted(seconds_per_param.items())))
 
 
 # (out, in, stored transposed): the small preset's fused expert gate+up, expert down, wq, o_proj.
@@ -125,23 +122,30 @@ def decode_weights(per_shape: int):
     return out
 
 
-def fit_gemm_curve(seconds_per_param: dict[int, float]) -> tuple[float, float]:
-    """(gemm_flops, n_half) of the simulator's GEMM curve from measured seconds per weight.
+def _contended_worker(quick: bool, start, queue) -> None:
+    start.wait()
+    queue.put(measure_cpu(1, quick))
 
-    With efficiency e(n) = n / (n + n_half), a GEMM of n rows over P weights takes
-    2 P n / (F e(n)) = P (2 / F) (n + n_half): time per weight is linear in the rows, so a
-    least-squares line a + b n gives F = 2 / b and n_half = a / b.
-    """
-    pts = sorted(seconds_per_param.items())
-    if len(pts) < 2:
-        raise ValueError("need at least two row counts to fit the GEMM curve")
-    n_mean = sum(n for n, _ in pts) / len(pts)
-    t_mean = sum(t for _, t in pts) / len(pts)
-    b = sum((n - n_mean) * (t - t_mean) for n, t in pts) / sum((n - n_mean) ** 2 for n, _ in pts)
-    if b <= 0:
-        raise ValueError("GEMM time does not grow with the rows; the measurement is unusable")
-    a = t_mean - b * n_mean
-    return 2.0 / b, max(a / b, 0.0)
+
+def measure_cpu_contended(quick: bool = False) -> CpuFigures:
+    """`measure_cpu(1)` run in two processes at once, as the 1A1F attention and FFN processes
+    run: they share the memory system, so each streams weights slower than it would alone.
+    Returns the mean of the two processes' figures."""
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue, start = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_contended_worker, args=(quick, start, queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    start.set()
+    figs = [queue.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    a, b = figs
+    table = tuple((n, (ta + tb) / 2) for (n, ta), (_, tb) in zip(a.gemm_seconds_per_weight,
+                                                                    b.gemm_seconds_per_weight))
+    return CpuFigures(1, (a.read_bytes_per_s + b.read_bytes_per_s) / 2,
+                      (a.matmul_flops + b.matmul_flops) / 2, (a.op_us + b.op_us) / 2, table)
 
 
 def _p2p_worker(rank: int, port: int, sizes: list[int], reps: int, queue) -> None:
@@ -203,27 +207,78 @@ def small_arch(model_dir: str | os.PathLike | None = None) -> ModelArch:
     return from_hf_config(fields)
 
 
-def cpu_efficiency(fig: CpuFigures, arch: ModelArch):
-    """The 'cpu' profile with the per-op overheads and link latency put in from measurements."""
-    ffn_ops = OPS_FFN_LAYER_BASE + OPS_PER_ACTIVE_EXPERT * (arch.num_experts or 1)
-    peak = (fig.gemm_flops or fig.matmul_flops) / fig.matmul_flops
-    return load_efficiency("cpu", gemm_half_tokens=fig.gemm_half_tokens, gemm_peak_efficiency=peak,
-                           attention_layer_overhead_us=fig.op_us * OPS_ATTENTION_LAYER,
-                           ffn_layer_overhead_us=fig.op_us * ffn_ops,
+@dataclass(frozen=True)
+class LayerOverheads:
+    """Measured fixed cost (us) of one layer half, everything but streaming weights and KV."""
+
+    attention_us: float
+    ffn_us: float           # averaged over the model's dense and MoE layers
+
+
+def measure_layer_overheads(threads: int, tokens: int, quick: bool = False) -> LayerOverheads:
+    """Time afdserve's own attention and FFN layer halves for `tokens` decoding sequences in a
+    model with the `small` preset's structure (16 query heads over one KV head, 16 experts top-3
+    + shared expert) but widths of a few elements, so that what is timed is the per-layer cost
+    of the ops, kernel calls and Python the real layers run (routing picks experts at random
+    weights, as in the benchmarks)."""
+    import torch
+
+    from afdserve.config import get_preset
+    from afdserve.model.attention import AttentionMetadata, KVCache
+    from afdserve.model.checkpoint import init_random
+    from afdserve.model.kernels import prepare_for_decode
+    from afdserve.model.step3 import Step3ForCausalLM
+    small = get_preset("small")
+    cfg = dataclasses.replace(small, hidden_size=16, share_q_dim=16, head_dim=8, intermediate_size=16,
+                              moe_intermediate_size=8, share_expert_dim=8, vocab_size=64,
+                              num_hidden_layers=2, moe_layers_enum=(1,))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = prepare_for_decode(init_random(Step3ForCausalLM(cfg), seed=0))
+        model.init_rope()
+        ctx, bs = 32, 16
+        per_seq = ctx // bs + 1
+        kv = KVCache(2, tokens * per_seq + 1, bs, cfg.num_attention_groups, cfg.head_dim, torch.float32)
+        tables = [[1 + s * per_seq + j for j in range(per_seq)] for s in range(tokens)]
+        meta = AttentionMetadata.build([ctx] * tokens, [t[ctx // bs] * bs + ctx % bs for t in tables],
+                                       [1] * tokens, [ctx + 1] * tokens, tables, bs)
+        h = torch.randn(tokens, cfg.hidden_size)
+        dense, moe = model.layers
+        reps = 5 if quick else 15
+        with torch.inference_mode():
+            attn = _median_time(lambda: moe.ffn_input(moe.attention_half(h, model.rope, meta, kv.k[1], kv.v[1])),
+                                reps)
+            inp_d, inp_m = dense.ffn_input(h), moe.ffn_input(h)
+            t_dense = _median_time(lambda: dense.ffn_half(inp_d), reps)
+            t_moe = _median_time(lambda: moe.ffn_half(inp_m), reps)
+    finally:
+        torch.set_num_threads(old)
+    n_moe = len(small.moe_layers_enum)
+    ffn = (n_moe * t_moe + (small.num_hidden_layers - n_moe) * t_dense) / small.num_hidden_layers
+    return LayerOverheads(attn * 1e6, ffn * 1e6)
+
+
+def cpu_efficiency(fig: CpuFigures, over: LayerOverheads):
+    """The 'cpu' profile with the measured GEMM rates, layer overheads and link latency."""
+    return load_efficiency("cpu", gemm_table=fig.gemm_efficiency_table(),
+                           attention_layer_overhead_us=over.attention_us,
+                           ffn_layer_overhead_us=over.ffn_us,
                            step_overhead_us=fig.op_us * OPS_STEP,
                            transfer_latency_us=fig.p2p_latency_us)
 
 
-def predict_colocated(arch: ModelArch, fig: CpuFigures, batch: int, context: int) -> SimResult:
+def predict_colocated(arch: ModelArch, fig: CpuFigures, over: LayerOverheads, batch: int,
+                      context: int) -> SimResult:
     """One process does everything (EP 1, one micro-batch, no transfers)."""
     hw = fig.hardware()
     dep = Deployment("colocated", hw, hw, ep=1, micro_batches=1)
-    return simulate(arch, dep, context, batch, FP32, cpu_efficiency(fig, arch))
+    return simulate(arch, dep, context, batch, FP32, cpu_efficiency(fig, over))
 
 
-def predict_afd(arch: ModelArch, attn: CpuFigures, ffn: CpuFigures, batch: int, context: int,
-                micro_batches: int) -> SimResult:
+def predict_afd(arch: ModelArch, attn: CpuFigures, ffn: CpuFigures, over: LayerOverheads,
+                batch: int, context: int, micro_batches: int) -> SimResult:
     """1A1F: one attention process and one FFN process of one core each, gloo in between."""
     dep = Deployment("afd", attn.hardware(), ffn.hardware(), 1, 1, 1,
                      micro_batches=micro_batches)
-    return simulate(arch, dep, context, batch, FP32, cpu_efficiency(attn, arch))
+    return simulate(arch, dep, context, batch, FP32, cpu_efficiency(attn, over))

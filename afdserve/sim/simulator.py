@@ -57,11 +57,26 @@ class Efficiency:
     ffn_layer_overhead_us: float
     step_overhead_us: float
     memory_usable_fraction: float
+    gemm_table: tuple[tuple[float, float], ...] = ()
+    """Measured (rows, efficiency) points; when given, `gemm` interpolates them instead of the
+    curve (afdserve.sim.local measures them on the current machine)."""
 
     def gemm(self, rows: float) -> float:
-        """GEMM efficiency vs rows (tokens per expert): e_peak * n / (n + n_half)."""
+        """GEMM efficiency vs rows (tokens per expert): e_peak * n / (n + n_half), or the
+        measured table interpolated linearly (clamped to its end points)."""
         rows = max(rows, 1e-9)
+        if self.gemm_table:
+            return _interpolate(self.gemm_table, rows)
         return self.gemm_peak_efficiency * rows / (rows + self.gemm_half_tokens)
+
+
+def _interpolate(points: tuple[tuple[float, float], ...], x: float) -> float:
+    if x <= points[0][0]:
+        return points[0][1] * x / points[0][0]       # below the first point: same time per weight
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[-1][1]
 
 
 @lru_cache(maxsize=None)
@@ -228,11 +243,16 @@ def ffn_time(arch: ModelArch, hw: Hardware, tokens: float, gpus: int, moe: bool,
         return _gemm_part(hw, dense / shards, tokens, prec, eff) + over
     expert = 3 * h * arch.expert_width
     per_expert = tokens * arch.top_k / arch.num_experts           # tokens each expert receives
+    # Only experts that receive a token are read: each is hit with probability 1 - (1 - k/E)^T
+    # (uniform routing); those that are get per_expert / p_hit rows. p_hit ~ 1 at serving
+    # batches of large deployments; it matters for small batches.
+    p_hit = 1.0 - (1.0 - arch.top_k / arch.num_experts) ** tokens if tokens > 0 else 1.0
+    p_hit = max(p_hit, 1e-9)
     experts_here = arch.num_experts / shards
     if experts_here >= 1 or not replicated_shared:
-        routed = _gemm_part(hw, experts_here * expert, per_expert, prec, eff)
+        routed = _gemm_part(hw, experts_here * p_hit * expert, per_expert / p_hit, prec, eff)
     else:  # more EP ranks than experts: replicas split an expert's tokens
-        routed = _gemm_part(hw, expert, per_expert * experts_here, prec, eff)
+        routed = _gemm_part(hw, expert * p_hit, per_expert * experts_here / p_hit, prec, eff)
     shared = arch.num_shared_experts * 3 * h * arch.shared_width
     if replicated_shared:
         shared_t = _gemm_part(hw, shared, tokens / gpus, prec, eff)
