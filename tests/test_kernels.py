@@ -74,6 +74,7 @@ def test_prepared_model_matches_unprepared(batch):
     moe = fast.layers[1].moe
     assert moe.gate_up is not None and moe.gate_up.shape[-2] == 2 * moe.gate_proj.weight.shape[-2]
     assert is_transposed(fast.layers[0].mlp.gate_up) and is_transposed(fast.lm_head.weight)  # wide ones
+    assert is_transposed(moe.down_proj.weight[0])
     ids = [(7 * s + 3) % config.vocab_size for s in range(batch)]
     positions = [5 + s for s in range(batch)]
     torch.testing.assert_close(_run(fast, ids, positions), _run(plain, ids, positions), rtol=1e-4, atol=1e-4)
@@ -95,3 +96,27 @@ def test_prepared_ffn_shard_matches_unprepared():
         inp = full.layers[layer_id].ffn_input(x)
         torch.testing.assert_close(fast.layers[layer_id].ffn_half(inp), shard.layers[layer_id].ffn_half(inp),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_rope_lookup_is_reused_per_positions_tensor_and_refreshed_for_new_ones():
+    from afdserve.model.layers import RotaryEmbedding, rotate_half
+    rope = RotaryEmbedding(8, 10000.0, 64)
+    x = torch.randn(3, 2, 8)
+
+    def direct(pos):
+        cos, sin = rope.cos[pos].unsqueeze(1), rope.sin[pos].unsqueeze(1)
+        return x * cos + rotate_half(x) * sin
+
+    p1, p2 = torch.tensor([0, 5, 9]), torch.tensor([1, 2, 63])
+    for pos in (p1, p1, p2, p1):
+        torch.testing.assert_close(rope(x, pos), direct(pos))
+
+
+def test_rmsnorm_fp32_fast_path_equals_the_formula():
+    from afdserve.model.layers import RMSNorm
+    norm = RMSNorm(24, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(5, 24)
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    torch.testing.assert_close(norm(x), want)

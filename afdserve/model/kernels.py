@@ -20,7 +20,9 @@ benchmarks/README.md):
      gate_proj/up_proj of every dense FFN, shared expert and routed expert into one [2W, H]
      matrix (one GEMM instead of two or three). The checkpoint parameters become views into the
      fused storage, so the state dict, the memory used and the reference code paths are unchanged;
-  2. on CPU in fp32: stores wide matrices transposed and prepacks the LM head for oneDNN.
+  2. on CPU in fp32: stores wide matrices transposed (the fused gate/up projections, wq, the
+     experts' down projections when hidden > width, the LM head) and prepacks the LM head for
+     oneDNN.
 `linear(x, w)` picks the kernel from the row count and the weight's layout; it equals
 `F.linear(x, w)` up to floating-point summation order (tests/test_kernels.py).
 """
@@ -112,12 +114,13 @@ def prepare_for_decode(model: nn.Module) -> nn.Module:
             mod.qkv_a = _fuse_rows([mod.q_proj.weight, mod.k_proj.weight, mod.v_proj.weight], False)
             if _cpu_fp32(mod.wq.weight) and _wide(mod.wq.weight.shape):
                 _fuse_rows([mod.wq.weight], True)
-        elif isinstance(mod, SwiGLU) and mod.gate_proj.weight.shape[0]:
+        elif (isinstance(mod, SwiGLU) and mod.gate_proj.weight.shape[0]) or \
+                (isinstance(mod, MoE) and hasattr(mod, "gate_proj") and mod.num_local):
             p = [mod.gate_proj.weight, mod.up_proj.weight]
-            mod.gate_up = _fuse_rows(p, _cpu_fp32(p[0]) and 2 * p[0].shape[0] > p[0].shape[1])
-        elif isinstance(mod, MoE) and hasattr(mod, "gate_proj") and mod.num_local:
-            p = [mod.gate_proj.weight, mod.up_proj.weight]
-            mod.gate_up = _fuse_rows(p, _cpu_fp32(p[0]) and 2 * p[0].shape[-2] > p[0].shape[-1])
+            cpu = _cpu_fp32(p[0])
+            mod.gate_up = _fuse_rows(p, cpu and 2 * p[0].shape[-2] > p[0].shape[-1])
+            if cpu and _wide(mod.down_proj.weight.shape):      # e.g. experts' [hidden, width] down
+                _fuse_rows([mod.down_proj.weight], True)
     head = getattr(model, "lm_head", None)
     if head is not None and getattr(model, "lm_head_packed", None) is None and _cpu_fp32(head.weight):
         model.lm_head_packed = prepack(head.weight)
