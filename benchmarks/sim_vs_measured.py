@@ -24,28 +24,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout
 
 
-def measure_decode(model_dir: str, batch: int, tokens: int, prompt_len: int, **llm_kwargs) -> float:
-    """Decode tokens/s after prefill, timing engine.step() ourselves."""
-    from afdserve import LLM, SamplingParams
-    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    with LLM(model=model_dir, max_num_seqs=max(batch, 64), **llm_kwargs) as llm:
-        eng = llm.engine
-        prompts = [[(7 * i + j) % 1000 + 2 for j in range(prompt_len)] for i in range(batch)]
-        for i, p in enumerate(prompts):
-            eng.add_request(f"r{i}", p, params)
-        produced = {}
-        while len(produced) < batch or min(produced.values()) < 1:   # prefill (+ first token)
-            for out in eng.step():
-                produced[out.request_id] = len(out.outputs[0].token_ids)
-        start_tokens = sum(produced.values())
-        t = time.perf_counter()
-        while eng.has_unfinished_requests():
-            for out in eng.step():
-                produced[out.request_id] = len(out.outputs[0].token_ids)
-        elapsed = time.perf_counter() - t
-    return (sum(produced.values()) - start_tokens) / elapsed
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller measurements (a few minutes)")
@@ -65,16 +43,12 @@ def main() -> int:
     two = local.measure_cpu(2, args.quick)
     lat_us, p2p_bw = local.measure_p2p(args.quick)
     one = dataclasses.replace(one, p2p_latency_us=lat_us, p2p_bytes_per_s=p2p_bw)
-    shared = dataclasses.replace(local.measure_cpu_contended(args.quick), p2p_latency_us=lat_us,
-                                 p2p_bytes_per_s=p2p_bw)
     print(f"measured: read {one.read_bytes_per_s / 1e9:.2f} GB/s (1 thread), "
           f"{two.read_bytes_per_s / 1e9:.2f} GB/s (2 threads); matmul "
           f"{one.matmul_flops / 1e9:.1f} / {two.matmul_flops / 1e9:.1f} GFLOP/s; decode GEMMs "
           f"(weight GB/s at 1/4/16/64 rows) {_gemm_rates(one)} / {_gemm_rates(two)}; op "
           f"{one.op_us:.1f} / {two.op_us:.1f} us; gloo p2p {lat_us:.0f} us, "
-          f"{p2p_bw / 1e9:.2f} GB/s; two 1-thread processes at once: read "
-          f"{shared.read_bytes_per_s / 1e9:.2f} GB/s each, decode GEMMs {_gemm_rates(shared)}",
-          file=sys.stderr)
+          f"{p2p_bw / 1e9:.2f} GB/s", file=sys.stderr)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,7 +57,7 @@ def main() -> int:
         context = args.prompt_len + tokens // 2          # average context during decode
         over_two = local.measure_layer_overheads(2, args.batch, args.quick)
         pred = local.predict_colocated(arch, two, over_two, args.batch, context)
-        rows.append(_row("colocated", pred, over_two, lambda: measure_decode(
+        rows.append(_row("colocated", pred, over_two, lambda: local.measure_engine_decode(
             tmp, args.batch, tokens, args.prompt_len)))
         try:
             import afdserve.afd.executor  # noqa: F401
@@ -92,9 +66,19 @@ def main() -> int:
                          f"{exc}"})
         else:
             over_one = local.measure_layer_overheads(1, -(-args.batch // args.micro_batches), args.quick)
-            pred = local.predict_afd(arch, shared, shared, over_one, args.batch, context,
+            # The runtime's exchange cost, measured by running the narrow model through it.
+            narrow = Path(tmp) / "narrow"
+            init_checkpoint(local.narrow_config(), narrow, seed=0)
+            narrow_tps = local.measure_engine_decode(str(narrow), args.batch, tokens, args.prompt_len,
+                                                     afd="1A1F", micro_batches=args.micro_batches)
+            lat = local.fit_link_latency(one, over_one, args.batch, context, args.micro_batches,
+                                         args.batch / narrow_tps)
+            print(f"AFD runtime exchange (narrow model through 1A1F, {narrow_tps:.0f} tok/s): "
+                  f"{lat:.0f} us per transfer (gloo ping-pong: {lat_us:.0f} us)", file=sys.stderr)
+            one_afd = dataclasses.replace(one, p2p_latency_us=lat)
+            pred = local.predict_afd(arch, one_afd, one_afd, over_one, args.batch, context,
                                      args.micro_batches)
-            rows.append(_row("AFD 1A1F", pred, over_one, lambda: measure_decode(
+            rows.append(_row("AFD 1A1F", pred, over_one, lambda: local.measure_engine_decode(
                 tmp, args.batch, tokens, args.prompt_len, afd="1A1F",
                 micro_batches=args.micro_batches)))
     if args.json:

@@ -224,3 +224,32 @@ def test_measured_gemm_table_drives_the_simulated_gemm_time():
     # between points: efficiency interpolated; below the first point: time per weight of 1 row
     assert table[4] * 1e6 > _gemm_part(hw, 1e6, 6, prec, eff) > table[8] * 1e6
     assert _gemm_part(hw, 1e6, 0.5, prec, eff) == pytest.approx(1e6 * table[1])
+
+
+def test_expert_time_averages_over_the_binomial_rows_per_expert():
+    from afdserve.cost.hardware import Hardware
+    from afdserve.sim.simulator import SimPrecision, _expert_gemm, _gemm_part, load_efficiency
+
+    hw = Hardware(name="t", usd_per_hour=1.0, bf16_flops=1e11, fp8_flops=1e11, hbm_bytes_per_s=1e12,
+                  memory_bytes=1e9, nic_bytes_per_s=1e9, gpus_per_node=1, source="test")
+    prec = SimPrecision(weight_bytes=4, kv_bytes=4, a2f_bytes=4, f2a_bytes=4, a2f_scales=False)
+    eff = load_efficiency("cpu", gemm_table=((1, 0.2), (2, 0.1), (3, 0.3)))
+    # 2 tokens, p = 1/2: rows 0 (1/4, not read), 1 (1/2), 2 (1/4)
+    want = 0.5 * _gemm_part(hw, 1e6, 1, prec, eff) + 0.25 * _gemm_part(hw, 1e6, 2, prec, eff)
+    assert _expert_gemm(hw, 1e6, 2, 0.5, prec, eff) == pytest.approx(want)
+    # many rows per expert: the mean is used
+    assert _expert_gemm(hw, 1e6, 4096, 0.5, prec, eff) == pytest.approx(_gemm_part(hw, 1e6, 2048, prec, eff))
+
+
+def test_link_latency_fit_recovers_the_latency_that_produced_a_step():
+    import dataclasses
+
+    from afdserve.sim import local
+
+    fig = local.CpuFigures(1, 10e9, 50e9, 5.0, ((1, 4e-10), (8, 2e-9), (64, 1.2e-8)), 0.0, 3e9)
+    over = local.LayerOverheads(500.0, 800.0)
+    arch = local.arch_of(local.narrow_config())
+    truth = dataclasses.replace(fig, p2p_latency_us=1234.0)
+    step = local.predict_afd(arch, truth, truth, over, 8, 64, 2).tpot_ms / 1e3
+    assert local.fit_link_latency(fig, over, 8, 64, 2, step) == pytest.approx(1234.0, rel=1e-3)
+    assert local.fit_link_latency(fig, over, 8, 64, 2, 1e-9) == 0.0

@@ -122,32 +122,6 @@ def decode_weights(per_shape: int):
     return out
 
 
-def _contended_worker(quick: bool, start, queue) -> None:
-    start.wait()
-    queue.put(measure_cpu(1, quick))
-
-
-def measure_cpu_contended(quick: bool = False) -> CpuFigures:
-    """`measure_cpu(1)` run in two processes at once, as the 1A1F attention and FFN processes
-    run: they share the memory system, so each streams weights slower than it would alone.
-    Returns the mean of the two processes' figures."""
-    import torch.multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    queue, start = ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_contended_worker, args=(quick, start, queue)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    start.set()
-    figs = [queue.get(timeout=600) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-    a, b = figs
-    table = tuple((n, (ta + tb) / 2) for (n, ta), (_, tb) in zip(a.gemm_seconds_per_weight,
-                                                                    b.gemm_seconds_per_weight))
-    return CpuFigures(1, (a.read_bytes_per_s + b.read_bytes_per_s) / 2,
-                      (a.matmul_flops + b.matmul_flops) / 2, (a.op_us + b.op_us) / 2, table)
-
-
 def _p2p_worker(rank: int, port: int, sizes: list[int], reps: int, queue) -> None:
     import torch
     import torch.distributed as dist
@@ -200,11 +174,24 @@ def small_arch(model_dir: str | os.PathLike | None = None) -> ModelArch:
     if model_dir is not None:
         return from_hf_config(model_dir)
     from afdserve.config import get_preset
-    cfg = get_preset("small")
+    return arch_of(get_preset("small"))
+
+
+def arch_of(cfg) -> ModelArch:
+    """A Step3Config as the cost model sees it."""
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     fields["model_type"] = "step3_text"
     fields["moe_layers_enum"] = list(fields.get("moe_layers_enum") or [])
     return from_hf_config(fields)
+
+
+def narrow_config():
+    """The `small` preset's structure (layers, heads, experts, top-k) with widths of a few
+    elements: running it times everything a decode step does except streaming weights and KV."""
+    from afdserve.config import get_preset
+    return dataclasses.replace(get_preset("small"), hidden_size=16, share_q_dim=16, head_dim=8,
+                               intermediate_size=16, moe_intermediate_size=8, share_expert_dim=8,
+                               vocab_size=1024)
 
 
 @dataclass(frozen=True)
@@ -229,9 +216,7 @@ def measure_layer_overheads(threads: int, tokens: int, quick: bool = False) -> L
     from afdserve.model.kernels import prepare_for_decode
     from afdserve.model.step3 import Step3ForCausalLM
     small = get_preset("small")
-    cfg = dataclasses.replace(small, hidden_size=16, share_q_dim=16, head_dim=8, intermediate_size=16,
-                              moe_intermediate_size=8, share_expert_dim=8, vocab_size=64,
-                              num_hidden_layers=2, moe_layers_enum=(1,))
+    cfg = dataclasses.replace(narrow_config(), num_hidden_layers=2, moe_layers_enum=(1,))
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -282,3 +267,54 @@ def predict_afd(arch: ModelArch, attn: CpuFigures, ffn: CpuFigures, over: LayerO
     dep = Deployment("afd", attn.hardware(), ffn.hardware(), 1, 1, 1,
                      micro_batches=micro_batches)
     return simulate(arch, dep, context, batch, FP32, cpu_efficiency(attn, over))
+
+
+def measure_engine_decode(model_dir: str, batch: int, tokens: int, prompt_len: int, **llm_kwargs) -> float:
+    """Decode tokens/s of `afdserve.LLM` after prefill (engine.step() timed directly): B requests
+    of `prompt_len` tokens, greedy, ignore_eos, `tokens` new tokens each."""
+    from afdserve import LLM, SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    with LLM(model=model_dir, max_num_seqs=max(batch, 64), **llm_kwargs) as llm:
+        eng = llm.engine
+        for i in range(batch):
+            eng.add_request(f"r{i}", [(7 * i + j) % 1000 + 2 for j in range(prompt_len)], params)
+        produced: dict[str, int] = {}
+        while len(produced) < batch or min(produced.values()) < 1:   # prefill (+ first token)
+            for out in eng.step():
+                produced[out.request_id] = len(out.outputs[0].token_ids)
+        start_tokens = sum(produced.values())
+        t = time.perf_counter()
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                produced[out.request_id] = len(out.outputs[0].token_ids)
+        elapsed = time.perf_counter() - t
+    return (sum(produced.values()) - start_tokens) / elapsed
+
+
+def fit_link_latency(fig: CpuFigures, over: LayerOverheads, batch: int, context: int,
+                     micro_batches: int, measured_step_s: float) -> float:
+    """The per-transfer latency (us) at which the simulator reproduces `measured_step_s`, the
+    decode step of the *narrow* model (`narrow_config`) through the AFD 1A1F runtime.
+
+    The narrow model streams almost no weights, so its step is the runtime's fixed costs: layer
+    overheads (measured separately) and, per layer and micro-batch, the A->F and F->A exchanges
+    with everything the runtime does around them (queueing, process wake-ups, gloo). This
+    measures that exchange cost through the runtime itself; a gloo ping-pong alone misses most
+    of it. 0 when the step is already explained without any latency.
+    """
+    arch = arch_of(narrow_config())
+
+    def step_s(lat_us: float) -> float:
+        f = dataclasses.replace(fig, p2p_latency_us=lat_us)
+        return predict_afd(arch, f, f, over, batch, context, micro_batches).tpot_ms / 1e3
+
+    lo, hi = 0.0, 1e5
+    if step_s(lo) >= measured_step_s:
+        return 0.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if step_s(mid) < measured_step_s:
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -222,6 +222,32 @@ def _gemm_part(hw: Hardware, params: float, rows: float, prec: SimPrecision,
                      eff.gemm(rows))
 
 
+BINOMIAL_MAX_MEAN_ROWS = 32.0
+
+
+def _expert_gemm(hw: Hardware, params: float, tokens: float, p: float, prec: SimPrecision,
+                 eff: Efficiency) -> float:
+    """Expected seconds of one routed expert (`params` weights here) when `tokens` tokens each
+    pick it with probability p (uniform routing).
+
+    Rows per expert are Binomial(tokens, p). At small batches the GEMM time is not linear in the
+    rows (an expert that gets no token is not read; on CPUs 1 row streams faster than 3), so the
+    time is averaged over the distribution; from BINOMIAL_MAX_MEAN_ROWS mean rows up, where the
+    distribution is narrow, the mean is used.
+    """
+    mean = tokens * p
+    n = round(tokens)
+    if mean >= BINOMIAL_MAX_MEAN_ROWS or n < 1 or p >= 1:
+        return _gemm_part(hw, params, mean, prec, eff)
+    total, pmf = 0.0, (1 - p) ** n                     # pmf(0)
+    for r in range(1, n + 1):
+        pmf *= (n - r + 1) / r * p / (1 - p)
+        if pmf < 1e-12 and r > mean:
+            break
+        total += pmf * _gemm_part(hw, params, r, prec, eff)
+    return total
+
+
 def ffn_time(arch: ModelArch, hw: Hardware, tokens: float, gpus: int, moe: bool,
              prec: SimPrecision, eff: Efficiency, *, routed_shards: int | None = None,
              replicated_shared: bool = False) -> float:
@@ -243,16 +269,11 @@ def ffn_time(arch: ModelArch, hw: Hardware, tokens: float, gpus: int, moe: bool,
         return _gemm_part(hw, dense / shards, tokens, prec, eff) + over
     expert = 3 * h * arch.expert_width
     per_expert = tokens * arch.top_k / arch.num_experts           # tokens each expert receives
-    # Only experts that receive a token are read: each is hit with probability 1 - (1 - k/E)^T
-    # (uniform routing); those that are get per_expert / p_hit rows. p_hit ~ 1 at serving
-    # batches of large deployments; it matters for small batches.
-    p_hit = 1.0 - (1.0 - arch.top_k / arch.num_experts) ** tokens if tokens > 0 else 1.0
-    p_hit = max(p_hit, 1e-9)
     experts_here = arch.num_experts / shards
     if experts_here >= 1 or not replicated_shared:
-        routed = _gemm_part(hw, experts_here * p_hit * expert, per_expert / p_hit, prec, eff)
+        routed = experts_here * _expert_gemm(hw, expert, tokens, arch.top_k / arch.num_experts, prec, eff)
     else:  # more EP ranks than experts: replicas split an expert's tokens
-        routed = _gemm_part(hw, expert * p_hit, per_expert * experts_here / p_hit, prec, eff)
+        routed = _gemm_part(hw, expert, per_expert * experts_here, prec, eff)
     shared = arch.num_shared_experts * 3 * h * arch.shared_width
     if replicated_shared:
         shared_t = _gemm_part(hw, shared, tokens / gpus, prec, eff)
