@@ -1,10 +1,12 @@
 """Simulator vs reality on this machine: predict, then measure, decode throughput of `small`.
 
-    python benchmarks/sim_vs_measured.py [--quick] [--batch 16] [--tokens 24] [--micro-batches 3]
+    python benchmarks/sim_vs_measured.py [--quick] [--batch 16] [--tokens 24] [--micro-batches 2]
 
-1. Measures this CPU (afdserve.sim.local): streaming-read bandwidth, matmul FLOP/s, per-op
-   cost (1 thread for each AFD process, 2 threads colocated) and gloo point-to-point latency and
-   bandwidth between two local processes.
+1. Measures this CPU (afdserve.sim.local; 1 thread for each AFD process, 2 threads colocated):
+   streaming-read bandwidth, matmul FLOP/s, decode-GEMM rates at 1-64 rows through the engine's
+   kernels, per-op cost, the layer halves' fixed cost on a tiny-width model of the same
+   structure, gloo point-to-point latency/bandwidth, and the AFD runtime's cost per exchange
+   (the tiny-width model run through 1A1F).
 2. Predicts decode tokens/s of the `small` preset (fp32) colocated and AFD 1A1F.
 3. Measures it with afdserve.LLM on a fresh checkpoint: B requests, short prompts, greedy,
    ignore_eos; the first engine step (prefill) is excluded, the decode steps after it are timed.

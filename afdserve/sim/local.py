@@ -1,11 +1,14 @@
 """The simulator on this machine: a CPU 'accelerator' built from measured figures, and a
 decode-throughput predictor for a small Step-3-shaped model (colocated and AFD 1A1F).
 
-Measured (`measure_cpu`): streaming-read bandwidth (a large fp32 reduction), matmul FLOP/s
-(fp32 GEMM), per-op dispatch cost of PyTorch on CPU, and gloo point-to-point latency and
-bandwidth between two local processes. The predictor then runs the same `simulate` as the GPU
-model with the 'cpu' efficiency profile (efficiencies ~1, since the rates are achieved ones) and
-fp32 everywhere. torch is imported only inside the measuring functions.
+Measured: streaming-read bandwidth (a large fp32 reduction), matmul FLOP/s, a table of
+decode-GEMM rates at 1-64 rows through the engine's own kernels and layouts, per-op dispatch
+cost (`measure_cpu`); the per-layer cost of afdserve's attention and FFN halves on a model of
+the same structure with tiny widths (`measure_layer_overheads`); gloo point-to-point latency
+and bandwidth (`measure_p2p`) and the AFD runtime's cost per exchange (`fit_link_latency`, from
+the tiny-width model run through 1A1F). The predictor then runs the same `simulate` as the GPU
+model with the 'cpu' efficiency profile and fp32 everywhere. torch is imported only inside the
+measuring functions.
 """
 from __future__ import annotations
 
