@@ -2,8 +2,9 @@
 
 Attention worker w records, for layer i and micro-batch j:
     attn_ms[i][j]  attention half + router (compute on the attention worker)
-    wait_ms[i][j]  time blocked in `collect` waiting for the FFN partial sums (exposed communication
-                   + FFN time the pipeline did not hide)
+    wait_ms[i][j]  time blocked completing the A->F sends in `submit` and waiting for the FFN
+                   partial sums in `collect` (exposed communication + FFN time the pipeline did
+                   not hide)
     rtt_ms[i][j]   submit -> result available (transfer both ways + FFN queueing + FFN compute)
 FFN worker k reports (to attention worker 0) ffn_ms[k][i][j], its compute time, and
 recv_ms[k][i][j], the time it waited for the A->F message.

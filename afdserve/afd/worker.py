@@ -280,6 +280,7 @@ class RemoteFFN:
         # +11-24% tokens/s, docs/afd.md).
         for work in sends:
             self._wait(work, f"sending layer {layer}, micro-batch {micro_batch} to the FFN workers")
+        self.trace.wait_ms[layer][micro_batch] = (time.perf_counter() - now) * 1e3   # blocked sending
         T = inp.x.shape[0]
         recvs = [self.conn.recv_ffn_output(r, micro_batch, T) for r in self.topo.ffn_ranks]
         self._pending[(layer, micro_batch)] = (recvs, now)
@@ -297,7 +298,7 @@ class RemoteFFN:
         for _, buf in recvs[1:]:
             y = y + buf
         t1 = time.perf_counter()
-        self.trace.wait_ms[layer][micro_batch] = (t1 - t0) * 1e3
+        self.trace.wait_ms[layer][micro_batch] += (t1 - t0) * 1e3
         self.trace.rtt_ms[layer][micro_batch] = (t1 - t_sub) * 1e3
         self._mark = t1
         return y.to(self.dtype)
