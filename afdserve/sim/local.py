@@ -70,7 +70,7 @@ GEMM_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 def measure_cpu(threads: int, quick: bool = False) -> CpuFigures:
-    """Streaming-read bandwidth, GEMM FLOP/s, the decode-shape GEMM curve and per-op cost with
+    """Streaming-read bandwidth, GEMM FLOP/s, the decode-shape GEMM rate table and per-op cost with
     `threads` torch threads.
 
     `matmul_flops` is a large GEMM's rate. Decode GEMMs multiply streamed weights by a few rows:
