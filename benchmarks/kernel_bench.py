@@ -7,6 +7,7 @@ distinct weights to stream from memory, not cache:
   mkl-T        F.linear over transposed storage ([in, out] contiguous)
   onednn-T     oneDNN inner product over transposed storage
   onednn-pack  oneDNN inner product over a prepacked copy
+  openblas-T   numpy's OpenBLAS sgemm over transposed storage (x @ W^T with W^T contiguous)
 and prints weight GB/s per candidate, the machine's streaming-read bandwidth measured in the same
 run, and which candidate `afdserve.model.kernels.linear` dispatches to. This is how the layouts and
 thresholds of afdserve/model/kernels.py were chosen (benchmarks/README.md, "Kernel choices").
@@ -45,6 +46,8 @@ def candidates(ws: list[torch.Tensor], rows: int) -> dict:
         packed = [kernels.prepack(w) for w in ws]
         out["onednn-T"] = lambda x: [kernels._onednn_linear(x, w) for w in wt]
         out["onednn-pack"] = lambda x: [kernels._onednn_linear(x, p) for p in packed]
+    nt = [w.t().numpy() for w in wt]          # [in, out] contiguous, zero-copy
+    out["openblas-T"] = lambda x: [x.numpy() @ w for w in nt]
     out["dispatch"] = lambda x: [kernels.linear(x, w) for w in wt] if kernels._wide(ws[0].shape) else \
         [kernels.linear(x, w) for w in ws]
     return out
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(args.threads, user_api="blas")
     rows = [int(r) for r in args.rows.split(",")]
     bw = bandwidth()
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "

@@ -15,9 +15,18 @@ from afdserve.model.kernels import is_transposed, linear, prepack, prepare_for_d
 from afdserve.model.step3 import FFNShard, Step3ForCausalLM
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def torch_threads(request):
+    """Run under 1 torch thread (OpenBLAS eligible) and 2 (MKL / oneDNN only); restore after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8, 33])
 @pytest.mark.parametrize("shape", [(96, 40), (40, 96)])
-def test_linear_equals_f_linear_for_every_layout(rows, shape):
+def test_linear_equals_f_linear_for_every_layout(rows, shape, torch_threads):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(*shape, generator=g)
     x = torch.randn(rows, shape[1], generator=g)
@@ -33,6 +42,29 @@ def test_linear_equals_f_linear_for_every_layout(rows, shape):
     # non-contiguous activations (a column slice of a fused projection) take the same paths
     xs = torch.randn(rows, shape[1] + 5, generator=g)[:, 5:]
     torch.testing.assert_close(linear(xs, wt, packed), F.linear(xs, w), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_dispatch_openblas_only_with_one_thread_and_no_grad_needed(torch_threads, monkeypatch):
+    if not kernels.OPENBLAS:
+        pytest.skip("numpy's OpenBLAS not found")
+    calls = []
+    real = kernels._openblas_linear
+    monkeypatch.setattr(kernels, "_openblas_linear", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    w = torch.randn(64, 32).t().contiguous().t()
+    for rows in (1, 2, 3, 4, 9):
+        linear(torch.randn(rows, 32), w)
+    assert calls == ([1, 4, 9] if torch_threads == 1 else [])
+    calls.clear()
+    linear(torch.randn(4, 32), w.contiguous())            # checkpoint layout: never OpenBLAS
+    assert calls == []
+    # a weight that needs gradients keeps autograd (F.linear), and the gradient is right
+    wg = w.detach().clone().requires_grad_(True)
+    x = torch.randn(4, 32)
+    linear(x, wg).sum().backward()
+    assert calls == [] and torch.allclose(wg.grad, x.sum(0).expand(64, 32))
+    with torch.no_grad():
+        linear(x, wg)
+    assert calls == ([4] if torch_threads == 1 else [])
 
 
 def _storages(model):
@@ -54,7 +86,7 @@ def _run(model, ids, positions, kv_seed=0):
 
 
 @pytest.mark.parametrize("batch", [1, 2, 5, 9])
-def test_prepared_model_matches_unprepared(batch):
+def test_prepared_model_matches_unprepared(batch, torch_threads):
     config = get_preset("tiny")
     plain = init_random(Step3ForCausalLM(config), seed=3)
     plain.init_rope()
@@ -75,6 +107,8 @@ def test_prepared_model_matches_unprepared(batch):
     assert moe.gate_up is not None and moe.gate_up.shape[-2] == 2 * moe.gate_proj.weight.shape[-2]
     assert is_transposed(fast.layers[0].mlp.gate_up) and is_transposed(fast.lm_head.weight)  # wide ones
     assert is_transposed(moe.down_proj.weight[0])
+    narrow = [attn.qkv_a, attn.o_proj.weight]            # out <= in: transposed only for OpenBLAS
+    assert all(is_transposed(w) == kernels.openblas_mode() for w in narrow)
     ids = [(7 * s + 3) % config.vocab_size for s in range(batch)]
     positions = [5 + s for s in range(batch)]
     torch.testing.assert_close(_run(fast, ids, positions), _run(plain, ids, positions), rtol=1e-4, atol=1e-4)

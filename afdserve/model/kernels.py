@@ -21,10 +21,17 @@ benchmarks/README.md):
      matrix (one GEMM instead of two or three). The checkpoint parameters become views into the
      fused storage, so the state dict, the memory used and the reference code paths are unchanged;
   2. on CPU in fp32: stores wide matrices transposed (the fused gate/up projections, wq, the
-     experts' down projections when hidden > width, the LM head) and prepacks the LM head for
-     oneDNN.
-`linear(x, w)` picks the kernel from the row count and the weight's layout; it equals
-`F.linear(x, w)` up to floating-point summation order (tests/test_kernels.py).
+     experts' down projections when hidden > width, the LM head; with one thread and OpenBLAS,
+     every matrix) and prepacks the LM head for oneDNN.
+With one torch thread (the AFD workers on a small machine, the benchmark figures), numpy's
+bundled OpenBLAS is faster still: its sgemm over transposed storage streams decode-shaped weights
+1.1-1.6x faster than the best of MKL and oneDNN at 1 row and at 4+ rows (2-3 rows stay on MKL).
+In that mode `prepare_for_decode` stores every weight matrix transposed. OpenBLAS runs with one
+thread of its own; with more torch threads it is not used, because its thread pool and torch's
+fight for the cores (measured: several times slower when their calls interleave).
+
+`linear(x, w)` picks the kernel from the row count, the weight's layout and the thread count; it
+equals `F.linear(x, w)` up to floating-point summation order (tests/test_kernels.py).
 """
 from __future__ import annotations
 
@@ -46,6 +53,33 @@ def _onednn_available() -> bool:
 
 
 ONEDNN = _onednn_available()
+# OpenBLAS is used for 1 row and from this many rows on (2-3 rows: MKL is faster).
+OPENBLAS_MIN_ROWS = 4
+
+
+def _openblas_available() -> bool:
+    """numpy's own OpenBLAS, limited to one thread (it is only used when torch has one too)."""
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+        if not any(i.get("internal_api") == "openblas" for i in threadpool_info()):
+            return False
+        threadpool_limits(1, user_api="blas")
+        return True
+    except Exception:                                  # pragma: no cover - no numpy / threadpoolctl
+        return False
+
+
+OPENBLAS = _openblas_available()
+
+
+def openblas_mode(device: torch.device | str = "cpu") -> bool:
+    """True where `linear` sends 1 and 4+ rows to OpenBLAS: CPU, OpenBLAS present, one torch thread."""
+    return OPENBLAS and torch.device(device).type == "cpu" and torch.get_num_threads() == 1
+
+
+def _openblas_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, in] @ w^T for w [out, in] stored transposed: one sgemm over the [in, out] memory."""
+    return torch.from_numpy(x.numpy() @ w.t().numpy())
 
 
 def _onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -62,8 +96,14 @@ def linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None)
 
     `packed` is an optional oneDNN-prepacked copy of w (see `prepack`), used from PACKED_ROWS rows.
     """
-    if ONEDNN and x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32:
+    if x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32 and \
+            not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):   # no autograd below
         rows = x.shape[0]
+        if OPENBLAS and (rows == 1 or rows >= OPENBLAS_MIN_ROWS) and is_transposed(w) and \
+                torch.get_num_threads() == 1:
+            return _openblas_linear(x, w)
+        if not ONEDNN:
+            return F.linear(x, w)
         if packed is not None and rows >= PACKED_ROWS:
             return _onednn_linear(x, packed)
         if rows > MKL_MAX_ROWS and is_transposed(w):
@@ -107,23 +147,30 @@ def prepare_for_decode(model: nn.Module) -> nn.Module:
     from afdserve.model.attention import MFAttention
     from afdserve.model.layers import MoE, SwiGLU
 
+    every = openblas_mode()            # one thread + OpenBLAS: every matrix transposed
+
+    def transpose(p: torch.Tensor, out: int | None = None) -> bool:
+        """Store p ([.., out, in]; `out` overrides its row count, for fused matrices) transposed?"""
+        return _cpu_fp32(p) and (every or (p.shape[-2] if out is None else out) > p.shape[-1])
+
     for mod in model.modules():
         if getattr(mod, "gate_up", None) is not None or getattr(mod, "qkv_a", None) is not None:
             continue                                   # already prepared
         if isinstance(mod, MFAttention):
-            mod.qkv_a = _fuse_rows([mod.q_proj.weight, mod.k_proj.weight, mod.v_proj.weight], False)
-            if _cpu_fp32(mod.wq.weight) and _wide(mod.wq.weight.shape):
-                _fuse_rows([mod.wq.weight], True)
+            qkv = [mod.q_proj.weight, mod.k_proj.weight, mod.v_proj.weight]
+            mod.qkv_a = _fuse_rows(qkv, transpose(qkv[0], sum(p.shape[0] for p in qkv)))
+            for p in (mod.wq.weight, mod.o_proj.weight):
+                if transpose(p):
+                    _fuse_rows([p], True)
         elif (isinstance(mod, SwiGLU) and mod.gate_proj.weight.shape[0]) or \
                 (isinstance(mod, MoE) and hasattr(mod, "gate_proj") and mod.num_local):
             p = [mod.gate_proj.weight, mod.up_proj.weight]
-            cpu = _cpu_fp32(p[0])
-            mod.gate_up = _fuse_rows(p, cpu and 2 * p[0].shape[-2] > p[0].shape[-1])
-            if cpu and _wide(mod.down_proj.weight.shape):      # e.g. experts' [hidden, width] down
+            mod.gate_up = _fuse_rows(p, transpose(p[0], 2 * p[0].shape[-2]))
+            if transpose(mod.down_proj.weight):        # e.g. experts' [hidden, width] down
                 _fuse_rows([mod.down_proj.weight], True)
     head = getattr(model, "lm_head", None)
     if head is not None and getattr(model, "lm_head_packed", None) is None and _cpu_fp32(head.weight):
         model.lm_head_packed = prepack(head.weight)
-        if _wide(head.weight.shape):
+        if transpose(head.weight):
             _fuse_rows([head.weight], True)
     return model
