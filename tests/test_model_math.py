@@ -62,6 +62,22 @@ def test_micro_batch_select_matches_whole():
     torch.testing.assert_close(part, full[1:3])
 
 
+def test_decode_gather_reuses_its_buffer_and_stays_exact_across_sizes():
+    from afdserve.model import attention
+    ptrs = []
+    for ctx_lens in ([5, 9, 3], [30, 2, 17, 8], [4, 4], [30, 2, 17, 8]):
+        kv, meta, _ = _paged_setup(ctx_lens, [1] * len(ctx_lens), 1, 8)
+        q = torch.randn(len(ctx_lens), 4, 8, generator=torch.Generator().manual_seed(len(ctx_lens)))
+        with torch.inference_mode():
+            out = paged_attention(q, kv.k[0], kv.v[0], meta, 0.3)
+        ptrs.append(attention._workspace.buffers[("k", torch.float32, kv.k.device)].data_ptr())
+        for s, c in enumerate(ctx_lens):
+            slots = meta.context_slots[s, :c]
+            want = naive_attention(q[s:s + 1], kv.k[0][slots], kv.v[0][slots], 0.3)
+            torch.testing.assert_close(out[s:s + 1], want, rtol=1e-5, atol=1e-5)
+    assert ptrs[1] == ptrs[2] == ptrs[3]          # grown once for the largest step, then kept
+
+
 def test_rmsnorm_fp32_then_cast():
     n = RMSNorm(4, 1e-5)
     n.weight.data = torch.tensor([1.0, 2.0, 3.0, 4.0])

@@ -11,6 +11,7 @@ d head dim, bs block size.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -127,13 +128,50 @@ def _ungroup(o: torch.Tensor, t: int, nq: int) -> torch.Tensor:
     return o.reshape(*lead, t, nq, d)
 
 
-def _gather_blocks(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    """[slots, g, d] -> [S, max_ctx, g, d]: each sequence's K or V, copied a whole block at a time."""
+class _GatherWorkspace(threading.local):
+    """Reused destination buffers of the decode K/V gather, one set per thread.
+
+    A decode step gathers every sequence's K and V once per layer (at batch 32 x context 4096 in
+    fp32, 2 x 67 MB per layer). Allocating that afresh each time costs more than the copy itself:
+    the allocator returns large blocks to the OS, so every layer page-faults the whole buffer
+    back in. The buffers grow (with headroom, as contexts grow a token a step) and are kept.
+    """
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (name, dtype, device)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            grown = numel if buf is None else max(numel, buf.numel() * 5 // 4)
+            with torch.inference_mode(False):          # a normal tensor: writable in and out of it
+                buf = self.buffers[key] = torch.empty(grown, dtype=dtype, device=device)
+        return buf[:numel]
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+
+_workspace = _GatherWorkspace()
+
+
+def _gather_blocks(cache: torch.Tensor, meta: AttentionMetadata, name: str = "") -> torch.Tensor:
+    """[slots, g, d] -> [S, max_ctx, g, d]: each sequence's K or V, copied a whole block at a time.
+
+    With `name` (and no autograd), the copy lands in the thread's reused buffer of that name: the
+    result is only valid until the next gather of the same name.
+    """
     S = meta.block_tables.shape[0]
     g, d = cache.shape[1:]
     blocks = cache.view(-1, meta.block_size * g * d)                 # [num_blocks, bs*g*d]
-    out = blocks.index_select(0, meta.block_tables.reshape(-1)).view(S, -1, g, d)
-    return out[:, :meta.context_mask.shape[1]]
+    index = meta.block_tables.reshape(-1)
+    if name and not (torch.is_grad_enabled() and cache.requires_grad):
+        buf = _workspace.get(name, index.numel() * blocks.shape[1], cache.dtype, cache.device)
+        out = torch.index_select(blocks, 0, index, out=buf.view(index.numel(), blocks.shape[1]))
+    else:
+        out = blocks.index_select(0, index)
+    return out.view(S, -1, g, d)[:, :meta.context_mask.shape[1]]
 
 
 def _decode_attention(q, k_cache, v_cache, meta, scale):
@@ -141,8 +179,8 @@ def _decode_attention(q, k_cache, v_cache, meta, scale):
     # attend with a padding mask; the n_q heads sharing a KV head become rows of one matmul.
     S, nq, d = q.shape
     g = k_cache.shape[1]
-    k = _gather_blocks(k_cache, meta).transpose(1, 2)          # [S, g, ctx, d]
-    v = _gather_blocks(v_cache, meta).transpose(1, 2)
+    k = _gather_blocks(k_cache, meta, "k").transpose(1, 2)     # [S, g, ctx, d]
+    v = _gather_blocks(v_cache, meta, "v").transpose(1, 2)
     qg = _group_queries(q.unsqueeze(1), g)                       # [S, g, n_q/g, d]
     # [S, 1, 1, ctx]; none needed when every sequence has the same context length
     mask = None if min(meta.context_lens) == max(meta.context_lens) else meta.context_mask[:, None, None, :]
