@@ -141,17 +141,21 @@ def _cpu_fp32(p: torch.Tensor) -> bool:
     return p.device.type == "cpu" and p.dtype == torch.float32
 
 
+def stored_transposed(out: int, inp: int) -> bool:
+    """Whether `prepare_for_decode` stores a CPU fp32 [out, inp] matrix transposed, with the
+    current thread count: every matrix in OpenBLAS mode, else the wide ones (out > inp)."""
+    return openblas_mode() or out > inp
+
+
 @torch.no_grad()
 def prepare_for_decode(model: nn.Module) -> nn.Module:
     """Fuse projections and pick CPU layouts in place (see the module docstring); returns model."""
     from afdserve.model.attention import MFAttention
     from afdserve.model.layers import MoE, SwiGLU
 
-    every = openblas_mode()            # one thread + OpenBLAS: every matrix transposed
-
     def transpose(p: torch.Tensor, out: int | None = None) -> bool:
         """Store p ([.., out, in]; `out` overrides its row count, for fused matrices) transposed?"""
-        return _cpu_fp32(p) and (every or (p.shape[-2] if out is None else out) > p.shape[-1])
+        return _cpu_fp32(p) and stored_transposed(p.shape[-2] if out is None else out, p.shape[-1])
 
     for mod in model.modules():
         if getattr(mod, "gate_up", None) is not None or getattr(mod, "qkv_a", None) is not None:

@@ -110,18 +110,21 @@ def measure_cpu(threads: int, quick: bool = False) -> CpuFigures:
     return CpuFigures(threads, bw, flops, op_us, tuple(sorted(seconds_per_param.items())))
 
 
-# (out, in, stored transposed): the small preset's fused expert gate+up, expert down, wq, o_proj.
-DECODE_SHAPES = ((1024, 768, True), (768, 512, False), (2048, 384, True), (768, 2048, False))
+# (out, in): the small preset's fused expert gate+up, expert down, wq, o_proj.
+DECODE_SHAPES = ((1024, 768), (768, 512), (2048, 384), (768, 2048))
 
 
 def decode_weights(per_shape: int):
-    """Distinct random weights of DECODE_SHAPES in the engine's layouts (more than the caches hold)."""
+    """Distinct random weights of DECODE_SHAPES (more than the caches hold), in the layouts
+    `prepare_for_decode` gives them under the current thread count."""
     import torch
+
+    from afdserve.model.kernels import stored_transposed
     out = []
-    for o, i, transposed in DECODE_SHAPES:
+    for o, i in DECODE_SHAPES:
         for _ in range(per_shape):
             w = torch.randn(o, i)
-            out.append(w.t().contiguous().t() if transposed else w)
+            out.append(w.t().contiguous().t() if stored_transposed(o, i) else w)
     return out
 
 
