@@ -58,6 +58,19 @@ class FFNMessage:
     sent_us: int = 0
     num_micro_batches: int = 1
     stop: bool = False
+    encoding: int = ENC_MODEL
+
+
+@dataclass
+class PostedInput:
+    """Receives posted ahead for one attention rank's micro-batch (`post_ffn_input`)."""
+
+    src: int
+    expected: tuple           # (kind, layer, micro-batch, tokens, encoding, top-k) of the header
+    header: torch.Tensor
+    x: torch.Tensor | None
+    meta: torch.Tensor | None
+    works: list
 
 
 @dataclass
@@ -162,6 +175,11 @@ class TorchP2PConnector:
         return dist.irecv(buf, src, tag=TRACE_TAG), buf
 
     # ------------------------------------------------------------------ FFN side
+    # gloo matches a send with a receive by a rendezvous: a send whose receive is not posted yet
+    # waits for the receiver's "ready" notice, one extra round trip of process wake-ups. So an
+    # FFN worker posts the receives of a micro-batch's next layer as soon as it knows their sizes
+    # (from this layer's header: T, encoding, and whether the next layer routes experts), and
+    # only a step's first layer is received header first.
     def recv_ffn_input(self, src: int, micro_batch: int) -> FFNMessage:
         """Blocking receive of one attention worker's micro-batch (header, then payload), decoded."""
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
@@ -169,17 +187,49 @@ class TorchP2PConnector:
         kind, layer, mb, T, sent_us, enc, k, m = header.tolist()
         if kind == KIND_STOP:
             return FFNMessage(-1, micro_batch, 0, stop=True)
-        msg = FFNMessage(layer, mb, T, sent_us=sent_us, num_micro_batches=m)
+        msg = FFNMessage(layer, mb, T, sent_us=sent_us, num_micro_batches=m, encoding=enc)
         if T == 0:
             return msg
+        x, meta = self._payload_buffers(T, enc, k)
+        dist.recv(x, src, tag=_tag(mb, SLOT_X))
+        if meta is not None:
+            dist.recv(meta, src, tag=_tag(mb, SLOT_META))
+        return self._decoded(msg, x, meta, enc, k)
+
+    def post_ffn_input(self, src: int, layer: int, micro_batch: int, num_tokens: int, encoding: int,
+                       top_k: int) -> "PostedInput":
+        """Post the receives of a micro-batch whose sizes are known (header and payload at once)."""
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        works = [dist.irecv(header, src, tag=_tag(micro_batch, SLOT_HEADER))]
+        x = meta = None
+        if num_tokens:
+            x, meta = self._payload_buffers(num_tokens, encoding, top_k)
+            works.append(dist.irecv(x, src, tag=_tag(micro_batch, SLOT_X)))
+            if meta is not None:
+                works.append(dist.irecv(meta, src, tag=_tag(micro_batch, SLOT_META)))
+        return PostedInput(src, (KIND_DATA, layer, micro_batch, num_tokens, encoding, top_k), header, x, meta, works)
+
+    def wait_ffn_input(self, posted: "PostedInput") -> FFNMessage:
+        """Complete posted receives; the header must be the one the sizes were posted for."""
+        posted.works[0].wait()
+        kind, layer, mb, T, sent_us, enc, k, m = posted.header.tolist()
+        if (kind, layer, mb, T, enc, k) != posted.expected:
+            raise RuntimeError(f"protocol error: attention rank {posted.src} sent (kind, layer, micro-batch, "
+                               f"tokens, encoding, top-k) = {(kind, layer, mb, T, enc, k)}, expected "
+                               f"{posted.expected}")
+        for w in posted.works[1:]:
+            w.wait()
+        msg = FFNMessage(layer, mb, T, sent_us=sent_us, num_micro_batches=m, encoding=enc)
+        return self._decoded(msg, posted.x, posted.meta, enc, k) if T else msg
+
+    def _payload_buffers(self, T: int, enc: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         xdt = self.dtype if enc == ENC_MODEL else (torch.uint8 if enc == ENC_FP8 else torch.int8)
         x = torch.empty(T, self.hidden, dtype=xdt, device=self.device)
-        dist.recv(x, src, tag=_tag(mb, SLOT_X))
         width = 2 * k + (enc != ENC_MODEL)
-        meta = None
-        if width:
-            meta = torch.empty(T, width, dtype=torch.float32, device=self.device)
-            dist.recv(meta, src, tag=_tag(mb, SLOT_META))
+        meta = torch.empty(T, width, dtype=torch.float32, device=self.device) if width else None
+        return x, meta
+
+    def _decoded(self, msg: FFNMessage, x: torch.Tensor, meta: torch.Tensor | None, enc: int, k: int) -> FFNMessage:
         msg.x = x if enc == ENC_MODEL else dequantize_8bit(x, meta[:, -1].contiguous(), self.dtype)
         if k:
             msg.weights, msg.ids = meta[:, :k].contiguous(), meta[:, k:2 * k].long()

@@ -418,24 +418,36 @@ def serve_ffn(model, conn: TorchP2PConnector, topo: Topology) -> None:
     """Steps until a stop header: per layer and micro-batch, gather all attention workers' tokens.
 
     The micro-batch count m of a step comes with its headers (all attention workers agree)."""
+    config, L = model.config, len(model.layers)
+    top_k = [config.moe_top_k if config.is_moe_layer(i) else 0 for i in range(L)]
     while True:
-        times, sends = [], []            # times[i][j] = (ffn compute ms, receive wait ms)
+        times = []                       # times[i][j] = (ffn compute ms, receive wait ms)
+        posted: dict[tuple[int, int], list] = {}     # (layer, micro-batch) -> per attention rank
         for i, layer in enumerate(model.layers):
             row, j, m = [], 0, 1
             while j < m:
                 t0 = time.perf_counter()
-                msgs = [conn.recv_ffn_input(r, j) for r in topo.attention_ranks]
+                if (i, j) in posted:
+                    msgs = [conn.wait_ffn_input(p) for p in posted.pop((i, j))]
+                else:                                     # a step's first layer: header first
+                    msgs = [conn.recv_ffn_input(r, j) for r in topo.attention_ranks]
                 if any(msg.stop for msg in msgs):
                     return
                 m = _check_order(msgs, i, j)
+                if i + 1 < L:                             # same tokens, next layer: post ahead
+                    posted[(i + 1, j)] = [conn.post_ffn_input(r, i + 1, j, msg.num_tokens, msg.encoding, top_k[i + 1])
+                                          for r, msg in zip(topo.attention_ranks, msgs)]
                 conn.hold_for_link(max(msg.sent_us for msg in msgs))
                 t1 = time.perf_counter()
-                sends += _compute_and_reply(layer, conn, msgs, topo, j)
-                row.append(((time.perf_counter() - t1) * 1e3, (t1 - t0) * 1e3))
+                works = _compute_and_reply(layer, conn, msgs, topo, j)
+                t2 = time.perf_counter()
+                # Complete the replies before receiving the next micro-batch, for the reason
+                # RemoteFFN.submit does: a send left to gloo's I/O thread waits for a CPU slice.
+                for w in works:
+                    w.wait()
+                row.append(((t2 - t1) * 1e3, (t1 - t0 + time.perf_counter() - t2) * 1e3))
                 j += 1
             times.append(row)
-        for w in sends:
-            w.wait()
         t = torch.tensor(times).permute(2, 0, 1)     # [2, L, m]
         conn.send_trace(topo.attention_rank(0), t.flatten()).wait()
 
