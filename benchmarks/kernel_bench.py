@@ -7,6 +7,7 @@ distinct weights to stream from memory, not cache:
   mkl-T        F.linear over transposed storage ([in, out] contiguous)
   onednn-T     oneDNN inner product over transposed storage
   onednn-pack  oneDNN inner product over a prepacked copy
+  openblas     numpy's OpenBLAS sgemm over the checkpoint layout
   openblas-T   numpy's OpenBLAS sgemm over transposed storage (x @ W^T with W^T contiguous)
 and prints weight GB/s per candidate, the machine's streaming-read bandwidth measured in the same
 run, and which candidate `afdserve.model.kernels.linear` dispatches to. This is how the layouts and
@@ -47,9 +48,11 @@ def candidates(ws: list[torch.Tensor], rows: int) -> dict:
         out["onednn-T"] = lambda x: [kernels._onednn_linear(x, w) for w in wt]
         out["onednn-pack"] = lambda x: [kernels._onednn_linear(x, p) for p in packed]
     nt = [w.t().numpy() for w in wt]          # [in, out] contiguous, zero-copy
+    nw = [w.numpy() for w in ws]
+    out["openblas"] = lambda x: [x.numpy() @ w.T for w in nw]
     out["openblas-T"] = lambda x: [x.numpy() @ w for w in nt]
-    out["dispatch"] = lambda x: [kernels.linear(x, w) for w in wt] if kernels._wide(ws[0].shape) else \
-        [kernels.linear(x, w) for w in ws]
+    o, i = ws[0].shape                            # what the engine stores and dispatches
+    out["dispatch"] = lambda x: [kernels.linear(x, w) for w in (wt if kernels.stored_transposed(o, i) else ws)]
     return out
 
 

@@ -55,7 +55,10 @@ def test_linear_dispatch_openblas_only_with_one_thread_and_no_grad_needed(torch_
         linear(torch.randn(rows, 32), w)
     assert calls == ([1, 4, 9] if torch_threads == 1 else [])
     calls.clear()
-    linear(torch.randn(4, 32), w.contiguous())            # checkpoint layout: never OpenBLAS
+    linear(torch.randn(4, 32), w.contiguous())            # checkpoint layout: OpenBLAS too
+    assert calls == ([4] if torch_threads == 1 else [])
+    calls.clear()
+    linear(torch.randn(4, 32), torch.randn(64, 64)[:, :32])   # other strides: never
     assert calls == []
     # a weight that needs gradients keeps autograd (F.linear), and the gradient is right
     wg = w.detach().clone().requires_grad_(True)
@@ -107,8 +110,10 @@ def test_prepared_model_matches_unprepared(batch, torch_threads):
     assert moe.gate_up is not None and moe.gate_up.shape[-2] == 2 * moe.gate_proj.weight.shape[-2]
     assert is_transposed(fast.layers[0].mlp.gate_up) and is_transposed(fast.lm_head.weight)  # wide ones
     assert is_transposed(moe.down_proj.weight[0])
-    narrow = [attn.qkv_a, attn.o_proj.weight]            # out <= in: transposed only for OpenBLAS
-    assert all(is_transposed(w) == kernels.openblas_mode() for w in narrow)
+    # out <= in: transposed only for OpenBLAS, and not when in >= 2 out
+    w = attn.qkv_a
+    assert is_transposed(w) == (kernels.openblas_mode() and w.shape[1] < 2 * w.shape[0])
+    assert not is_transposed(fast.layers[0].mlp.down_proj.weight)       # [H, W], W >= 2 H in tiny
     ids = [(7 * s + 3) % config.vocab_size for s in range(batch)]
     positions = [5 + s for s in range(batch)]
     torch.testing.assert_close(_run(fast, ids, positions), _run(plain, ids, positions), rtol=1e-4, atol=1e-4)

@@ -25,8 +25,10 @@ benchmarks/README.md):
      every matrix) and prepacks the LM head for oneDNN.
 With one torch thread (the AFD workers on a small machine, the benchmark figures), numpy's
 bundled OpenBLAS is faster still: its sgemm over transposed storage streams decode-shaped weights
-1.1-1.6x faster than the best of MKL and oneDNN at 1 row and at 4+ rows (2-3 rows stay on MKL).
-In that mode `prepare_for_decode` stores every weight matrix transposed. OpenBLAS runs with one
+at 1.0-1.4x the rate of the best of MKL and oneDNN (prepacked included) at 4-16 rows and at
+1.1-1.2x at 1 row; 2-3 rows stay on MKL. Strongly narrow matrices (o_proj, dense down: in >= 2 x
+out) stream faster at 1 row in their checkpoint layout. In that mode `prepare_for_decode` stores
+every other weight matrix transposed. OpenBLAS runs with one
 thread of its own; with more torch threads it is not used, because its thread pool and torch's
 fight for the cores (measured: several times slower when their calls interleave).
 
@@ -78,7 +80,7 @@ def openblas_mode(device: torch.device | str = "cpu") -> bool:
 
 
 def _openblas_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, in] @ w^T for w [out, in] stored transposed: one sgemm over the [in, out] memory."""
+    """x [M, in] @ w^T for w [out, in], stored transposed or not: one sgemm over w's memory."""
     return torch.from_numpy(x.numpy() @ w.t().numpy())
 
 
@@ -99,8 +101,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None)
     if x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32 and \
             not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):   # no autograd below
         rows = x.shape[0]
-        if OPENBLAS and (rows == 1 or rows >= OPENBLAS_MIN_ROWS) and is_transposed(w) and \
-                torch.get_num_threads() == 1:
+        if OPENBLAS and (rows == 1 or rows >= OPENBLAS_MIN_ROWS) and w.dim() == 2 and \
+                (is_transposed(w) or w.is_contiguous()) and torch.get_num_threads() == 1:
             return _openblas_linear(x, w)
         if not ONEDNN:
             return F.linear(x, w)
@@ -143,8 +145,10 @@ def _cpu_fp32(p: torch.Tensor) -> bool:
 
 def stored_transposed(out: int, inp: int) -> bool:
     """Whether `prepare_for_decode` stores a CPU fp32 [out, inp] matrix transposed, with the
-    current thread count: every matrix in OpenBLAS mode, else the wide ones (out > inp)."""
-    return openblas_mode() or out > inp
+    current thread count: the wide ones (out > inp); in OpenBLAS mode every matrix but the
+    strongly narrow ones (inp >= 2 out, e.g. o_proj and dense down projections), which OpenBLAS
+    streams faster at 1 row in their checkpoint layout (benchmarks/kernel_bench.py)."""
+    return out > inp or (openblas_mode() and inp < 2 * out)
 
 
 @torch.no_grad()
