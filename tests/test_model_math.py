@@ -124,6 +124,26 @@ def test_moe_fast_matches_reference_and_router_is_fp32():
     assert wb.dtype == torch.float32
 
 
+def test_moe_single_token_path_equals_the_batched_one_including_shards():
+    torch.manual_seed(1)
+    full = MoE(16, 8, 6, top_k=3, renormalize=False)
+    for p in full.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(7, 16)
+    w, ids = full.route(x)
+    for first, stop in ((0, 6), (2, 5), (5, 6)):           # whole, a middle shard, a last one
+        part = MoE(16, 8, 6, top_k=3, renormalize=False, router=False, experts=(first, stop))
+        with torch.no_grad():
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(part, name).weight.copy_(getattr(full, name).weight[first:stop])
+        batched = part(x, w, ids)
+        for t in range(7):
+            one = part(x[t:t + 1], w[t:t + 1], ids[t:t + 1])
+            torch.testing.assert_close(one, batched[t:t + 1], rtol=1e-5, atol=1e-6)
+    none_local = ids[:1].clone().fill_(0)                  # no slot on experts [5, 6)
+    torch.testing.assert_close(part(x[:1], w[:1], none_local), torch.zeros(1, 16))
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_ffn_shards_sum_to_full_ffn(world):
     config = get_preset("tiny")
