@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every CPU benchmark of the project, one after the other, into runs/ (about 50 minutes on
+# Every CPU benchmark of the project, one after the other, into runs/ (about 60 minutes on
 # 2 cores). Run it on an otherwise idle machine: `bash benchmarks/run_all.sh`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,7 @@ $PY -m afdserve bench --threads 1 --no-afd --out runs/bench 2>&1 | tee runs/benc
 $PY benchmarks/kernel_bench.py --json runs/kernel_bench.json 2>&1 | tee runs/kernel_bench.log
 $PY benchmarks/afd_bench.py --json runs/afd_bench.json 2>&1 | tee runs/afd_bench.log
 for b in 4 16 32; do
-    $PY benchmarks/sim_vs_measured.py --batch "$b" --json > "runs/sim_vs_measured_b$b.json" 2>> runs/sim_vs_measured.log
+    $PY benchmarks/sim_vs_measured.py --batch "$b" --repeats 3 --json > "runs/sim_vs_measured_b$b.json" 2>> runs/sim_vs_measured.log
 done
 $PY benchmarks/serve_bench.py --clients 200 --requests 400 --bad-fraction 0.1 --max-tokens 16 \
     --json runs/serve_bench.json 2>&1 | tee runs/serve_bench.log
