@@ -110,13 +110,18 @@ def test_moe_hand_set_weights_known_answer():
     torch.testing.assert_close(w2.sum(-1), torch.ones(1))
 
 
-def test_moe_fast_matches_reference_and_router_is_fp32():
-    torch.manual_seed(0)
+def _random_moe_and_routing(seed: int, tokens: int):
+    """A 6-expert top-3 MoE with N(0, 0.3) weights, `tokens` random inputs and their routing."""
+    torch.manual_seed(seed)
     moe = MoE(16, 8, 6, top_k=3, renormalize=False)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    x = torch.randn(11, 16)
-    w, ids = moe.route(x)
+    x = torch.randn(tokens, 16)
+    return moe, x, *moe.route(x)
+
+
+def test_moe_fast_matches_reference_and_router_is_fp32():
+    moe, x, w, ids = _random_moe_and_routing(0, 11)
     assert w.dtype == torch.float32
     torch.testing.assert_close(moe(x, w, ids), moe_reference(x, w, ids, moe), rtol=1e-5, atol=1e-6)
     mb = moe.to(torch.bfloat16)
@@ -125,12 +130,7 @@ def test_moe_fast_matches_reference_and_router_is_fp32():
 
 
 def test_moe_single_token_path_equals_the_batched_one_including_shards():
-    torch.manual_seed(1)
-    full = MoE(16, 8, 6, top_k=3, renormalize=False)
-    for p in full.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    x = torch.randn(7, 16)
-    w, ids = full.route(x)
+    full, x, w, ids = _random_moe_and_routing(1, 7)
     for first, stop in ((0, 6), (2, 5), (5, 6)):           # whole, a middle shard, a last one
         part = MoE(16, 8, 6, top_k=3, renormalize=False, router=False, experts=(first, stop))
         with torch.no_grad():
