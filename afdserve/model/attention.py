@@ -149,9 +149,6 @@ class _GatherWorkspace(threading.local):
                 buf = self.buffers[key] = torch.empty(grown, dtype=dtype, device=device)
         return buf[:numel]
 
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers.values())
-
 
 _workspace = _GatherWorkspace()
 

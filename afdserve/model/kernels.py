@@ -22,15 +22,15 @@ benchmarks/README.md):
      fused storage, so the state dict, the memory used and the reference code paths are unchanged;
   2. on CPU in fp32: stores wide matrices transposed (the fused gate/up projections, wq, the
      experts' down projections when hidden > width, the LM head; with one thread and OpenBLAS,
-     every matrix) and prepacks the LM head for oneDNN.
+     every matrix but the strongly narrow ones, see `stored_transposed`) and prepacks the LM head
+     for oneDNN.
 With one torch thread (the AFD workers on a small machine, the benchmark figures), numpy's
 bundled OpenBLAS is faster still: its sgemm over transposed storage streams decode-shaped weights
 at 1.0-1.4x the rate of the best of MKL and oneDNN (prepacked included) at 4-16 rows and at
 1.1-1.2x at 1 row; 2-3 rows stay on MKL. Strongly narrow matrices (o_proj, dense down: in >= 2 x
-out) stream faster at 1 row in their checkpoint layout. In that mode `prepare_for_decode` stores
-every other weight matrix transposed. OpenBLAS runs with one
-thread of its own; with more torch threads it is not used, because its thread pool and torch's
-fight for the cores (measured: several times slower when their calls interleave).
+out) stream faster at 1 row in their checkpoint layout. OpenBLAS runs with one thread of its own;
+with more torch threads it is not used, because its thread pool and torch's fight for the cores
+(several times slower when their calls interleave).
 
 `linear(x, w)` picks the kernel from the row count, the weight's layout and the thread count; it
 equals `F.linear(x, w)` up to floating-point summation order (tests/test_kernels.py).
@@ -133,10 +133,6 @@ def _fuse_rows(params: list[nn.Parameter], transpose: bool) -> torch.Tensor:
         p.data = fused[..., start:start + n, :]
         start += n
     return fused
-
-
-def _wide(shape: torch.Size) -> bool:
-    return shape[-2] > shape[-1]
 
 
 def _cpu_fp32(p: torch.Tensor) -> bool:

@@ -166,7 +166,6 @@ class MoE(nn.Module):
         w = (weights * hit.view(T, k)).to(x.dtype).unsqueeze(-1)
         return (expert_out.view(T, k, -1) * w).sum(1)
 
-
     def _forward_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """One token (batch-1 decode): the same sum as `forward` (slots in order; a slot whose
         expert is not local adds nothing) without the grouping ops, ~half the kernel calls."""
