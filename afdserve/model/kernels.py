@@ -60,12 +60,16 @@ OPENBLAS_MIN_ROWS = 4
 
 
 def _openblas_available() -> bool:
-    """numpy's own OpenBLAS, limited to one thread (it is only used when torch has one too)."""
+    """numpy's own OpenBLAS (the one its wheels bundle), limited to one thread (it is only used
+    when torch has one too). Other BLAS libraries in the process, torch's included, are left alone."""
     try:
+        import numpy  # noqa: F401  (loads the library threadpoolctl looks for)
         from threadpoolctl import threadpool_info, threadpool_limits
-        if not any(i.get("internal_api") == "openblas" for i in threadpool_info()):
+        ours = [i for i in threadpool_info()
+                if i.get("internal_api") == "openblas" and "numpy" in i.get("filepath", "")]
+        if not ours:
             return False
-        threadpool_limits(1, user_api="blas")
+        threadpool_limits({i["prefix"]: 1 for i in ours})
         return True
     except Exception:                                  # pragma: no cover - no numpy / threadpoolctl
         return False
