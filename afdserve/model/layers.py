@@ -142,8 +142,9 @@ class MoE(nn.Module):
         """x [T, H]; weights [T, k] fp32; ids [T, k] -> weighted sum over this module's experts.
 
         Tokens are grouped by expert (one GEMM per expert hit), each (token, slot) result lands in
-        its own row of a [T, k, H] buffer, and the k slots are summed in a fixed order, so a
-        token's output does not depend on the other tokens in the batch.
+        its own row of a [T, k, H] buffer, and the k slots are summed in a fixed order, so which
+        other tokens share the batch changes a token's output only through the GEMM kernel that
+        an expert's row count selects (afdserve/model/kernels.py), i.e. in the last bits.
         """
         T, k = ids.shape
         if T == 1:
