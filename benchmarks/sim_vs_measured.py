@@ -4,7 +4,8 @@
 
 1. Measures this CPU (afdserve.sim.local; 1 thread for each AFD process, 2 threads colocated):
    streaming-read bandwidth, matmul FLOP/s, decode-GEMM rates at 1-64 rows through the engine's
-   kernels, per-op cost, the layer halves' fixed cost on a tiny-width model of the same
+   kernels (for AFD with m >= 2 while a neighbour process streams weights too, as the other
+   role does in the pipeline), per-op cost, the layer halves' fixed cost on a tiny-width model of the same
    structure, gloo point-to-point latency/bandwidth, and the AFD runtime's cost per exchange
    (the tiny-width model run through 1A1F).
 2. Predicts decode tokens/s of the `small` preset (fp32) colocated and AFD 1A1F.
@@ -98,14 +99,22 @@ def _round(args, tokens: int, tmp: str, narrow: Path) -> list[dict]:
         rows.append({"deployment": "AFD 1A1F", "skipped": f"AFD runtime not importable: {exc}"})
         return rows
     over_one = local.measure_layer_overheads(1, -(-args.batch // args.micro_batches), args.quick)
+    # With m >= 2 the pipeline keeps both roles computing at once on this one memory system: the
+    # AFD rates are measured with a neighbour process streaming weights (m = 1 alternates them).
+    afd = one
+    if args.micro_batches > 1:
+        afd = dataclasses.replace(local.measure_cpu(1, args.quick, neighbour=True), p2p_latency_us=lat_us,
+                                  p2p_bytes_per_s=p2p_bw)
+        print(f"with a neighbour streaming weights: read {afd.read_bytes_per_s / 1e9:.2f} GB/s, decode GEMMs "
+              f"{_gemm_rates(afd)}", file=sys.stderr)
     # The runtime's exchange cost, measured by running the narrow model through it.
     narrow_tps = local.measure_engine_decode(str(narrow), args.batch, tokens, args.prompt_len,
                                              afd="1A1F", micro_batches=args.micro_batches)
-    lat = local.fit_link_latency(one, over_one, args.batch, context, args.micro_batches,
+    lat = local.fit_link_latency(afd, over_one, args.batch, context, args.micro_batches,
                                  args.batch / narrow_tps)
     print(f"AFD runtime exchange (narrow model through 1A1F, {narrow_tps:.0f} tok/s): "
           f"{lat:.0f} us per transfer (gloo ping-pong: {lat_us:.0f} us)", file=sys.stderr)
-    one_afd = dataclasses.replace(one, p2p_latency_us=lat)
+    one_afd = dataclasses.replace(afd, p2p_latency_us=lat)
     pred = local.predict_afd(arch, one_afd, one_afd, over_one, args.batch, context, args.micro_batches)
     rows.append(_row("AFD 1A1F", pred, over_one, lambda: local.measure_engine_decode(
         tmp, args.batch, tokens, args.prompt_len, afd="1A1F", micro_batches=args.micro_batches)))

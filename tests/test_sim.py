@@ -253,3 +253,27 @@ def test_link_latency_fit_recovers_the_latency_that_produced_a_step():
     step = local.predict_afd(arch, truth, truth, over, 8, 64, 2).tpot_ms / 1e3
     assert local.fit_link_latency(fig, over, 8, 64, 2, step) == pytest.approx(1234.0, rel=1e-3)
     assert local.fit_link_latency(fig, over, 8, 64, 2, 1e-9) == 0.0
+
+
+def test_cpu_measurement_with_a_neighbour_runs_it_and_always_stops_it(monkeypatch):
+    from afdserve.sim import local
+
+    started = []
+    real = local._start_neighbour
+
+    def spy():
+        proc = real()
+        assert proc.poll() is None                         # streaming while we measure
+        started.append(proc)
+        return proc
+
+    monkeypatch.setattr(local, "_start_neighbour", spy)
+    fig = local.measure_cpu(1, quick=True, neighbour=True)
+    assert [n for n, _ in fig.gemm_seconds_per_weight] == list(local.GEMM_ROWS)
+    assert fig.read_bytes_per_s > 0 and all(t > 0 for _, t in fig.gemm_seconds_per_weight)
+    assert started and started[0].poll() is not None      # killed and reaped afterwards
+    # ... also when the measurement fails half-way
+    monkeypatch.setattr(local, "decode_weights", lambda n: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        local.measure_cpu(1, quick=True, neighbour=True)
+    assert len(started) == 2 and started[1].poll() is not None

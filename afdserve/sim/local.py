@@ -69,7 +69,7 @@ def _median_time(fn, repeat: int) -> float:
 GEMM_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
-def measure_cpu(threads: int, quick: bool = False) -> CpuFigures:
+def measure_cpu(threads: int, quick: bool = False, neighbour: bool = False) -> CpuFigures:
     """Streaming-read bandwidth, GEMM FLOP/s, the decode-shape GEMM rate table and per-op cost with
     `threads` torch threads.
 
@@ -78,6 +78,10 @@ def measure_cpu(threads: int, quick: bool = False) -> CpuFigures:
     through the kernels the engine uses (`afdserve.model.kernels`), is timed at GEMM_ROWS; the
     simulator interpolates these points instead of its GEMM-efficiency curve (the CPU kernels'
     rate is not monotone in the rows: 1-row GEMVs stream faster than 3-4-row GEMMs).
+
+    With `neighbour`, everything is measured while another process (one thread) streams decode
+    weights through the same kernels: the condition of an AFD worker whose peer computes at the
+    same time on the same memory system (both roles on one machine, pipelined micro-batches).
     """
     import torch
 
@@ -85,6 +89,7 @@ def measure_cpu(threads: int, quick: bool = False) -> CpuFigures:
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     reps = 3 if quick else 7
+    peer = _start_neighbour() if neighbour else None
     try:
         x = torch.ones(32 * 2**20 if quick else 64 * 2**20)          # 128/256 MB fp32
         bw = x.numel() * 4 / _median_time(lambda: x.sum(), reps)
@@ -107,7 +112,41 @@ def measure_cpu(threads: int, quick: bool = False) -> CpuFigures:
         op_us = _median_time(ops, reps) / n * 1e6
     finally:
         torch.set_num_threads(old)
+        if peer is not None:
+            peer.kill()
+            peer.wait()
     return CpuFigures(threads, bw, flops, op_us, tuple(sorted(seconds_per_param.items())))
+
+
+# The neighbour of measure_cpu(neighbour=True): streams 8-row decode GEMMs until killed, and exits
+# by itself if the measuring process goes away.
+_NEIGHBOUR = """
+import os, sys, torch
+torch.set_num_threads(1)
+from afdserve.model.kernels import linear
+from afdserve.sim.local import decode_weights
+parent = int(sys.argv[1])
+ws = decode_weights(16)
+xs = {w.shape[1]: torch.randn(8, w.shape[1]) for w in ws}
+print("ready", flush=True)
+while os.getppid() == parent:
+    for w in ws:
+        linear(xs[w.shape[1]], w)
+"""
+
+
+def _start_neighbour():
+    import select
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", _NEIGHBOUR, str(os.getpid())], stdout=subprocess.PIPE,
+                            text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], 120)
+    if not ready or proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        proc.wait()
+        raise RuntimeError("the neighbour process of measure_cpu(neighbour=True) did not start")
+    return proc
 
 
 # (out, in): the small preset's fused expert gate+up, expert down, wq, o_proj.
