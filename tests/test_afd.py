@@ -173,6 +173,56 @@ def test_8bit_logit_tolerance(tiny_ckpt):
     assert agree >= 0.75
 
 
+# The attention side of test_posted_receives...: layer 0 and layer 1 of one micro-batch, then a
+# header for layer 7 where the FFN side expects layer 2.
+_SENDER = """
+import datetime, sys, torch, torch.distributed as dist
+from afdserve.afd.connector import TorchP2PConnector
+from afdserve.afd.topology import parse_topology
+from afdserve.model.step3 import FFNInput
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[1]}", rank=0, world_size=2,
+                        timeout=datetime.timedelta(seconds=30))
+conn = TorchP2PConnector(parse_topology("1A1F"), 8, 2, torch.float32)
+x = torch.arange(24.0).view(3, 8)
+w, ids = torch.tensor([[0.5, 0.25]] * 3), torch.tensor([[1, 3]] * 3)
+for inp in (conn.encode(0, 0, 1, FFNInput(x, w, ids)), conn.encode(1, 0, 1, FFNInput(x + 1, w, ids)),
+            conn.encode(7, 0, 1, FFNInput(x[:0]))):
+    for work in conn.send_ffn_input(1, inp):
+        work.wait()
+dist.destroy_process_group()
+"""
+
+
+def test_posted_receives_deliver_the_next_layer_and_refuse_an_unexpected_header():
+    import datetime
+
+    import torch.distributed as dist
+
+    from afdserve.afd.connector import ENC_MODEL, TorchP2PConnector
+    port = free_port()
+    sender = subprocess.Popen([sys.executable, "-c", _SENDER, str(port)])
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=2,
+                                timeout=datetime.timedelta(seconds=30))
+        conn = TorchP2PConnector(parse_topology("1A1F"), 8, 2, torch.float32)
+        first = conn.recv_ffn_input(0, 0)                     # a step's first layer: header first
+        posted = conn.post_ffn_input(0, 1, 0, first.num_tokens, first.encoding, 2)
+        nxt = conn.wait_ffn_input(posted)
+        x = torch.arange(24.0).view(3, 8)
+        assert (nxt.layer, nxt.num_tokens) == (1, 3) and torch.equal(nxt.x, x + 1)
+        assert nxt.ids.tolist() == [[1, 3]] * 3 and torch.equal(nxt.weights, torch.tensor([[0.5, 0.25]] * 3))
+        wrong = conn.post_ffn_input(0, 2, 0, 0, ENC_MODEL, 0)
+        with pytest.raises(RuntimeError, match="protocol error: attention rank 0 sent .* = \\(0, 7, 0, 0, 0, 0\\)"):
+            conn.wait_ffn_input(wrong)
+        assert sender.wait(timeout=60) == 0
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------------- equality
 @pytest.mark.parametrize("topo", ["1A1F", "2A1F", "1A2F", "2A2F"])
 def test_topology_matches_colocated(deployments, reference, topo):
