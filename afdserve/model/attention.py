@@ -153,17 +153,17 @@ class _GatherWorkspace(threading.local):
 _workspace = _GatherWorkspace()
 
 
-def _gather_blocks(cache: torch.Tensor, meta: AttentionMetadata, name: str = "") -> torch.Tensor:
+def _gather_blocks(cache: torch.Tensor, meta: AttentionMetadata, name: str) -> torch.Tensor:
     """[slots, g, d] -> [S, max_ctx, g, d]: each sequence's K or V, copied a whole block at a time.
 
-    With `name` (and no autograd), the copy lands in the thread's reused buffer of that name: the
-    result is only valid until the next gather of the same name.
+    Without autograd the copy lands in the thread's reused buffer `name`: the result is only
+    valid until the next gather of the same name.
     """
     S = meta.block_tables.shape[0]
     g, d = cache.shape[1:]
     blocks = cache.view(-1, meta.block_size * g * d)                 # [num_blocks, bs*g*d]
     index = meta.block_tables.reshape(-1)
-    if name and not (torch.is_grad_enabled() and cache.requires_grad):
+    if not (torch.is_grad_enabled() and cache.requires_grad):
         buf = _workspace.get(name, index.numel() * blocks.shape[1], cache.dtype, cache.device)
         out = torch.index_select(blocks, 0, index, out=buf.view(index.numel(), blocks.shape[1]))
     else:

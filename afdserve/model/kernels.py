@@ -78,9 +78,9 @@ def _openblas_available() -> bool:
 OPENBLAS = _openblas_available()
 
 
-def openblas_mode(device: torch.device | str = "cpu") -> bool:
-    """True where `linear` sends 1 and 4+ rows to OpenBLAS: CPU, OpenBLAS present, one torch thread."""
-    return OPENBLAS and torch.device(device).type == "cpu" and torch.get_num_threads() == 1
+def openblas_mode() -> bool:
+    """True where `linear` sends 1 and 4+ CPU rows to OpenBLAS: OpenBLAS present, one torch thread."""
+    return OPENBLAS and torch.get_num_threads() == 1
 
 
 def _openblas_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
