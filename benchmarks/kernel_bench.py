@@ -9,6 +9,8 @@ distinct weights to stream from memory, not cache:
   onednn-pack  oneDNN inner product over a prepacked copy
   openblas     numpy's OpenBLAS sgemm over the checkpoint layout
   openblas-T   numpy's OpenBLAS sgemm over transposed storage (x @ W^T with W^T contiguous)
+  native       afdserve's own decode GEMM (afdserve/native/decode_gemm.c) over the checkpoint layout
+  native-T     the same over transposed storage (when the extension is built)
 and prints weight GB/s per candidate, the machine's streaming-read bandwidth measured in the same
 run, and which candidate `afdserve.model.kernels.linear` dispatches to. This is how the layouts and
 thresholds of afdserve/model/kernels.py were chosen (benchmarks/README.md, "Kernel choices").
@@ -51,6 +53,9 @@ def candidates(ws: list[torch.Tensor], rows: int) -> dict:
     nw = [w.numpy() for w in ws]
     out["openblas"] = lambda x: [x.numpy() @ w.T for w in nw]
     out["openblas-T"] = lambda x: [x.numpy() @ w for w in nt]
+    if kernels.NATIVE:
+        out["native"] = lambda x: [kernels._native_linear(x, w) for w in ws]
+        out["native-T"] = lambda x: [kernels._native_linear(x, w) for w in wt]
     o, i = ws[0].shape                            # what the engine stores and dispatches
     out["dispatch"] = lambda x: [kernels.linear(x, w) for w in (wt if kernels.stored_transposed(o, i) else ws)]
     return out
@@ -71,7 +76,7 @@ def _timed(fn) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rows", default="1,2,3,4,8,16,32,64")
+    ap.add_argument("--rows", default="1,2,3,4,8,12,16,32,64")
     ap.add_argument("--bytes", type=float, default=160e6, help="weight bytes streamed per timing")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--json")
@@ -82,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [int(r) for r in args.rows.split(",")]
     bw = bandwidth()
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{args.threads} thread(s), oneDNN {'yes' if kernels.ONEDNN else 'no'}; "
+          f"{args.threads} thread(s), oneDNN {'yes' if kernels.ONEDNN else 'no'}, "
+          f"native kernels {'yes' if kernels.NATIVE else 'no'}; "
           f"streaming read {bw / 1e9:.1f} GB/s")
     results = []
     g = torch.Generator().manual_seed(0)

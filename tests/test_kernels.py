@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import platform
+import shutil
 
 import pytest
 import torch
@@ -24,9 +26,19 @@ def torch_threads(request):
     torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8, 33])
+@pytest.fixture(params=["native", "blas"])
+def kernel_set(request, monkeypatch):
+    """With the native kernels (where built) and with the BLAS libraries only."""
+    if request.param == "native" and not kernels.NATIVE:
+        pytest.skip("afdserve._native is not built on this machine")
+    if request.param == "blas":
+        monkeypatch.setattr(kernels, "NATIVE", False)
+    return request.param
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8, 9, 33])
 @pytest.mark.parametrize("shape", [(96, 40), (40, 96)])
-def test_linear_equals_f_linear_for_every_layout(rows, shape, torch_threads):
+def test_linear_equals_f_linear_for_every_layout(rows, shape, torch_threads, kernel_set):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(*shape, generator=g)
     x = torch.randn(rows, shape[1], generator=g)
@@ -47,6 +59,7 @@ def test_linear_equals_f_linear_for_every_layout(rows, shape, torch_threads):
 def test_linear_dispatch_openblas_only_with_one_thread_and_no_grad_needed(torch_threads, monkeypatch):
     if not kernels.OPENBLAS:
         pytest.skip("numpy's OpenBLAS not found")
+    monkeypatch.setattr(kernels, "NATIVE", False)
     calls = []
     real = kernels._openblas_linear
     monkeypatch.setattr(kernels, "_openblas_linear", lambda x, w: calls.append(x.shape[0]) or real(x, w))
@@ -68,6 +81,93 @@ def test_linear_dispatch_openblas_only_with_one_thread_and_no_grad_needed(torch_
     with torch.no_grad():
         linear(x, wg)
     assert calls == ([4] if torch_threads == 1 else [])
+
+
+def test_linear_dispatch_native_by_rows_and_layout(torch_threads, monkeypatch):
+    if not kernels.NATIVE:
+        pytest.skip("afdserve._native is not built on this machine")
+    native, blas = [], []
+    real_native, real_blas = kernels._native_linear, kernels._openblas_linear
+    monkeypatch.setattr(kernels, "_native_linear", lambda x, w: native.append(x.shape[0]) or real_native(x, w))
+    monkeypatch.setattr(kernels, "_openblas_linear", lambda x, w: blas.append(x.shape[0]) or real_blas(x, w))
+    wt = torch.randn(64, 32).t().contiguous().t()          # transposed storage
+    w = torch.randn(32, 64)                                 # checkpoint layout
+    sliced = torch.randn(40, 64)[4:36]                      # rows of a fused matrix: still eligible
+    for rows in (1, 2, 8, 9, 32, 33):
+        linear(torch.randn(rows, 32), wt)
+        linear(torch.randn(rows, 64), w)
+        linear(torch.randn(rows, 64), sliced)
+    if torch_threads == 1:
+        assert native == [1, 1, 1, 2, 2, 2, 8, 8, 8, 9, 9, 32, 32]
+        assert blas == ([9, 32, 33, 33, 33] if kernels.OPENBLAS else [])
+    else:
+        assert native == [] and blas == []
+    native.clear()
+    wg = wt.detach().clone().requires_grad_(True)           # autograd needed: F.linear
+    linear(torch.randn(2, 32), wg).sum().backward()
+    assert native == [] and wg.grad is not None
+    # a weight whose inner dimension does not match raises torch's shape error, not a crash
+    with pytest.raises(RuntimeError):
+        kernels._native_linear(torch.randn(2, 31), w)
+
+
+@pytest.mark.skipif(not kernels.NATIVE, reason="afdserve._native is not built on this machine")
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 11, 13, 32])
+@pytest.mark.parametrize("shape", [(37, 29), (29, 37), (8, 8), (3, 100), (1, 17), (130, 7), (16, 1)])
+def test_native_kernels_equal_f_linear_with_tails_and_strides(rows, shape):
+    """Both layouts, sizes that are not multiples of the kernels' blocks (8-float vectors, 3/4/8
+    weight rows, 8 k-rows, 4-row groups), weights that are slices of a wider fused matrix and
+    activations that are column slices."""
+    out, inp = shape
+    g = torch.Generator().manual_seed(rows * 1000 + out)
+    fused = torch.randn(out + 5, inp + 3, generator=g)
+    w = fused[2:2 + out, 1:1 + inp]                          # checkpoint layout, ldw > inp
+    wt_mem = torch.randn(inp, out + 6, generator=g)
+    wt = wt_mem[:, 3:3 + out].t()                             # transposed storage, ldw > out
+    assert kernels.is_transposed(wt) or out == 1
+    x = torch.randn(rows, inp + 4, generator=g)[:, 4:]
+    for weight in (w, wt):
+        got = kernels._native_linear(x, weight)
+        torch.testing.assert_close(got, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+        assert got.shape == (rows, out) and got.is_contiguous()
+
+
+@pytest.mark.skipif(not kernels.NATIVE, reason="afdserve._native is not built on this machine")
+def test_native_sgemm_refuses_inconsistent_arguments():
+    from afdserve import _native
+    x, w, y = torch.randn(2, 8), torch.randn(4, 8), torch.empty(2, 4)
+    ok = (x.data_ptr(), 8, w.data_ptr(), 8, y.data_ptr(), 4, 2, 4, 8, False)
+    _native.sgemm(*ok)
+    torch.testing.assert_close(y, x @ w.t())
+    for i, bad in [(1, 7), (3, 7), (5, 3), (6, -1), (0, 0)]:       # ld < row length, negative, null
+        args = list(ok)
+        args[i] = bad
+        with pytest.raises(ValueError):
+            _native.sgemm(*args)
+    with pytest.raises(ValueError):                                    # transposed: ldw >= n
+        _native.sgemm(x.data_ptr(), 8, w.data_ptr(), 3, y.data_ptr(), 4, 2, 4, 8, True)
+    with pytest.raises(TypeError):
+        _native.sgemm(1, 2, 3)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("cc") is None or
+                    not {"avx2", "fma"} <= _cpu_flags(),
+                    reason="needs an x86-64 CPU with AVX2/FMA and a C compiler")
+def test_native_kernels_are_built_where_they_can_run():
+    """The install compiles afdserve._native when a compiler is present (setup.py, optional so a
+    machine without one still installs); here one is, so a silent build failure is an error."""
+    assert kernels.NATIVE
 
 
 def _storages(model):
@@ -110,9 +210,9 @@ def test_prepared_model_matches_unprepared(batch, torch_threads):
     assert moe.gate_up is not None and moe.gate_up.shape[-2] == 2 * moe.gate_proj.weight.shape[-2]
     assert is_transposed(fast.layers[0].mlp.gate_up) and is_transposed(fast.lm_head.weight)  # wide ones
     assert is_transposed(moe.down_proj.weight[0])
-    # out <= in: transposed only for OpenBLAS, and not when in >= 2 out
+    # out <= in: transposed only for OpenBLAS without native kernels, and not when in >= 2 out
     w = attn.qkv_a
-    assert is_transposed(w) == (kernels.openblas_mode() and w.shape[1] < 2 * w.shape[0])
+    assert is_transposed(w) == (kernels.one_thread_mode() and not kernels.NATIVE and w.shape[1] < 2 * w.shape[0])
     assert not is_transposed(fast.layers[0].mlp.down_proj.weight)       # [H, W], W >= 2 H in tiny
     ids = [(7 * s + 3) % config.vocab_size for s in range(batch)]
     positions = [5 + s for s in range(batch)]

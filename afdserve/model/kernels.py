@@ -78,14 +78,49 @@ def _openblas_available() -> bool:
 OPENBLAS = _openblas_available()
 
 
-def openblas_mode() -> bool:
-    """True where `linear` sends 1 and 4+ CPU rows to OpenBLAS: OpenBLAS present, one torch thread."""
-    return OPENBLAS and torch.get_num_threads() == 1
+def _native_available() -> bool:
+    """afdserve's own decode GEMMs (afdserve/native/decode_gemm.c), built at install time where a C
+    compiler is present, and runnable on this CPU (x86-64 with AVX2 + FMA)."""
+    try:
+        from afdserve import _native
+        return bool(_native.available())
+    except Exception:                                  # not built, or another platform
+        return False
+
+
+NATIVE = _native_available()
+# Rows up to which the native kernels beat the BLAS libraries, per layout (benchmarks/kernel_bench.py).
+NATIVE_MAX_ROWS = 32          # checkpoint layout [out, in]
+NATIVE_MAX_ROWS_T = 8         # transposed storage [in, out]
+
+
+def one_thread_mode() -> bool:
+    """True where `linear` uses its one-thread kernels (native, OpenBLAS) for CPU rows: one of them
+    is present and torch runs one thread. The weight layouts follow (`stored_transposed`)."""
+    return (NATIVE or OPENBLAS) and torch.get_num_threads() == 1
 
 
 def _openblas_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [M, in] @ w^T for w [out, in], stored transposed or not: one sgemm over w's memory."""
     return torch.from_numpy(x.numpy() @ w.t().numpy())
+
+
+def _native_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, in] @ w^T with the native kernel; w [out, in] with unit stride along `in`
+    (checkpoint layout) or along `out` (transposed storage), fp32 on the CPU."""
+    from afdserve import _native
+    rows, k = x.shape
+    if w.shape[1] != k:
+        return F.linear(x, w)                          # raises torch's shape error
+    if x.stride(-1) != 1 or (rows > 1 and x.stride(0) < k):
+        x = x.contiguous()
+    n = w.shape[0]
+    transposed = is_transposed(w)
+    y = torch.empty(rows, n, dtype=x.dtype)
+    _native.sgemm(x.data_ptr(), x.stride(0) if rows > 1 else k, w.data_ptr(),
+                  w.stride(1) if transposed else (w.stride(0) if n > 1 else k),
+                  y.data_ptr(), n, rows, n, k, transposed)
+    return y
 
 
 def _onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -105,6 +140,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None)
     if x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32 and \
             not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):   # no autograd below
         rows = x.shape[0]
+        if NATIVE and w.dim() == 2 and w.dtype == torch.float32 and w.device.type == "cpu" and rows > 0 and \
+                torch.get_num_threads() == 1 and \
+                ((rows <= NATIVE_MAX_ROWS_T and is_transposed(w)) or
+                 (rows <= NATIVE_MAX_ROWS and w.stride(-1) == 1 and (w.shape[0] == 1 or w.stride(0) >= w.shape[1]))):
+            return _native_linear(x, w)
         if OPENBLAS and (rows == 1 or rows >= OPENBLAS_MIN_ROWS) and w.dim() == 2 and \
                 (is_transposed(w) or w.is_contiguous()) and torch.get_num_threads() == 1:
             return _openblas_linear(x, w)
@@ -145,10 +185,12 @@ def _cpu_fp32(p: torch.Tensor) -> bool:
 
 def stored_transposed(out: int, inp: int) -> bool:
     """Whether `prepare_for_decode` stores a CPU fp32 [out, inp] matrix transposed, with the
-    current thread count: the wide ones (out > inp); in OpenBLAS mode every matrix but the
-    strongly narrow ones (inp >= 2 out, e.g. o_proj and dense down projections), which OpenBLAS
-    streams faster at 1 row in their checkpoint layout (benchmarks/kernel_bench.py)."""
-    return out > inp or (openblas_mode() and inp < 2 * out)
+    current thread count and kernels: the wide ones (out > inp), which every kernel streams faster
+    transposed at few rows; with one thread and OpenBLAS but no native kernels, also every matrix
+    but the strongly narrow ones (inp >= 2 out, e.g. o_proj and dense down projections), because
+    OpenBLAS's small-M sgemm is faster over transposed storage while its one-row GEMV is faster
+    over the checkpoint layout for those (benchmarks/kernel_bench.py)."""
+    return out > inp or (one_thread_mode() and not NATIVE and inp < 2 * out)
 
 
 @torch.no_grad()
