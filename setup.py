@@ -1,10 +1,11 @@
 """Build hook for the optional native decode kernels (everything else is in pyproject.toml).
 
-`afdserve._native` (afdserve/native/decode_gemm.c) is compiled when a C compiler is present;
+`afdserve._native` (afdserve/native/decode_kernels.c) is compiled when a C compiler is present;
 `optional=True` lets the install succeed without one, and afdserve then uses its BLAS paths
 (afdserve/model/kernels.py says which).
 """
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("afdserve._native", ["afdserve/native/decode_gemm.c"],
-                             extra_compile_args=["-O3", "-std=c99"], optional=True)])
+setup(ext_modules=[Extension("afdserve._native", ["afdserve/native/decode_kernels.c"],
+                             extra_compile_args=["-O3", "-std=c99"], libraries=["m"],
+                             optional=True)])

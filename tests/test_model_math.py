@@ -33,6 +33,22 @@ def _paged_setup(ctx_lens, q_lens, g, d, bs=4, seed=0):
     return kv, meta, tables
 
 
+@pytest.fixture(params=["native", "gathered"])
+def decode_path(request, monkeypatch):
+    """Decode attention through the native kernel (read in place from the paged cache; one torch
+    thread, where built) and through the gather + SDPA path (its reference on every machine)."""
+    from afdserve.model import kernels
+    if request.param == "native":
+        if not kernels.NATIVE:
+            pytest.skip("afdserve._native is not built on this machine")
+        old = torch.get_num_threads()
+        torch.set_num_threads(1)
+        request.addfinalizer(lambda: torch.set_num_threads(old))
+    else:
+        monkeypatch.setattr(kernels, "NATIVE", False)
+    return request.param
+
+
 @pytest.mark.parametrize("q_lens, ctx_lens, g", [
     ([1, 1, 1], [5, 9, 1], 1),       # decode batch, MFA (one KV head)
     ([3, 1, 6], [7, 4, 6], 1),       # mixed prefill chunks and decode
@@ -40,7 +56,7 @@ def _paged_setup(ctx_lens, q_lens, g, d, bs=4, seed=0):
     ([1, 1, 1], [6, 6, 6], 1),       # equal contexts: the unmasked decode path
     ([4], [4], 2),
 ])
-def test_paged_attention_matches_naive(q_lens, ctx_lens, g):
+def test_paged_attention_matches_naive(q_lens, ctx_lens, g, decode_path):
     nq, d = 4, 8
     kv, meta, tables = _paged_setup(ctx_lens, q_lens, g, d)
     q = torch.randn(sum(q_lens), nq, d, generator=torch.Generator().manual_seed(1))
@@ -62,8 +78,70 @@ def test_micro_batch_select_matches_whole():
     torch.testing.assert_close(part, full[1:3])
 
 
-def test_decode_gather_reuses_its_buffer_and_stays_exact_across_sizes():
-    from afdserve.model import attention
+@pytest.mark.parametrize("nq, g, d, bs, ctx_lens, scale", [
+    (16, 1, 128, 16, [1, 16, 17, 130, 300], 0.088),     # the small preset's MFA, block edges
+    (64, 1, 256, 16, [40, 97], 0.0625),                 # Step-3's MFA: 64 heads x 256, one KV head
+    (6, 2, 12, 3, [1, 2, 3, 4, 29], 0.3),               # 2 KV heads, 3 heads each, odd sizes
+    (4, 1, 8, 4, [9, 13], 40.0),                        # peaked softmax: exp arguments below -87
+])
+def test_decode_attention_paths_match_naive_on_model_shapes(nq, g, d, bs, ctx_lens, scale, decode_path):
+    kv, meta, tables = _paged_setup(ctx_lens, [1] * len(ctx_lens), g, d, bs=bs, seed=nq)
+    # some runs of consecutive blocks (read as one span by the native kernel), some scattered
+    q = torch.randn(len(ctx_lens), nq, d, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        out = paged_attention(q, kv.k[0], kv.v[0], meta, scale)
+    for s, c in enumerate(ctx_lens):
+        slots = meta.context_slots[s, :c]
+        want = naive_attention(q[s:s + 1], kv.k[0][slots], kv.v[0][slots], scale)
+        torch.testing.assert_close(out[s:s + 1], want, rtol=2e-5, atol=2e-5)
+
+
+def test_native_decode_attention_reads_consecutive_and_scattered_blocks_alike():
+    from afdserve.model import kernels
+    if not kernels.NATIVE:
+        pytest.skip("afdserve._native is not built on this machine")
+    gen = torch.Generator().manual_seed(5)
+    bs, nblocks, d = 4, 12, 16
+    k, v = torch.randn(nblocks * bs, 1, d, generator=gen), torch.randn(nblocks * bs, 1, d, generator=gen)
+    q = torch.randn(1, 8, d, generator=gen)
+    ctx = 22                                                  # 6 blocks, the last one partly used
+    with torch.inference_mode():
+        runs = kernels.native_decode_attention(q, k, v, torch.tensor([[2, 3, 4, 5, 6, 7]]), [ctx], bs, 0.25)
+    slots = torch.arange(2 * bs, 2 * bs + ctx)
+    want = naive_attention(q, k[slots], v[slots], 0.25)
+    torch.testing.assert_close(runs, want, rtol=1e-5, atol=1e-5)
+    # the same K/V moved to scattered blocks (two short runs, two single blocks) gives the same answer
+    perm = [9, 10, 0, 3, 4, 11]
+    k2, v2 = torch.zeros_like(k), torch.zeros_like(v)
+    for j, b in enumerate(perm):
+        k2[b * bs:(b + 1) * bs] = k[(2 + j) * bs:(3 + j) * bs]
+        v2[b * bs:(b + 1) * bs] = v[(2 + j) * bs:(3 + j) * bs]
+    with torch.inference_mode():
+        scattered = kernels.native_decode_attention(q, k2, v2, torch.tensor([perm]), [ctx], bs, 0.25)
+    torch.testing.assert_close(scattered, want, rtol=1e-5, atol=1e-5)
+
+
+def test_native_decode_attention_refuses_tables_outside_the_cache():
+    from afdserve.model import kernels
+    if not kernels.NATIVE:
+        pytest.skip("afdserve._native is not built on this machine")
+    k = v = torch.zeros(8 * 4, 1, 8)
+    q = torch.zeros(2, 4, 8)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="block 1 is 8"):
+            kernels.native_decode_attention(q, k, v, torch.tensor([[0, 1], [2, 8]]), [5, 6], 4, 1.0)
+        with pytest.raises(ValueError, match="context 9"):
+            kernels.native_decode_attention(q, k, v, torch.tensor([[0, 1], [2, 3]]), [5, 9], 4, 1.0)
+        with pytest.raises(ValueError, match="disagree"):
+            kernels.native_decode_attention(q, k, v, torch.tensor([[0, 1]]), [5, 6], 4, 1.0)
+        with pytest.raises(ValueError, match="nq % g"):
+            kernels.native_decode_attention(torch.zeros(2, 3, 8), torch.zeros(32, 2, 8), torch.zeros(32, 2, 8),
+                                            torch.tensor([[0, 1], [2, 3]]), [5, 6], 4, 1.0)
+
+
+def test_decode_gather_reuses_its_buffer_and_stays_exact_across_sizes(monkeypatch):
+    from afdserve.model import attention, kernels
+    monkeypatch.setattr(kernels, "NATIVE", False)             # the gather path
     ptrs = []
     for ctx_lens in ([5, 9, 3], [30, 2, 17, 8], [4, 4], [30, 2, 17, 8]):
         kv, meta, _ = _paged_setup(ctx_lens, [1] * len(ctx_lens), 1, 8)

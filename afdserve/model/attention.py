@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from afdserve.config import Step3Config
-from afdserve.model.kernels import linear
+from afdserve.model.kernels import linear, native_decode_attention
 from afdserve.model.layers import RMSNorm, RotaryEmbedding
 
 
@@ -172,6 +172,12 @@ def _gather_blocks(cache: torch.Tensor, meta: AttentionMetadata, name: str) -> t
 
 
 def _decode_attention(q, k_cache, v_cache, meta, scale):
+    out = native_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                  meta.block_size, scale)
+    return out if out is not None else _gathered_decode_attention(q, k_cache, v_cache, meta, scale)
+
+
+def _gathered_decode_attention(q, k_cache, v_cache, meta, scale):
     # One new token per sequence: gather each sequence's K/V ([S, ctx, g, d]) block by block and
     # attend with a padding mask; the n_q heads sharing a KV head become rows of one matmul.
     S, nq, d = q.shape

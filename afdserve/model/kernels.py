@@ -79,7 +79,7 @@ OPENBLAS = _openblas_available()
 
 
 def _native_available() -> bool:
-    """afdserve's own decode GEMMs (afdserve/native/decode_gemm.c), built at install time where a C
+    """afdserve's own decode GEMMs (afdserve/native/decode_kernels.c), built at install time where a C
     compiler is present, and runnable on this CPU (x86-64 with AVX2 + FMA)."""
     try:
         from afdserve import _native
@@ -121,6 +121,37 @@ def _native_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
                   w.stride(1) if transposed else (w.stride(0) if n > 1 else k),
                   y.data_ptr(), n, rows, n, k, transposed)
     return y
+
+
+def native_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, context_lens: list[int], block_size: int,
+                            scale: float) -> torch.Tensor | None:
+    """Decode attention (one new token per sequence) straight from the paged cache with the native
+    kernel, or None where it does not apply (not built, more than one torch thread, not fp32 on
+    the CPU, autograd needed). q [S, n_q, d]; k_cache, v_cache [slots, g, d]; block_tables
+    [S, max_blocks]; context_lens [S] (new token included). No K/V is copied: each block's keys
+    and values are read where they lie."""
+    if not NATIVE or torch.get_num_threads() != 1 or q.dim() != 3 or k_cache.dim() != 3:
+        return None
+    tensors = (q, k_cache, v_cache)
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors) or \
+            (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or \
+            not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.shape != v_cache.shape:
+        return None
+    from afdserve import _native
+    S, nq, d = q.shape
+    slots, g, dk = k_cache.shape
+    if dk != d or slots % block_size or len(context_lens) != S or block_tables.shape[0] != S:
+        raise ValueError(f"decode attention: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}, "
+                         f"{len(context_lens)} context lengths, block tables {tuple(block_tables.shape)} disagree")
+    q = q.contiguous()
+    tables = block_tables.to(torch.int64).contiguous()
+    lens = torch.tensor(context_lens, dtype=torch.int64)
+    out = torch.empty_like(q)
+    _native.decode_attention(q.data_ptr(), S, nq, d, k_cache.data_ptr(), v_cache.data_ptr(), slots // block_size,
+                             g, block_size, tables.data_ptr(), tables.shape[1], lens.data_ptr(), float(scale),
+                             out.data_ptr())
+    return out
 
 
 def _onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

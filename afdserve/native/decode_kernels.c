@@ -22,7 +22,10 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define AFD_X86 1
@@ -152,8 +155,9 @@ static void axpy_rows(const float *x, ptrdiff_t ldx, const float *wt, ptrdiff_t 
         }
 }
 
+/* y (=, or += when `accumulate`) x @ wt */
 TGT static void gemm_axpy(const float *x, ptrdiff_t ldx, const float *wt, ptrdiff_t ldw, float *y,
-                          ptrdiff_t ldy, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K)
+                          ptrdiff_t ldy, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int accumulate)
 {
     ptrdiff_t NT = Y_TILE_BYTES / (ptrdiff_t)sizeof(float) / M;
     if (NT < 256) NT = 256;
@@ -166,14 +170,99 @@ TGT static void gemm_axpy(const float *x, ptrdiff_t ldx, const float *wt, ptrdif
                 const float *xm = x + m * ldx + k0, *wk = wt + k0 * ldw + n0;
                 float *ym = y + m * ldy + n0;
                 if (M - m >= 2) {
-                    axpy_2(xm, ldx, wk, ldw, ym, ldy, nt, k0 == 0);
+                    axpy_2(xm, ldx, wk, ldw, ym, ldy, nt, k0 == 0 && !accumulate);
                     m += 2;
                 } else {
-                    axpy_1(xm, ldx, wk, ldw, ym, ldy, nt, k0 == 0);
+                    axpy_1(xm, ldx, wk, ldw, ym, ldy, nt, k0 == 0 && !accumulate);
                     m += 1;
                 }
             }
-        if (k0 < K) axpy_rows(x + k0, ldx, wt + k0 * ldw + n0, ldw, y + n0, ldy, M, nt, K - k0, k0 == 0);
+        if (k0 < K)
+            axpy_rows(x + k0, ldx, wt + k0 * ldw + n0, ldw, y + n0, ldy, M, nt, K - k0, k0 == 0 && !accumulate);
+    }
+}
+
+
+/* ---- decode attention over the paged KV cache -------------------------------------------------- */
+
+/* e^x for x <= 0 (softmax arguments after subtracting the row maximum); below -87 the result is
+   flushed to e^-87 ~ 1.6e-38, which does not change a sum that contains e^0 = 1. x = n ln2 + r with
+   |r| <= ln2 / 2 (ln2 split in two for an exact n ln2), e^r by its degree-6 Taylor polynomial
+   (truncation error < 2e-7 relative), 2^n put into the exponent bits. */
+TGT static inline __m256 exp_nonpositive(__m256 x)
+{
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* row[0:n] = exp(scale * row - max(scale * row)); returns the sum */
+TGT static float softmax_numerators(float *row, ptrdiff_t n, float scale)
+{
+    float mx = -INFINITY;
+    for (ptrdiff_t i = 0; i < n; i++) mx = row[i] > mx ? row[i] : mx;
+    __m256 vs = _mm256_set1_ps(scale), vm = _mm256_set1_ps(mx * scale), acc = _mm256_setzero_ps();
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = exp_nonpositive(_mm256_fmsub_ps(_mm256_loadu_ps(row + i), vs, vm));
+        _mm256_storeu_ps(row + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float sum = hsum8(acc);
+    for (; i < n; i++) {
+        row[i] = expf(row[i] * scale - mx * scale);
+        sum += row[i];
+    }
+    return sum;
+}
+
+/* One new token per sequence. q, out: [S, nq, d]; k, v: [slots, g, d] with slot = block * bs + i;
+   tables: [S, max_blocks] block ids; lens: [S] context lengths (new token included). The nq / g
+   query heads of a KV head are the rows of one score matrix [nq/g, ctx] (the dot-form GEMM over
+   each block's keys), softmax in place, then out = P @ V block by block (the axpy form). Blocks
+   whose ids follow each other are one contiguous run of slots and go through one GEMM. */
+TGT static void attend(const float *q, ptrdiff_t S, ptrdiff_t nq, ptrdiff_t d, const float *k, const float *v,
+                       ptrdiff_t g, ptrdiff_t bs, const int64_t *tables, ptrdiff_t max_blocks,
+                       const int64_t *lens, float scale, float *out, float *scores)
+{
+    const ptrdiff_t hpg = nq / g, ld = g * d;
+    for (ptrdiff_t s = 0; s < S; s++) {
+        const ptrdiff_t ctx = lens[s], nb = (ctx + bs - 1) / bs;
+        const int64_t *table = tables + s * max_blocks;
+        for (ptrdiff_t gi = 0; gi < g; gi++) {
+            const float *qs = q + (s * nq + gi * hpg) * d;
+            float *os = out + (s * nq + gi * hpg) * d;
+            /* runs of consecutive block ids are contiguous in the cache: one GEMM per run */
+            for (ptrdiff_t b = 0; b < nb;) {
+                ptrdiff_t e = b + 1;
+                while (e < nb && table[e] == table[e - 1] + 1) e++;
+                ptrdiff_t t0 = b * bs, nt = (e * bs < ctx ? e * bs : ctx) - t0;
+                gemm_dot(qs, d, k + (table[b] * bs * g + gi) * d, ld, scores + t0, ctx, hpg, nt, d);
+                b = e;
+            }
+            float inv[hpg];
+            for (ptrdiff_t h = 0; h < hpg; h++) inv[h] = 1.0f / softmax_numerators(scores + h * ctx, ctx, scale);
+            for (ptrdiff_t b = 0; b < nb;) {
+                ptrdiff_t e = b + 1;
+                while (e < nb && table[e] == table[e - 1] + 1) e++;
+                ptrdiff_t t0 = b * bs, nt = (e * bs < ctx ? e * bs : ctx) - t0;
+                gemm_axpy(scores + t0, ctx, v + (table[b] * bs * g + gi) * d, ld, os, d, hpg, d, nt, b > 0);
+                b = e;
+            }
+            for (ptrdiff_t h = 0; h < hpg; h++)
+                for (ptrdiff_t i = 0; i < d; i++) os[h * d + i] *= inv[h];
+        }
     }
 }
 
@@ -225,7 +314,7 @@ static PyObject *sgemm(PyObject *self, PyObject *args)
             for (Py_ssize_t m = 0; m < M; m++)
                 for (Py_ssize_t n = 0; n < N; n++) y[m * ldy + n] = 0.f;
         else if (transposed)
-            gemm_axpy(x, ldx, w, ldw, y, ldy, M, N, K);
+            gemm_axpy(x, ldx, w, ldw, y, ldy, M, N, K, 0);
         else
             gemm_dot(x, ldx, w, ldw, y, ldy, M, N, K);
         Py_END_ALLOW_THREADS
@@ -237,15 +326,73 @@ static PyObject *sgemm(PyObject *self, PyObject *args)
 #endif
 }
 
+
+PyDoc_STRVAR(decode_attention_doc,
+             "decode_attention(q, S, nq, d, k, v, num_blocks, g, bs, tables, max_blocks, lens, scale, out) -> None\n\n"
+             "Attention of one new token per sequence over its paged K/V (fp32 buffers by address):\n"
+             "q, out [S, nq, d]; k, v [num_blocks * bs, g, d]; tables [S, max_blocks] int64 block ids;\n"
+             "lens [S] int64 context lengths. Block ids and lengths are checked against the cache\n"
+             "before anything is read; the GIL is released while it runs.");
+
+static PyObject *decode_attention(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_ssize_t pq, S, nq, d, pk, pv, num_blocks, g, bs, pt, max_blocks, pl, po;
+    float scale;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnnnnfn", &pq, &S, &nq, &d, &pk, &pv, &num_blocks, &g, &bs, &pt,
+                          &max_blocks, &pl, &scale, &po))
+        return NULL;
+    if (S < 0 || nq <= 0 || d <= 0 || g <= 0 || nq % g || bs <= 0 || num_blocks < 0 || max_blocks < 0 ||
+        !pq || !pk || !pv || !pt || !pl || !po) {
+        PyErr_SetString(PyExc_ValueError, "decode_attention: bad sizes (need nq % g == 0) or null buffer");
+        return NULL;
+    }
+    const int64_t *tables = (const int64_t *)pt, *lens = (const int64_t *)pl;
+    Py_ssize_t max_ctx = 0;
+    for (Py_ssize_t s = 0; s < S; s++) {
+        if (lens[s] <= 0 || lens[s] > max_blocks * bs) {
+            PyErr_Format(PyExc_ValueError, "decode_attention: sequence %zd has context %lld, outside 1..%zd",
+                         s, (long long)lens[s], max_blocks * bs);
+            return NULL;
+        }
+        for (Py_ssize_t b = 0; b < (lens[s] + bs - 1) / bs; b++)
+            if (tables[s * max_blocks + b] < 0 || tables[s * max_blocks + b] >= num_blocks) {
+                PyErr_Format(PyExc_ValueError, "decode_attention: sequence %zd block %zd is %lld, outside 0..%zd",
+                             s, b, (long long)tables[s * max_blocks + b], num_blocks - 1);
+                return NULL;
+            }
+        max_ctx = lens[s] > max_ctx ? lens[s] : max_ctx;
+    }
+#ifdef AFD_X86
+    if (!cpu_ok()) {
+        PyErr_SetString(PyExc_RuntimeError, "decode_attention: this CPU lacks AVX2/FMA");
+        return NULL;
+    }
+    float *scores = S ? malloc(sizeof(float) * (size_t)(nq / g) * (size_t)max_ctx) : NULL;
+    if (S && !scores) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    attend((const float *)pq, S, nq, d, (const float *)pk, (const float *)pv, g, bs, tables, max_blocks, lens,
+           scale, (float *)po, scores);
+    Py_END_ALLOW_THREADS
+    free(scores);
+    Py_RETURN_NONE;
+#else
+    PyErr_SetString(PyExc_RuntimeError, "decode_attention: built without the x86-64 kernels");
+    return NULL;
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"available", available, METH_NOARGS, available_doc},
     {"sgemm", sgemm, METH_VARARGS, sgemm_doc},
+    {"decode_attention", decode_attention, METH_VARARGS, decode_attention_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "afdserve._native",
-    "fp32 GEMM kernels for decode-shaped problems (see afdserve/native/decode_gemm.c)", -1, methods,
+    "fp32 decode kernels: GEMMs for few rows, attention over the paged KV cache "
+    "(see afdserve/native/decode_kernels.c)", -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
