@@ -9,7 +9,7 @@ distinct weights to stream from memory, not cache:
   onednn-pack  oneDNN inner product over a prepacked copy
   openblas     numpy's OpenBLAS sgemm over the checkpoint layout
   openblas-T   numpy's OpenBLAS sgemm over transposed storage (x @ W^T with W^T contiguous)
-  native       afdserve's own decode GEMM (afdserve/native/decode_gemm.c) over the checkpoint layout
+  native       afdserve's own decode GEMM (afdserve/native/decode_kernels.c) over the checkpoint layout
   native-T     the same over transposed storage (when the extension is built)
 and prints weight GB/s per candidate, the machine's streaming-read bandwidth measured in the same
 run, and which candidate `afdserve.model.kernels.linear` dispatches to. This is how the layouts and
