@@ -1,24 +1,27 @@
 /*
- * afdserve._native: fp32 GEMMs for decode-shaped problems (few rows, many weights) on x86-64 CPUs
- * with AVX2 + FMA.
+ * afdserve._native: fp32 decode kernels for x86-64 CPUs with AVX2 + FMA.
  *
- *     y[M, N] = x[M, K] @ W^T        W given as [N, K] (checkpoint layout) or [K, N] (transposed)
+ * 1. GEMMs for few rows:   y[M, N] = x[M, K] @ W^T, W given as [N, K] (checkpoint layout) or
+ *    [K, N] (transposed storage).
+ *    A decode step multiplies 1-32 rows by every weight matrix once, so the time is the time to
+ *    stream the weights from memory. General BLAS kernels pack panels of W for reuse that small M
+ *    never gets, and reach a third to a half of the streaming rate at 2-8 rows. The two kernels
+ *    here read every weight byte once, and keep the rows of x and the partial outputs in
+ *    registers or the first cache levels:
+ *    - [N, K] ("dot" form): a block of NR consecutive weight rows is multiplied with every group
+ *      of up to 4 rows of x, NR x MR dot products in registers; the next block is prefetched
+ *      while the first group runs, later groups find the block in L1.
+ *    - [K, N] ("axpy" form): for a tile of the outputs (sized so y's tile stays in L1/L2), KB rows
+ *      of W at a time are streamed along N, each as one long contiguous run, and accumulated
+ *      into y.
+ * 2. Decode attention over the paged KV cache (one new token per sequence), reading each
+ *    sequence's keys and values where they lie instead of gathering them into a copy first;
+ *    every key and value is read once for all query heads that share it (MFA: all of them).
  *
- * A decode step multiplies 1-32 rows by every weight matrix once, so the time is the time to
- * stream the weights from memory. General BLAS kernels pack panels of W for reuse that small M
- * never gets, and reach a third to a half of the streaming rate at 2-8 rows. The two kernels here
- * read every weight byte once, and keep the rows of x and the partial outputs in registers or the
- * first cache levels:
- *
- *  - [N, K] ("dot" form): a block of NR consecutive weight rows is multiplied with every group of
- *    up to 4 rows of x, NR x MR dot products in registers; the next block is prefetched while the
- *    first group runs, later groups find the block in L1.
- *  - [K, N] ("axpy" form): for a tile of the outputs (sized so y's tile stays in L1/L2), KB rows
- *    of W at a time are streamed along N, each as one long contiguous run, and accumulated into y.
- *
- * Benchmarks (benchmarks/kernel_bench.py) pick which rows and layouts go here; the Python side
- * (afdserve/model/kernels.py) checks shapes, strides, dtype and device before calling `sgemm`.
- * Summation order differs from BLAS, so results equal F.linear up to rounding.
+ * Benchmarks (benchmarks/kernel_bench.py, `afdserve bench`) pick which rows and layouts come
+ * here; the Python side (afdserve/model/kernels.py) checks shapes, strides, dtype and device
+ * before calling. Summation order differs from BLAS / SDPA, so results equal them up to rounding
+ * (tests/test_kernels.py, tests/test_model_math.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -207,57 +210,176 @@ TGT static inline __m256 exp_nonpositive(__m256 x)
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-/* row[0:n] = exp(scale * row - max(scale * row)); returns the sum */
-TGT static float softmax_numerators(float *row, ptrdiff_t n, float scale)
+#ifndef PF_KEYS
+#define PF_KEYS 16                       /* keys ahead that key_scores prefetches */
+#endif
+
+/* Scores of 4 (or 1) keys against every head at once: st[t, 0:HP] = k[t, :] . qt[:, 0:HP] for the
+   nt keys k[t] (row stride ldk); qt is the group's queries transposed, [d, HP], HP % 8 == 0. Each
+   key element is broadcast and multiplied into a whole row of heads, so no horizontal sums. */
+TGT static void key_scores(const float *k, ptrdiff_t ldk, ptrdiff_t nt, const float *qt, ptrdiff_t HP,
+                           ptrdiff_t d, float *st)
 {
-    float mx = -INFINITY;
-    for (ptrdiff_t i = 0; i < n; i++) mx = row[i] > mx ? row[i] : mx;
-    __m256 vs = _mm256_set1_ps(scale), vm = _mm256_set1_ps(mx * scale), acc = _mm256_setzero_ps();
-    ptrdiff_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256 e = exp_nonpositive(_mm256_fmsub_ps(_mm256_loadu_ps(row + i), vs, vm));
-        _mm256_storeu_ps(row + i, e);
-        acc = _mm256_add_ps(acc, e);
+    ptrdiff_t t = 0;
+    for (; t + 4 <= nt; t += 4) {
+        const float *k0 = k + t * ldk, *k1 = k0 + ldk, *k2 = k1 + ldk, *k3 = k2 + ldk;
+        ptrdiff_t h = 0;
+        for (; h + 16 <= HP; h += 16) {
+            __m256 a[4][2];
+            for (int j = 0; j < 4; j++) a[j][0] = a[j][1] = _mm256_setzero_ps();
+            for (ptrdiff_t i = 0; i < d; i++) {
+                if (h == 0 && (i & 15) == 0 && t + PF_KEYS + 4 <= nt) {   /* keys PF_KEYS ahead, while computing */
+                    __builtin_prefetch(k0 + PF_KEYS * ldk + i, 0, 3);
+                    __builtin_prefetch(k1 + PF_KEYS * ldk + i, 0, 3);
+                    __builtin_prefetch(k2 + PF_KEYS * ldk + i, 0, 3);
+                    __builtin_prefetch(k3 + PF_KEYS * ldk + i, 0, 3);
+                }
+                __m256 q0 = _mm256_loadu_ps(qt + i * HP + h), q1 = _mm256_loadu_ps(qt + i * HP + h + 8);
+                __m256 b0 = _mm256_broadcast_ss(k0 + i), b1 = _mm256_broadcast_ss(k1 + i);
+                __m256 b2 = _mm256_broadcast_ss(k2 + i), b3 = _mm256_broadcast_ss(k3 + i);
+                a[0][0] = _mm256_fmadd_ps(q0, b0, a[0][0]); a[0][1] = _mm256_fmadd_ps(q1, b0, a[0][1]);
+                a[1][0] = _mm256_fmadd_ps(q0, b1, a[1][0]); a[1][1] = _mm256_fmadd_ps(q1, b1, a[1][1]);
+                a[2][0] = _mm256_fmadd_ps(q0, b2, a[2][0]); a[2][1] = _mm256_fmadd_ps(q1, b2, a[2][1]);
+                a[3][0] = _mm256_fmadd_ps(q0, b3, a[3][0]); a[3][1] = _mm256_fmadd_ps(q1, b3, a[3][1]);
+            }
+            for (int j = 0; j < 4; j++) {
+                _mm256_storeu_ps(st + (t + j) * HP + h, a[j][0]);
+                _mm256_storeu_ps(st + (t + j) * HP + h + 8, a[j][1]);
+            }
+        }
+        for (; h < HP; h += 8) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (ptrdiff_t i = 0; i < d; i++) {
+                if (h == 0 && (i & 15) == 0 && t + PF_KEYS + 4 <= nt) {
+                    __builtin_prefetch(k0 + PF_KEYS * ldk + i, 0, 3);
+                    __builtin_prefetch(k1 + PF_KEYS * ldk + i, 0, 3);
+                    __builtin_prefetch(k2 + PF_KEYS * ldk + i, 0, 3);
+                    __builtin_prefetch(k3 + PF_KEYS * ldk + i, 0, 3);
+                }
+                __m256 q0 = _mm256_loadu_ps(qt + i * HP + h);
+                a0 = _mm256_fmadd_ps(q0, _mm256_broadcast_ss(k0 + i), a0);
+                a1 = _mm256_fmadd_ps(q0, _mm256_broadcast_ss(k1 + i), a1);
+                a2 = _mm256_fmadd_ps(q0, _mm256_broadcast_ss(k2 + i), a2);
+                a3 = _mm256_fmadd_ps(q0, _mm256_broadcast_ss(k3 + i), a3);
+            }
+            _mm256_storeu_ps(st + t * HP + h, a0);
+            _mm256_storeu_ps(st + (t + 1) * HP + h, a1);
+            _mm256_storeu_ps(st + (t + 2) * HP + h, a2);
+            _mm256_storeu_ps(st + (t + 3) * HP + h, a3);
+        }
     }
-    float sum = hsum8(acc);
-    for (; i < n; i++) {
-        row[i] = expf(row[i] * scale - mx * scale);
-        sum += row[i];
-    }
-    return sum;
+    for (; t < nt; t++)
+        for (ptrdiff_t h = 0; h < HP; h += 8) {
+            __m256 a0 = _mm256_setzero_ps();
+            for (ptrdiff_t i = 0; i < d; i++)
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qt + i * HP + h), _mm256_broadcast_ss(k + t * ldk + i), a0);
+            _mm256_storeu_ps(st + t * HP + h, a0);
+        }
 }
+
+/* o[0:hpg, 0:d] (= when `first`, else +=) sum over t < nt of p[t, h] * v[t, :]; p is [nt, HP]
+   (row stride HP), v rows have stride ldv. Blocks of 4 heads x 16 columns in registers. The
+   first block prefetches the `next` rows of values (the following chunk), one line per row and
+   16 columns. */
+TGT static void weighted_values(const float *p, ptrdiff_t HP, ptrdiff_t hpg, const float *v, ptrdiff_t ldv,
+                                ptrdiff_t nt, ptrdiff_t d, float *o, int first, ptrdiff_t next)
+{
+    ptrdiff_t h = 0;
+    for (; h + 4 <= hpg; h += 4) {
+        ptrdiff_t c = 0;
+        for (; c + 16 <= d; c += 16) {
+            __m256 a[4][2];
+            for (int j = 0; j < 4; j++)
+                for (int u = 0; u < 2; u++)
+                    a[j][u] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(o + (h + j) * d + c + 8 * u);
+            for (ptrdiff_t t = 0; t < nt; t++) {
+                if (h == 0 && t < next) __builtin_prefetch(v + (nt + t) * ldv + c, 0, 3);
+                __m256 v0 = _mm256_loadu_ps(v + t * ldv + c), v1 = _mm256_loadu_ps(v + t * ldv + c + 8);
+                for (int j = 0; j < 4; j++) {
+                    __m256 b = _mm256_broadcast_ss(p + t * HP + h + j);
+                    a[j][0] = _mm256_fmadd_ps(v0, b, a[j][0]);
+                    a[j][1] = _mm256_fmadd_ps(v1, b, a[j][1]);
+                }
+            }
+            for (int j = 0; j < 4; j++)
+                for (int u = 0; u < 2; u++) _mm256_storeu_ps(o + (h + j) * d + c + 8 * u, a[j][u]);
+        }
+        for (; c < d; c++)
+            for (int j = 0; j < 4; j++) {
+                float acc = first ? 0.f : o[(h + j) * d + c];
+                for (ptrdiff_t t = 0; t < nt; t++) acc += p[t * HP + h + j] * v[t * ldv + c];
+                o[(h + j) * d + c] = acc;
+            }
+    }
+    for (; h < hpg; h++)
+        for (ptrdiff_t c = 0; c < d; c++) {
+            float acc = first ? 0.f : o[h * d + c];
+            for (ptrdiff_t t = 0; t < nt; t++) acc += p[t * HP + h] * v[t * ldv + c];
+            o[h * d + c] = acc;
+        }
+}
+
+/* Softmax down each column of st [n, HP] in place (exp(x - column max)); inv[h] = 1 / column sum. */
+TGT static void column_softmax(float *st, ptrdiff_t n, ptrdiff_t HP, float *inv)
+{
+    for (ptrdiff_t h = 0; h < HP; h += 8) {
+        __m256 mx = _mm256_set1_ps(-INFINITY), sum = _mm256_setzero_ps();
+        for (ptrdiff_t t = 0; t < n; t++) mx = _mm256_max_ps(mx, _mm256_loadu_ps(st + t * HP + h));
+        for (ptrdiff_t t = 0; t < n; t++) {
+            __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(st + t * HP + h), mx));
+            _mm256_storeu_ps(st + t * HP + h, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        _mm256_storeu_ps(inv + h, _mm256_div_ps(_mm256_set1_ps(1.0f), sum));
+    }
+}
+
+#define VALUE_CHUNK_BYTES (16 * 1024)   /* values of this many bytes are used from L1 by every head block */
 
 /* One new token per sequence. q, out: [S, nq, d]; k, v: [slots, g, d] with slot = block * bs + i;
    tables: [S, max_blocks] block ids; lens: [S] context lengths (new token included). The nq / g
-   query heads of a KV head are the rows of one score matrix [nq/g, ctx] (the dot-form GEMM over
-   each block's keys), softmax in place, then out = P @ V block by block (the axpy form). Blocks
-   whose ids follow each other are one contiguous run of slots and go through one GEMM. */
+   query heads of a KV head attend together: their queries, scaled and transposed to [d, HP] (HP =
+   heads rounded up to 8), meet every key once (key_scores, scores laid out [ctx, HP]), the softmax
+   runs down the columns, and the values are read once per chunk for all heads (weighted_values).
+   Blocks whose ids follow each other are one contiguous run of slots. `work` holds
+   (max_ctx + d) * HP + HP floats. */
 TGT static void attend(const float *q, ptrdiff_t S, ptrdiff_t nq, ptrdiff_t d, const float *k, const float *v,
                        ptrdiff_t g, ptrdiff_t bs, const int64_t *tables, ptrdiff_t max_blocks,
-                       const int64_t *lens, float scale, float *out, float *scores)
+                       const int64_t *lens, float scale, float *out, float *work, ptrdiff_t max_ctx)
 {
-    const ptrdiff_t hpg = nq / g, ld = g * d;
+    const ptrdiff_t hpg = nq / g, ld = g * d, HP = (hpg + 7) / 8 * 8;
+    float *st = work, *qt = work + max_ctx * HP, *inv = qt + d * HP;
+    ptrdiff_t chunk = VALUE_CHUNK_BYTES / (ptrdiff_t)sizeof(float) / d;
+    if (chunk < 4) chunk = 4;
     for (ptrdiff_t s = 0; s < S; s++) {
         const ptrdiff_t ctx = lens[s], nb = (ctx + bs - 1) / bs;
         const int64_t *table = tables + s * max_blocks;
         for (ptrdiff_t gi = 0; gi < g; gi++) {
             const float *qs = q + (s * nq + gi * hpg) * d;
             float *os = out + (s * nq + gi * hpg) * d;
-            /* runs of consecutive block ids are contiguous in the cache: one GEMM per run */
+            for (ptrdiff_t i = 0; i < d; i++) {
+                for (ptrdiff_t h = 0; h < hpg; h++) qt[i * HP + h] = qs[h * d + i] * scale;
+                for (ptrdiff_t h = hpg; h < HP; h++) qt[i * HP + h] = 0.f;
+            }
             for (ptrdiff_t b = 0; b < nb;) {
                 ptrdiff_t e = b + 1;
                 while (e < nb && table[e] == table[e - 1] + 1) e++;
                 ptrdiff_t t0 = b * bs, nt = (e * bs < ctx ? e * bs : ctx) - t0;
-                gemm_dot(qs, d, k + (table[b] * bs * g + gi) * d, ld, scores + t0, ctx, hpg, nt, d);
+                key_scores(k + (table[b] * bs * g + gi) * d, ld, nt, qt, HP, d, st + t0 * HP);
                 b = e;
             }
-            float inv[hpg];
-            for (ptrdiff_t h = 0; h < hpg; h++) inv[h] = 1.0f / softmax_numerators(scores + h * ctx, ctx, scale);
+            column_softmax(st, ctx, HP, inv);
             for (ptrdiff_t b = 0; b < nb;) {
                 ptrdiff_t e = b + 1;
                 while (e < nb && table[e] == table[e - 1] + 1) e++;
                 ptrdiff_t t0 = b * bs, nt = (e * bs < ctx ? e * bs : ctx) - t0;
-                gemm_axpy(scores + t0, ctx, v + (table[b] * bs * g + gi) * d, ld, os, d, hpg, d, nt, b > 0);
+                const float *vr = v + (table[b] * bs * g + gi) * d;
+                for (ptrdiff_t c0 = 0; c0 < nt; c0 += chunk)
+                {
+                    ptrdiff_t n = nt - c0 < chunk ? nt - c0 : chunk, rest = nt - c0 - n;
+                    weighted_values(st + (t0 + c0) * HP, HP, hpg, vr + c0 * ld, ld, n, d, os, t0 + c0 == 0,
+                                    rest < n ? rest : n);
+                }
                 b = e;
             }
             for (ptrdiff_t h = 0; h < hpg; h++)
@@ -368,13 +490,14 @@ static PyObject *decode_attention(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "decode_attention: this CPU lacks AVX2/FMA");
         return NULL;
     }
-    float *scores = S ? malloc(sizeof(float) * (size_t)(nq / g) * (size_t)max_ctx) : NULL;
-    if (S && !scores) return PyErr_NoMemory();
+    const size_t HP = (size_t)(nq / g + 7) / 8 * 8;
+    float *work = S ? malloc(sizeof(float) * (((size_t)max_ctx + (size_t)d) * HP + HP)) : NULL;
+    if (S && !work) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
     attend((const float *)pq, S, nq, d, (const float *)pk, (const float *)pv, g, bs, tables, max_blocks, lens,
-           scale, (float *)po, scores);
+           scale, (float *)po, work, max_ctx);
     Py_END_ALLOW_THREADS
-    free(scores);
+    free(work);
     Py_RETURN_NONE;
 #else
     PyErr_SetString(PyExc_RuntimeError, "decode_attention: built without the x86-64 kernels");
