@@ -31,6 +31,8 @@ def test_bench_run_writes_json_with_expected_keys(tmp_path):
     assert {"bandwidth", "matmul", "description"} <= set(r["machine"])
     assert r["machine"]["bandwidth"]["bytes_per_s"] > 0 and r["machine"]["matmul"]["flops_per_s"] > 0
     assert r["machine"]["description"]["torch_threads"] == 1
+    for row in r["machine"]["weight_streaming"]["rows"].values():     # BLAS and afdserve's kernels
+        assert row["bytes_per_s"] > 0 and row["engine_bytes_per_s"] > 0
     assert [(d["batch"], d["context"]) for d in r["decode"]] == [(1, 16), (2, 16)]
     for d in r["decode"]:
         assert d["tokens_per_s"] > 0 and d["steps_timed"] == 2

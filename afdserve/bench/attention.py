@@ -2,11 +2,13 @@
 
 All designs: hidden 768, 16 query heads, output projection 2048 -> 768 (the `small` preset).
 * MFA (afdserve): `MFAttention` over a paged `KVCache`, exactly what the engine runs
-  (low-rank query 768 -> 384 -> 16 x 128, ONE K and ONE V head of 128: 256 cached elements/token).
-* MFA (contiguous): the same math over a contiguous [B, 1, ctx, 128] cache, so that the layout
-  cost of the paged gather is separated from the design.
+  (low-rank query 768 -> 384 -> 16 x 128, ONE K and ONE V head of 128: 256 cached elements/token;
+  with one torch thread the native kernel reads K/V in place, otherwise gather + SDPA).
+* MFA (contiguous): the same math over a contiguous [B, 1, ctx, 128] cache with torch's SDPA,
+  like the GQA and MLA layers below, so that the designs are compared through one attention
+  implementation and the engine's paged kernel is seen against it.
 * GQA: q 768 -> 16 x 128, 4 KV heads x 128 (1024 cached elements/token), contiguous cache.
-* MLA (absorbed, DeepSeek-V3 style at this width): q 768 -> 16 x (128 nope + 64 rope), the
+* MLA (absorbed, at this width): q 768 -> 16 x (128 nope + 64 rope), the
   latent cache holds kv_lora 512 + rope 64 = 576 elements/token; W_UK is absorbed into the
   query (16 x 128 -> 16 x 512) and W_UV applied after attention over the latent.
 Each layer's time per decode step (batch B, one new token per sequence at context C) is put

@@ -310,8 +310,9 @@ def print_report(r: dict, console=None) -> None:
                   f"{m['matmul']['flops_per_s'] / 1e9:.1f} GFLOP/s ({m['matmul']['dtype']}, n={m['matmul']['n']})")
     ws = m.get("weight_streaming", {}).get("rows", {})
     if ws:
-        console.print("  decode-shaped GEMM (x[M,768] @ W^T, weights streamed): " + ", ".join(
-            f"M={k}: {v['bytes_per_s'] / 1e9:.1f} GB/s" for k, v in ws.items()))
+        from afdserve.bench.machine import streaming_summary
+        console.print("  decode-shaped GEMM (x[M,768] @ W^T, weights streamed; BLAS / afdserve): "
+                      + streaming_summary(ws))
     t = Table(title=f"Decode, {r['model'].get('preset') or 'model'} ({r['model']['dtype']})")
     for col in ("batch", "ctx", "tok/s", "TPOT ms", "GB/step", "% BW", "% FLOP", "experts/layer",
                 "peer tok/s", "ours/peer"):

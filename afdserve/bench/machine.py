@@ -102,18 +102,33 @@ def measure_weight_streaming(device: str = "cpu", dtype: torch.dtype = torch.flo
                              rows: tuple[int, ...] = (1, 8, 32, 64), total_bytes: int = 64 << 20,
                              repeats: int = 3) -> dict:
     """Decode-shaped GEMMs: x [M, 768] @ W^T over many distinct [2048, 768] weights (more than the
-    caches hold), as a decode step streams its weights. Bytes of weight / time per M: what the
-    BLAS actually sustains at that batch, next to the plain streaming read above."""
+    caches hold), as a decode step streams its weights. Bytes of weight / time per M, for torch's
+    BLAS (`F.linear` over the checkpoint layout) and for afdserve's decode kernels
+    (`kernels.linear` over the layout `prepare_for_decode` stores at this thread count): what each
+    sustains at that batch, next to the plain streaming read above."""
+    from afdserve.model import kernels
     elem = torch.empty((), dtype=dtype).element_size()
     per = 2048 * 768 * elem
     ws = [torch.randn(2048, 768, dtype=dtype, device=device) for _ in range(max(1, total_bytes // per))]
+    cpu_fp32 = torch.device(device).type == "cpu" and dtype == torch.float32
+    stored = [w.t().contiguous().t() for w in ws] if cpu_fp32 and kernels.stored_transposed(2048, 768) else ws
     out = {}
     for m in rows:
         x = torch.randn(m, 768, dtype=dtype, device=device)
         t = best_time(lambda: [torch.nn.functional.linear(x, w) for w in ws], repeats, device)
-        out[str(m)] = {"bytes_per_s": len(ws) * per / t, "flops_per_s": 2 * m * len(ws) * 2048 * 768 / t}
+        te = best_time(lambda: [kernels.linear(x, w) for w in stored], repeats, device)
+        out[str(m)] = {"bytes_per_s": len(ws) * per / t, "flops_per_s": 2 * m * len(ws) * 2048 * 768 / t,
+                       "engine_bytes_per_s": len(ws) * per / te}
     return {"rows": out, "weight_bytes": len(ws) * per,
-            "method": "best-of-N time of F.linear(x[M, 768], W[2048, 768]) over distinct weights"}
+            "method": "best-of-N time of F.linear (BLAS) and of afdserve's kernels.linear (engine) "
+                      "for x[M, 768] @ W[2048, 768]^T over distinct weights"}
+
+
+def streaming_summary(ws: dict) -> str:
+    """'M=1: 9.3 / 14.0 GB/s, ...' (BLAS / afdserve's kernels) from measure_weight_streaming's rows."""
+    return ", ".join(f"M={k}: {v['bytes_per_s'] / 1e9:.1f}" +
+                     (f" / {v['engine_bytes_per_s'] / 1e9:.1f}" if "engine_bytes_per_s" in v else "") + " GB/s"
+                     for k, v in ws.items())
 
 
 def measure(device: str = "cpu", dtype: torch.dtype = torch.float32, quick: bool = False,

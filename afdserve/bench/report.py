@@ -61,6 +61,6 @@ def _ws(m: dict) -> str:
     ws = m.get("weight_streaming", {}).get("rows", {})
     if not ws:
         return ""
-    return ("Decode-shaped GEMMs (x[M, 768] @ W^T over distinct weights, what the BLAS sustains while "
-            "streaming weights): " + ", ".join(f"M={k}: {v['bytes_per_s'] / 1e9:.1f} GB/s" for k, v in ws.items())
-            + ".")
+    from afdserve.bench.machine import streaming_summary
+    return ("Decode-shaped GEMMs (x[M, 768] @ W^T over distinct weights, weight bytes per second "
+            "while streaming them; torch's BLAS / afdserve's decode kernels): " + streaming_summary(ws) + ".")
