@@ -87,8 +87,8 @@ def test_linear_dispatch_native_by_rows_and_layout(torch_threads, monkeypatch):
     if not kernels.NATIVE:
         pytest.skip("afdserve._native is not built on this machine")
     native, blas = [], []
-    real_native, real_blas = kernels._native_linear, kernels._openblas_linear
-    monkeypatch.setattr(kernels, "_native_linear", lambda x, w: native.append(x.shape[0]) or real_native(x, w))
+    real_native, real_blas = kernels._native_call, kernels._openblas_linear
+    monkeypatch.setattr(kernels, "_native_call", lambda x, w, *a: native.append(x.shape[0]) or real_native(x, w, *a))
     monkeypatch.setattr(kernels, "_openblas_linear", lambda x, w: blas.append(x.shape[0]) or real_blas(x, w))
     wt = torch.randn(64, 32).t().contiguous().t()          # transposed storage
     w = torch.randn(32, 64)                                 # checkpoint layout

@@ -1,4 +1,4 @@
-"""Weight layouts and the linear kernel choice for decoding.
+"""Weight layouts and the linear / attention kernel choice for decoding.
 
 A decode step multiplies a few rows (one per sequence, or per token an expert receives) by every
 weight matrix, so its GEMMs read weights rather than compute, and which kernel reads a matrix
@@ -6,34 +6,34 @@ fastest depends on the row count and on how the matrix is laid out. Measured wit
 the 2-core CPU the benchmarks run on (`python benchmarks/kernel_bench.py`, figures in
 benchmarks/README.md):
 
-* 1-3 rows: MKL's GEMV over a *wide* matrix (more outputs than inputs: the fused gate/up
-  projections, wq, the LM head) runs 1.3-1.7x faster when the matrix is stored transposed
-  ([in, out] contiguous), because it then streams whole rows of outputs instead of reducing many
-  short dot products.
-* 4+ rows: MKL's small-M GEMM over the transposed layout is slow; oneDNN's inner product
-  (`torch.ops.mkldnn._linear_pointwise`) over the same memory matches or beats MKL over the
-  original layout. For the LM head (32000 outputs), a oneDNN-prepacked copy is 2-2.5x faster
-  than MKL at 8-64 rows; it is the only matrix kept twice.
+* afdserve's own kernels (`afdserve._native`, afdserve/native/decode_kernels.c, compiled at
+  install time where a C compiler is present; x86-64 with AVX2/FMA) read each weight byte once
+  for any row count: over the checkpoint layout [out, in] they are the fastest candidate up to
+  32 rows (1.2-2x the best BLAS candidate at 2-8 rows), over transposed storage [in, out] up to 8 rows
+  (also at 1 row, where they match or beat OpenBLAS's GEMV); beyond that numpy's OpenBLAS
+  (threadpoolctl holds it to one thread) is as fast or faster. They are used with one torch
+  thread: they are single-threaded, and with more threads torch's BLAS uses the cores.
+* Without them, with one thread: numpy's OpenBLAS for 1 and 4+ rows (1.0-1.4x MKL/oneDNN), MKL
+  for 2-3 rows, over transposed storage except for strongly narrow matrices (in >= 2 out), whose
+  one-row GEMV is faster in the checkpoint layout.
+* With more threads: MKL over transposed storage for 1-3 rows of wide matrices (1.3-1.7x the
+  checkpoint layout), oneDNN's inner product over transposed storage for 4+ rows, and for the
+  LM head (32000 outputs) a oneDNN-prepacked copy (2-2.5x MKL at 8-64 rows; the only matrix kept
+  twice). OpenBLAS is not used then: its thread pool and torch's fight for the cores.
 
 `prepare_for_decode(model)` applies this once after loading:
   1. fuses projections that read the same input: q_proj/k_proj/v_proj into one matrix, and
      gate_proj/up_proj of every dense FFN, shared expert and routed expert into one [2W, H]
      matrix (one GEMM instead of two or three). The checkpoint parameters become views into the
      fused storage, so the state dict, the memory used and the reference code paths are unchanged;
-  2. on CPU in fp32: stores wide matrices transposed (the fused gate/up projections, wq, the
-     experts' down projections when hidden > width, the LM head; with one thread and OpenBLAS,
-     every matrix but the strongly narrow ones, see `stored_transposed`) and prepacks the LM head
-     for oneDNN.
-With one torch thread (the AFD workers on a small machine, the benchmark figures), numpy's
-bundled OpenBLAS is faster still: its sgemm over transposed storage streams decode-shaped weights
-at 1.0-1.4x the rate of the best of MKL and oneDNN (prepacked included) at 4-16 rows and at
-1.1-1.2x at 1 row; 2-3 rows stay on MKL. Strongly narrow matrices (o_proj, dense down: in >= 2 x
-out) stream faster at 1 row in their checkpoint layout. OpenBLAS runs with one thread of its own;
-with more torch threads it is not used, because its thread pool and torch's fight for the cores
-(several times slower when their calls interleave).
+  2. on CPU in fp32: stores matrices transposed as `stored_transposed` says (the wide ones: fused
+     gate/up projections, wq, the experts' down projections when hidden > width, the LM head) and
+     prepacks the LM head for oneDNN.
 
 `linear(x, w)` picks the kernel from the row count, the weight's layout and the thread count; it
 equals `F.linear(x, w)` up to floating-point summation order (tests/test_kernels.py).
+`native_decode_attention` is the decode attention that reads K/V in place from the paged cache
+(afdserve/model/attention.py uses it with one thread and falls back to gather + SDPA).
 """
 from __future__ import annotations
 
@@ -89,6 +89,8 @@ def _native_available() -> bool:
 
 
 NATIVE = _native_available()
+if NATIVE:
+    from afdserve._native import sgemm as _sgemm
 # Rows up to which the native kernels beat the BLAS libraries, per layout (benchmarks/kernel_bench.py).
 NATIVE_MAX_ROWS = 32          # checkpoint layout [out, in]
 NATIVE_MAX_ROWS_T = 8         # transposed storage [in, out]
@@ -108,18 +110,21 @@ def _openblas_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def _native_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [M, in] @ w^T with the native kernel; w [out, in] with unit stride along `in`
     (checkpoint layout) or along `out` (transposed storage), fp32 on the CPU."""
-    from afdserve import _native
+    transposed = is_transposed(w)
+    return _native_call(x, w, w.stride(1) if transposed else (w.stride(0) if w.shape[0] > 1 else w.shape[1]),
+                        transposed)
+
+
+def _native_call(x: torch.Tensor, w: torch.Tensor, ldw: int, transposed: bool) -> torch.Tensor:
     rows, k = x.shape
     if w.shape[1] != k:
         return F.linear(x, w)                          # raises torch's shape error
-    if x.stride(-1) != 1 or (rows > 1 and x.stride(0) < k):
-        x = x.contiguous()
+    xs0, xs1 = x.stride()
+    if xs1 != 1 or (rows > 1 and xs0 < k):
+        x, xs0 = x.contiguous(), k
     n = w.shape[0]
-    transposed = is_transposed(w)
-    y = torch.empty(rows, n, dtype=x.dtype)
-    _native.sgemm(x.data_ptr(), x.stride(0) if rows > 1 else k, w.data_ptr(),
-                  w.stride(1) if transposed else (w.stride(0) if n > 1 else k),
-                  y.data_ptr(), n, rows, n, k, transposed)
+    y = torch.empty(rows, n, dtype=torch.float32)
+    _sgemm(x.data_ptr(), xs0 if rows > 1 else k, w.data_ptr(), ldw, y.data_ptr(), n, rows, n, k, transposed)
     return y
 
 
@@ -168,14 +173,19 @@ def linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None)
 
     `packed` is an optional oneDNN-prepacked copy of w (see `prepack`), used from PACKED_ROWS rows.
     """
-    if x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32 and \
+    if x.is_cpu and x.dtype is torch.float32 and x.dim() == 2 and \
             not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):   # no autograd below
         rows = x.shape[0]
-        if NATIVE and w.dim() == 2 and w.dtype == torch.float32 and w.device.type == "cpu" and rows > 0 and \
-                torch.get_num_threads() == 1 and \
-                ((rows <= NATIVE_MAX_ROWS_T and is_transposed(w)) or
-                 (rows <= NATIVE_MAX_ROWS and w.stride(-1) == 1 and (w.shape[0] == 1 or w.stride(0) >= w.shape[1]))):
-            return _native_linear(x, w)
+        if NATIVE and rows and w.dtype is torch.float32 and w.is_cpu and w.dim() == 2 and \
+                torch.get_num_threads() == 1:
+            s0, s1 = w.stride()
+            if s0 == 1 and s1 != 1:                                     # transposed storage
+                if rows <= NATIVE_MAX_ROWS_T:
+                    return _native_call(x, w, s1, True)
+            elif s1 == 1 and rows <= NATIVE_MAX_ROWS:                   # checkpoint layout
+                n, k = w.shape
+                if n == 1 or s0 >= k:
+                    return _native_call(x, w, s0 if n > 1 else k, False)
         if OPENBLAS and (rows == 1 or rows >= OPENBLAS_MIN_ROWS) and w.dim() == 2 and \
                 (is_transposed(w) or w.is_contiguous()) and torch.get_num_threads() == 1:
             return _openblas_linear(x, w)

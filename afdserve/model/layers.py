@@ -158,11 +158,11 @@ class MoE(nn.Module):
             order = torch.argsort(flat_e, stable=True)
             rows, flat_e = rows[order], flat_e[order]
             counts = torch.bincount(flat_e, minlength=self.num_local).tolist()
+            tokens = rows // k
             start = 0
             for e, n in enumerate(counts):
                 if n:
-                    r = rows[start:start + n]
-                    expert_out[r] = self.expert(e, x[r // k])
+                    expert_out[rows[start:start + n]] = self.expert(e, x[tokens[start:start + n]])
                     start += n
         w = (weights * hit.view(T, k)).to(x.dtype).unsqueeze(-1)
         return (expert_out.view(T, k, -1) * w).sum(1)
