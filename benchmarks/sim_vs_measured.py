@@ -143,8 +143,12 @@ def _summary(rounds: list[list[dict]]) -> dict:
 
 
 def _gemm_rates(fig) -> str:
-    rates = dict(fig.gemm_seconds_per_weight)
-    return ",".join(f"{4 / rates[n] / 1e9:.1f}" for n in (1, 4, 16, 64) if n in rates)
+    """Weight GB/s at 1/4/16/64 rows: attention shapes, then FFN shapes."""
+    def fmt(table):
+        rates = dict(table)
+        return ",".join(f"{4 / rates[n] / 1e9:.1f}" for n in (1, 4, 16, 64) if n in rates)
+    return fmt(fig.gemm_seconds_per_weight) + (" (ffn " + fmt(fig.ffn_gemm_seconds_per_weight) + ")"
+                                               if fig.ffn_gemm_seconds_per_weight else "")
 
 
 def _row(name: str, pred, over, measure) -> dict:

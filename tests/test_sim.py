@@ -226,6 +226,26 @@ def test_measured_gemm_table_drives_the_simulated_gemm_time():
     assert _gemm_part(hw, 1e6, 0.5, prec, eff) == pytest.approx(1e6 * table[1])
 
 
+def test_ffn_layers_use_their_own_measured_gemm_table():
+    from afdserve.cost.hardware import Hardware
+    from afdserve.sim.simulator import SimPrecision, ffn_time, load_efficiency
+
+    hw = Hardware(name="t", usd_per_hour=1.0, bf16_flops=1e11, fp8_flops=1e11, hbm_bytes_per_s=1e13,
+                  memory_bytes=1e9, nic_bytes_per_s=1e9, gpus_per_node=1, source="test")
+    prec = SimPrecision(weight_bytes=4, kv_bytes=4, a2f_bytes=4, f2a_bytes=4, a2f_scales=False)
+    arch = get_model("step3")
+    table = ((1, 0.2), (64, 0.4))
+    one = load_efficiency("cpu", gemm_table=table, ffn_layer_overhead_us=0.0)
+    split = load_efficiency("cpu", gemm_table=table, ffn_gemm_table=((1, 0.1), (64, 0.2)), ffn_layer_overhead_us=0.0)
+    assert one.for_ffn() is one and split.for_ffn().gemm_table == ((1, 0.1), (64, 0.2))
+    # half the efficiency on every FFN GEMM: the FFN layer takes twice as long (compute bound here)
+    for moe in (True, False):
+        assert ffn_time(arch, hw, 64, 1, moe, prec, split) == pytest.approx(2 * ffn_time(arch, hw, 64, 1, moe, prec, one))
+    # the attention projections keep the main table
+    assert attention_time(arch, hw, 8, 4096, prec, split)["linear"] == \
+        attention_time(arch, hw, 8, 4096, prec, one)["linear"]
+
+
 def test_expert_time_averages_over_the_binomial_rows_per_expert():
     from afdserve.cost.hardware import Hardware
     from afdserve.sim.simulator import SimPrecision, _expert_gemm, _gemm_part, load_efficiency
@@ -269,11 +289,12 @@ def test_cpu_measurement_with_a_neighbour_runs_it_and_always_stops_it(monkeypatc
 
     monkeypatch.setattr(local, "_start_neighbour", spy)
     fig = local.measure_cpu(1, quick=True, neighbour=True)
-    assert [n for n, _ in fig.gemm_seconds_per_weight] == list(local.GEMM_ROWS)
-    assert fig.read_bytes_per_s > 0 and all(t > 0 for _, t in fig.gemm_seconds_per_weight)
+    for table in (fig.gemm_seconds_per_weight, fig.ffn_gemm_seconds_per_weight):   # attention and FFN shapes
+        assert [n for n, _ in table] == list(local.GEMM_ROWS) and all(t > 0 for _, t in table)
+    assert fig.read_bytes_per_s > 0
     assert started and started[0].poll() is not None      # killed and reaped afterwards
     # ... also when the measurement fails half-way
-    monkeypatch.setattr(local, "decode_weights", lambda n: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(local, "decode_weights", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         local.measure_cpu(1, quick=True, neighbour=True)
     assert len(started) == 2 and started[1].poll() is not None

@@ -38,13 +38,18 @@ class CpuFigures:
     matmul_flops: float
     op_us: float
     gemm_seconds_per_weight: tuple[tuple[int, float], ...] = ()
-    """(rows, seconds per weight) of decode-shaped GEMMs through the engine's kernels."""
+    """(rows, seconds per weight) of decode-shaped GEMMs through the engine's kernels, over the
+    attention projections' shapes (ATTENTION_SHAPES)."""
     p2p_latency_us: float = 0.0
     p2p_bytes_per_s: float = 1e12
+    ffn_gemm_seconds_per_weight: tuple[tuple[int, float], ...] = ()
+    """The same over the FFN layers' shapes (FFN_SHAPES); empty: use the attention table."""
 
-    def gemm_efficiency_table(self) -> tuple[tuple[float, float], ...]:
-        """(rows, achieved fraction of `matmul_flops`) for the simulator's `gemm_table`."""
-        return tuple((n, 2 * n / (t * self.matmul_flops)) for n, t in self.gemm_seconds_per_weight)
+    def gemm_efficiency_table(self, ffn: bool = False) -> tuple[tuple[float, float], ...]:
+        """(rows, achieved fraction of `matmul_flops`) for the simulator's `gemm_table` (or, with
+        `ffn`, its `ffn_gemm_table`)."""
+        table = self.ffn_gemm_seconds_per_weight if ffn else self.gemm_seconds_per_weight
+        return tuple((n, 2 * n / (t * self.matmul_flops)) for n, t in table)
 
     def hardware(self) -> Hardware:
         return Hardware(name=f"cpu-{self.threads}t", usd_per_hour=1.0,
@@ -96,13 +101,17 @@ def measure_cpu(threads: int, quick: bool = False, neighbour: bool = False) -> C
         del x
         a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
         flops = 2 * 512 * 1024 * 1024 / _median_time(lambda: a @ b, reps)
-        weights = decode_weights(8 if quick else 16)
-        params = sum(w.numel() for w in weights)
-        seconds_per_param = {}
-        for rows in GEMM_ROWS:
-            xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
-            seconds_per_param[rows] = _median_time(
-                lambda: [linear(xs[w.shape[1]], w) for w in weights], reps) / params
+        tables = []
+        for shapes in (ATTENTION_SHAPES, FFN_SHAPES):
+            weights = decode_weights(8 if quick else 16, shapes)
+            params = sum(w.numel() for w in weights)
+            seconds_per_param = {}
+            for rows in GEMM_ROWS:
+                xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+                seconds_per_param[rows] = _median_time(
+                    lambda: [linear(xs[w.shape[1]], w) for w in weights], reps) / params
+            tables.append(tuple(sorted(seconds_per_param.items())))
+            del weights
         s = torch.ones(4)
         n = 2000
 
@@ -115,7 +124,7 @@ def measure_cpu(threads: int, quick: bool = False, neighbour: bool = False) -> C
         if peer is not None:
             peer.kill()
             peer.wait()
-    return CpuFigures(threads, bw, flops, op_us, tuple(sorted(seconds_per_param.items())))
+    return CpuFigures(threads, bw, flops, op_us, tables[0], ffn_gemm_seconds_per_weight=tables[1])
 
 
 # The neighbour of measure_cpu(neighbour=True): streams 8-row decode GEMMs until killed, and exits
@@ -149,18 +158,22 @@ def _start_neighbour():
     return proc
 
 
-# (out, in): the small preset's fused expert gate+up, expert down, wq, o_proj.
-DECODE_SHAPES = ((1024, 768), (768, 512), (2048, 384), (768, 2048))
+# (out, in) of the small preset's matrices: the attention projections (fused q/k/v, wq, o_proj)
+# and the FFN layers' (fused expert gate+up, expert down; the shared expert has the same shapes).
+# Measured apart because the kernels stream them at different rates (benchmarks/kernel_bench.py).
+ATTENTION_SHAPES = ((640, 768), (2048, 384), (768, 2048))
+FFN_SHAPES = ((1024, 768), (768, 512))
+DECODE_SHAPES = ATTENTION_SHAPES + FFN_SHAPES
 
 
-def decode_weights(per_shape: int):
-    """Distinct random weights of DECODE_SHAPES (more than the caches hold), in the layouts
+def decode_weights(per_shape: int, shapes: tuple[tuple[int, int], ...] = DECODE_SHAPES):
+    """Distinct random weights of `shapes` (more than the caches hold), in the layouts
     `prepare_for_decode` gives them under the current thread count."""
     import torch
 
     from afdserve.model.kernels import stored_transposed
     out = []
-    for o, i in DECODE_SHAPES:
+    for o, i in shapes:
         for _ in range(per_shape):
             w = torch.randn(o, i)
             out.append(w.t().contiguous().t() if stored_transposed(o, i) else w)
@@ -289,9 +302,13 @@ def measure_layer_overheads(threads: int, tokens: int, quick: bool = False) -> L
     return LayerOverheads(attn * 1e6, ffn * 1e6)
 
 
-def cpu_efficiency(fig: CpuFigures, over: LayerOverheads):
-    """The 'cpu' profile with the measured GEMM rates, layer overheads and link latency."""
-    return load_efficiency("cpu", gemm_table=fig.gemm_efficiency_table(),
+def cpu_efficiency(fig: CpuFigures, over: LayerOverheads, ffn_fig: CpuFigures | None = None):
+    """The 'cpu' profile with the measured GEMM rates (the FFN layers' from `ffn_fig`, default
+    `fig`: a fraction of the matmul rate of the machine that runs them), layer overheads and link
+    latency."""
+    ffn_fig = ffn_fig or fig
+    ffn_table = ffn_fig.gemm_efficiency_table(ffn=True) if ffn_fig.ffn_gemm_seconds_per_weight else ()
+    return load_efficiency("cpu", gemm_table=fig.gemm_efficiency_table(), ffn_gemm_table=ffn_table,
                            attention_layer_overhead_us=over.attention_us,
                            ffn_layer_overhead_us=over.ffn_us,
                            step_overhead_us=fig.op_us * OPS_STEP,
@@ -311,7 +328,7 @@ def predict_afd(arch: ModelArch, attn: CpuFigures, ffn: CpuFigures, over: LayerO
     """1A1F: one attention process and one FFN process of one core each, gloo in between."""
     dep = Deployment("afd", attn.hardware(), ffn.hardware(), 1, 1, 1,
                      micro_batches=micro_batches)
-    return simulate(arch, dep, context, batch, FP32, cpu_efficiency(attn, over))
+    return simulate(arch, dep, context, batch, FP32, cpu_efficiency(attn, over, ffn))
 
 
 def measure_engine_decode(model_dir: str, batch: int, tokens: int, prompt_len: int, **llm_kwargs) -> float:

@@ -60,6 +60,13 @@ class Efficiency:
     gemm_table: tuple[tuple[float, float], ...] = ()
     """Measured (rows, efficiency) points; when given, `gemm` interpolates them instead of the
     curve (afdserve.sim.local measures them on the current machine)."""
+    ffn_gemm_table: tuple[tuple[float, float], ...] = ()
+    """The same for the FFN layers' weight shapes (experts, dense FFN), when they stream at other
+    rates than the attention projections; empty: `gemm_table` / the curve for every layer."""
+
+    def for_ffn(self) -> "Efficiency":
+        """The factors the FFN layers use (their own GEMM table when measured)."""
+        return replace(self, gemm_table=self.ffn_gemm_table) if self.ffn_gemm_table else self
 
     def gemm(self, rows: float) -> float:
         """GEMM efficiency vs rows (tokens per expert): e_peak * n / (n + n_half), or the
@@ -261,6 +268,7 @@ def ffn_time(arch: ModelArch, hw: Hardware, tokens: float, gpus: int, moe: bool,
     """
     h = arch.hidden_size
     shards = routed_shards or gpus
+    eff = eff.for_ffn()
     over = eff.ffn_layer_overhead_us * 1e-6
     if not moe:
         dense = 3 * h * arch.dense_width
