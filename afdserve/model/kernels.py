@@ -8,11 +8,12 @@ benchmarks/README.md):
 
 * afdserve's own kernels (`afdserve._native`, afdserve/native/decode_kernels.c, compiled at
   install time where a C compiler is present; x86-64 with AVX2/FMA) read each weight byte once
-  for any row count: over the checkpoint layout [out, in] they are the fastest candidate up to
-  32 rows (1.2-2x the best BLAS candidate at 2-8 rows), over transposed storage [in, out] up to 8 rows
-  (also at 1 row, where they match or beat OpenBLAS's GEMV); beyond that numpy's OpenBLAS
-  (threadpoolctl holds it to one thread) is as fast or faster. They are used with one torch
-  thread: they are single-threaded, and with more threads torch's BLAS uses the cores.
+  for any row count: over the checkpoint layout [out, in] they match or beat every BLAS on that
+  layout up to 32 rows (1.05-1.8x the best BLAS candidate of any layout at 2-8 rows), over
+  transposed storage [in, out] up to 8 rows (at 1 row within 10% of OpenBLAS's GEMV); beyond
+  that numpy's OpenBLAS (threadpoolctl holds it to one thread) is as fast or faster. They are
+  used with one torch thread: they are single-threaded, and with more threads torch's BLAS uses
+  the cores.
 * Without them, with one thread: numpy's OpenBLAS for 1 and 4+ rows (1.0-1.4x MKL/oneDNN), MKL
   for 2-3 rows, over transposed storage except for strongly narrow matrices (in >= 2 out), whose
   one-row GEMV is faster in the checkpoint layout.
