@@ -27,4 +27,4 @@ bench: $(BIN)/python
 	$(BIN)/afdserve bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info afdserve/_native*.so

@@ -134,6 +134,8 @@ def test_native_decode_attention_refuses_tables_outside_the_cache():
             kernels.native_decode_attention(q, k, v, torch.tensor([[0, 1], [2, 3]]), [5, 9], 4, 1.0)
         with pytest.raises(ValueError, match="disagree"):
             kernels.native_decode_attention(q, k, v, torch.tensor([[0, 1]]), [5, 6], 4, 1.0)
+        assert kernels.native_decode_attention(q[:0], k, v, torch.zeros(0, 2, dtype=torch.int64), [], 4,
+                                               1.0).shape == (0, 4, 8)          # no sequences: nothing to do
         with pytest.raises(ValueError, match="nq % g"):
             kernels.native_decode_attention(torch.zeros(2, 3, 8), torch.zeros(32, 2, 8), torch.zeros(32, 2, 8),
                                             torch.tensor([[0, 1], [2, 3]]), [5, 6], 4, 1.0)

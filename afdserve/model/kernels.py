@@ -118,8 +118,8 @@ def _native_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def _native_call(x: torch.Tensor, w: torch.Tensor, ldw: int, transposed: bool) -> torch.Tensor:
     rows, k = x.shape
-    if w.shape[1] != k:
-        return F.linear(x, w)                          # raises torch's shape error
+    if w.shape[1] != k or not (rows and k and w.shape[0]):
+        return F.linear(x, w)                          # torch's shape error, or an empty product
     xs0, xs1 = x.stride()
     if xs1 != 1 or (rows > 1 and xs0 < k):
         x, xs0 = x.contiguous(), k
@@ -150,6 +150,8 @@ def native_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if dk != d or slots % block_size or len(context_lens) != S or block_tables.shape[0] != S:
         raise ValueError(f"decode attention: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}, "
                          f"{len(context_lens)} context lengths, block tables {tuple(block_tables.shape)} disagree")
+    if S == 0:
+        return q.new_empty(q.shape)
     q = q.contiguous()
     tables = block_tables.to(torch.int64).contiguous()
     lens = torch.tensor(context_lens, dtype=torch.int64)
