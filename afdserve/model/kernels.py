@@ -91,6 +91,7 @@ def _native_available() -> bool:
 
 NATIVE = _native_available()
 if NATIVE:
+    from afdserve._native import decode_attention as _attention_kernel
     from afdserve._native import sgemm as _sgemm
 # Rows up to which the native kernels beat the BLAS libraries, per layout (benchmarks/kernel_bench.py).
 NATIVE_MAX_ROWS = 32          # checkpoint layout [out, in]
@@ -140,11 +141,10 @@ def native_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if not NATIVE or torch.get_num_threads() != 1 or q.dim() != 3 or k_cache.dim() != 3:
         return None
     tensors = (q, k_cache, v_cache)
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors) or \
+    if any(not t.is_cpu or t.dtype is not torch.float32 for t in tensors) or \
             (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or \
             not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.shape != v_cache.shape:
         return None
-    from afdserve import _native
     S, nq, d = q.shape
     slots, g, dk = k_cache.shape
     if dk != d or slots % block_size or len(context_lens) != S or block_tables.shape[0] != S:
@@ -156,9 +156,8 @@ def native_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     tables = block_tables.to(torch.int64).contiguous()
     lens = torch.tensor(context_lens, dtype=torch.int64)
     out = torch.empty_like(q)
-    _native.decode_attention(q.data_ptr(), S, nq, d, k_cache.data_ptr(), v_cache.data_ptr(), slots // block_size,
-                             g, block_size, tables.data_ptr(), tables.shape[1], lens.data_ptr(), float(scale),
-                             out.data_ptr())
+    _attention_kernel(q.data_ptr(), S, nq, d, k_cache.data_ptr(), v_cache.data_ptr(), slots // block_size,
+                      g, block_size, tables.data_ptr(), tables.shape[1], lens.data_ptr(), float(scale), out.data_ptr())
     return out
 
 
