@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", default=None, help=f"comma list (default {FULL['contexts']})")
     p.add_argument("--steps", type=int, default=None, help="timed decode steps per point (default 16)")
     p.add_argument("--warmup", type=int, default=2, help="untimed decode steps per point (default 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores); with 1 on an x86-64 CPU, afdserve's native decode kernels are used (benchmarks/README.md)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="auto", help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--prefill", choices=("synthetic", "real"), default="synthetic",
