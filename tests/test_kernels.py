@@ -109,6 +109,9 @@ def test_linear_dispatch_native_by_rows_and_layout(torch_threads, monkeypatch):
     # a weight whose inner dimension does not match raises torch's shape error, not a crash
     with pytest.raises(RuntimeError):
         kernels._native_linear(torch.randn(2, 31), w)
+    # strides the kernels cannot read are refused by name (linear sends such weights elsewhere)
+    with pytest.raises(ValueError, match="strides"):
+        kernels._native_linear(torch.randn(2, 32), torch.randn(64, 64)[:, ::2])
     # empty products are empty (or zero), as with F.linear
     assert kernels._native_linear(torch.randn(0, 64), w).shape == (0, 32)
     assert torch.equal(kernels._native_linear(torch.randn(3, 0), torch.randn(5, 0)), torch.zeros(3, 5))

@@ -109,12 +109,26 @@ def _openblas_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(x.numpy() @ w.t().numpy())
 
 
+def _native_layout(w: torch.Tensor) -> tuple[int, bool] | None:
+    """(leading dimension, transposed) of a 2-D weight [out, in] the native kernels can read: unit
+    stride along `out` (transposed storage) or along `in` with rows not overlapping (checkpoint
+    layout, fused-matrix slices included); None for any other strides."""
+    s0, s1 = w.stride()
+    if s0 == 1 and s1 != 1:
+        return s1, True
+    n, k = w.shape
+    if s1 == 1 and (n == 1 or s0 >= k):
+        return (s0 if n > 1 else k), False
+    return None
+
+
 def _native_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, in] @ w^T with the native kernel; w [out, in] with unit stride along `in`
-    (checkpoint layout) or along `out` (transposed storage), fp32 on the CPU."""
-    transposed = is_transposed(w)
-    return _native_call(x, w, w.stride(1) if transposed else (w.stride(0) if w.shape[0] > 1 else w.shape[1]),
-                        transposed)
+    """x [M, in] @ w^T with the native kernel; w [out, in] in a layout `_native_layout` accepts,
+    fp32 on the CPU."""
+    layout = _native_layout(w)
+    if layout is None:
+        raise ValueError(f"the native kernels cannot read a weight with strides {w.stride()}")
+    return _native_call(x, w, *layout)
 
 
 def _native_call(x: torch.Tensor, w: torch.Tensor, ldw: int, transposed: bool) -> torch.Tensor:
@@ -180,14 +194,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None)
         rows = x.shape[0]
         if NATIVE and rows and w.dtype is torch.float32 and w.is_cpu and w.dim() == 2 and \
                 torch.get_num_threads() == 1:
-            s0, s1 = w.stride()
-            if s0 == 1 and s1 != 1:                                     # transposed storage
-                if rows <= NATIVE_MAX_ROWS_T:
-                    return _native_call(x, w, s1, True)
-            elif s1 == 1 and rows <= NATIVE_MAX_ROWS:                   # checkpoint layout
-                n, k = w.shape
-                if n == 1 or s0 >= k:
-                    return _native_call(x, w, s0 if n > 1 else k, False)
+            layout = _native_layout(w)
+            if layout is not None and rows <= (NATIVE_MAX_ROWS_T if layout[1] else NATIVE_MAX_ROWS):
+                return _native_call(x, w, *layout)
         if OPENBLAS and (rows == 1 or rows >= OPENBLAS_MIN_ROWS) and w.dim() == 2 and \
                 (is_transposed(w) or w.is_contiguous()) and torch.get_num_threads() == 1:
             return _openblas_linear(x, w)

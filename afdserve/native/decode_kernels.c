@@ -158,9 +158,9 @@ static void axpy_rows(const float *x, ptrdiff_t ldx, const float *wt, ptrdiff_t 
         }
 }
 
-/* y (=, or += when `accumulate`) x @ wt */
+/* y = x @ wt */
 TGT static void gemm_axpy(const float *x, ptrdiff_t ldx, const float *wt, ptrdiff_t ldw, float *y,
-                          ptrdiff_t ldy, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int accumulate)
+                          ptrdiff_t ldy, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K)
 {
     ptrdiff_t NT = Y_TILE_BYTES / (ptrdiff_t)sizeof(float) / M;
     if (NT < 256) NT = 256;
@@ -173,15 +173,15 @@ TGT static void gemm_axpy(const float *x, ptrdiff_t ldx, const float *wt, ptrdif
                 const float *xm = x + m * ldx + k0, *wk = wt + k0 * ldw + n0;
                 float *ym = y + m * ldy + n0;
                 if (M - m >= 2) {
-                    axpy_2(xm, ldx, wk, ldw, ym, ldy, nt, k0 == 0 && !accumulate);
+                    axpy_2(xm, ldx, wk, ldw, ym, ldy, nt, k0 == 0);
                     m += 2;
                 } else {
-                    axpy_1(xm, ldx, wk, ldw, ym, ldy, nt, k0 == 0 && !accumulate);
+                    axpy_1(xm, ldx, wk, ldw, ym, ldy, nt, k0 == 0);
                     m += 1;
                 }
             }
         if (k0 < K)
-            axpy_rows(x + k0, ldx, wt + k0 * ldw + n0, ldw, y + n0, ldy, M, nt, K - k0, k0 == 0 && !accumulate);
+            axpy_rows(x + k0, ldx, wt + k0 * ldw + n0, ldw, y + n0, ldy, M, nt, K - k0, k0 == 0);
     }
 }
 
@@ -436,7 +436,7 @@ static PyObject *sgemm(PyObject *self, PyObject *args)
             for (Py_ssize_t m = 0; m < M; m++)
                 for (Py_ssize_t n = 0; n < N; n++) y[m * ldy + n] = 0.f;
         else if (transposed)
-            gemm_axpy(x, ldx, w, ldw, y, ldy, M, N, K, 0);
+            gemm_axpy(x, ldx, w, ldw, y, ldy, M, N, K);
         else
             gemm_dot(x, ldx, w, ldw, y, ldy, M, N, K);
         Py_END_ALLOW_THREADS
