@@ -121,8 +121,13 @@ def test_parse_topology(text, expected):
     assert t.role_of(expected[0]) == ("ffn", 0) and t.role_of(0) == ("attention", 0)
 
 
-@pytest.mark.parametrize("text", ["", "2a1f", "0A1F", "1A0F", "2A", "A1F", "1F1A", " 1A1F", "1A1F ", "1.5A1F",
-                                  "01A1F", "2A1F1", None, 3])
+@pytest.mark.parametrize("text", ["2a1f", " 2A1F", "2A1F ", "2 a 1 F", "02A01F"])
+def test_parse_topology_is_lenient_like_simulate(text):
+    from afdserve.sim.simulator import parse_afd
+    assert str(parse_topology(text)) == "2A1F" and parse_afd(text) == (2, 1)
+
+
+@pytest.mark.parametrize("text", ["", "0A1F", "1A0F", "2A", "A1F", "1F1A", "1.5A1F", "2A1F1", "-1A1F", None, 3])
 def test_parse_topology_rejects(text):
     with pytest.raises(TopologyError, match="expected xAyF"):
         parse_topology(text)

@@ -10,9 +10,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from afdserve.model.step3 import FFNShard
+from typing import TYPE_CHECKING
 
-_PATTERN = re.compile(r"^([1-9][0-9]*)A([1-9][0-9]*)F$")
+if TYPE_CHECKING:   # torch stays out of the torch-free callers (the simulator's CLI)
+    from afdserve.model.step3 import FFNShard
+
+_PATTERN = re.compile(r"\s*([0-9]+)\s*A\s*([0-9]+)\s*F\s*", re.IGNORECASE)
 
 
 class TopologyError(ValueError):
@@ -42,7 +45,8 @@ class Topology:
     def ffn_ranks(self) -> list[int]:
         return [self.ffn_rank(k) for k in range(self.num_ffn)]
 
-    def ffn_shard(self, k: int) -> FFNShard:
+    def ffn_shard(self, k: int) -> "FFNShard":
+        from afdserve.model.step3 import FFNShard
         return FFNShard(k, self.num_ffn)
 
     def role_of(self, rank: int) -> tuple[str, int]:
@@ -56,11 +60,14 @@ class Topology:
 
 
 def parse_topology(text: str | Topology) -> Topology:
-    """'2A1F' -> Topology(2, 1). Strict: both counts >= 1, upper-case A and F, nothing else."""
+    """'2A1F' -> Topology(2, 1); the one parser of `serve`, `worker` and `simulate`.
+
+    Case and spaces are free ('2a1f', ' 2A 1F ' and '2A1F' are the same); both counts must be >= 1.
+    """
     if isinstance(text, Topology):
         return text
-    if not isinstance(text, str) or not _PATTERN.match(text):
+    m = _PATTERN.fullmatch(text) if isinstance(text, str) else None
+    if m is None or int(m.group(1)) < 1 or int(m.group(2)) < 1:
         raise TopologyError(f"invalid AFD topology {text!r}: expected xAyF with x, y >= 1 attention "
                             "and FFN workers, e.g. 1A1F, 2A1F, 1A2F, 3A2F")
-    a, f = _PATTERN.match(text).groups()
-    return Topology(int(a), int(f))
+    return Topology(int(m.group(1)), int(m.group(2)))

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
+from afdserve.afd.topology import parse_topology
 from afdserve.cost.arch import ModelArch
 from afdserve.cost.hardware import Hardware
 
@@ -185,11 +185,9 @@ class Deployment:
 
 
 def parse_afd(text: str) -> tuple[int, int]:
-    """'2A2F' -> (2, 2)."""
-    m = re.fullmatch(r"\s*(\d+)\s*[aA]\s*(\d+)\s*[fF]\s*", str(text))
-    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise ValueError(f"bad AFD shape {text!r}: expected xAyF with x, y >= 1, e.g. 2A2F")
-    return int(m.group(1)), int(m.group(2))
+    """'2A2F' -> (2, 2), by the parser `serve --afd` uses (a ValueError for anything else)."""
+    topo = parse_topology(text)
+    return topo.num_attention, topo.num_ffn
 
 
 # ----------------------------------------------------------------------------- stage times
