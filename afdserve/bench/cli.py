@@ -245,36 +245,74 @@ def _profile(args, model_dir: Path, log, out: Path) -> dict:
 
 
 def _afd(args, model_dir: Path, log) -> dict:
-    from afdserve.bench import decode
+    """Colocated vs AFD on equal footing: the AFD run's local workers share the run's threads
+    (threads per worker = threads // workers, passed to the executor), and colocated runs twice:
+    with all the run's threads (same total cores) and with one worker's share (same threads and
+    so the same kernel choice as each AFD worker: disaggregation's own cost)."""
     b, c = args.afd_batch, args.afd_context
-    modes = [("colocated", None, 1)] + [(f"{args.afd_topology} m={m}", args.afd_topology, m)
-                                          for m in args.micro_batches]
-    rows = []
-    for name, topo, m in modes:
-        log(f"{name}: batch {b} context {c}")
-        row = {"mode": name, "batch": b, "context": c}
-        try:
-            opts = {"timeout_s": args.afd_timeout} if topo else None
-            try:
-                r = decode.measure_decode(model_dir, b, c, args.steps, args.warmup, args.device, args.dtype,
-                                          afd=topo, micro_batches=m, afd_options=opts)
-            except TypeError:
-                if not opts:
-                    raise
-                r = decode.measure_decode(model_dir, b, c, args.steps, args.warmup, args.device, args.dtype,
-                                          afd=topo, micro_batches=m)
-            row.update({k: r[k] for k in ("tokens_per_s", "tpot_ms", "step_s", "steps_timed")})
-        except BaseException as exc:  # an AFD runtime that is missing or fails must not end the run
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            row["unavailable"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            row["traceback"] = traceback.format_exc(limit=3)[-1500:]
-        rows.append(row)
-    base = rows[0].get("tokens_per_s")
-    for r in rows[1:]:
-        if base and r.get("tokens_per_s"):
-            r["vs_colocated"] = r["tokens_per_s"] / base
-    return {"rows": rows}
+    share = _threads_per_worker(args.afd_topology, args.threads)
+    modes = [("colocated", None, 1, args.threads)]
+    if share != args.threads:
+        modes.append(("colocated, one worker's share", None, 1, share))
+    modes += [(f"{args.afd_topology} m={m}", args.afd_topology, m, share) for m in args.micro_batches]
+    rows = [_afd_row(args, model_dir, log, b, c, *mode) for mode in modes]
+    full = rows[0].get("tokens_per_s")
+    part = next((r.get("tokens_per_s") for r in rows if r["mode"].startswith("colocated") and
+                 r["threads"] == share), None)
+    for r in rows:
+        if r["afd"] and r.get("tokens_per_s"):
+            if full:
+                r["vs_colocated"] = r["tokens_per_s"] / full
+            if part:
+                r["vs_colocated_share"] = r["tokens_per_s"] / part
+    return {"rows": rows, "threads": args.threads, "threads_per_worker": share,
+            "note": f"AFD workers get {share} thread(s) each ({args.threads} // local workers); vs colocated: "
+                    f"against colocated with {args.threads} thread(s) (same total cores); vs share: against "
+                    f"colocated with {share} thread(s), the kernels each worker runs"}
+
+
+def _afd_row(args, model_dir: Path, log, b: int, c: int, name: str, topo: str | None, m: int, threads: int) -> dict:
+    import torch
+
+    from afdserve.bench import decode
+    log(f"{name}: batch {b} context {c}, {threads} thread(s){' per worker' if topo else ''}")
+    row = {"mode": name, "batch": b, "context": c, "afd": topo is not None, "threads": threads,
+           "kernels": kernel_policy(threads) if args.device == "cpu" else args.device}
+    opts = {"timeout_s": args.afd_timeout, "threads_per_worker": threads} if topo else None
+    old = torch.get_num_threads()
+    torch.set_num_threads(args.threads if topo else threads)
+    try:
+        r = decode.measure_decode(model_dir, b, c, args.steps, args.warmup, args.device, args.dtype,
+                                  afd=topo, micro_batches=m, afd_options=opts)
+        row.update({k: r[k] for k in ("tokens_per_s", "tpot_ms", "step_s", "steps_timed")})
+    except BaseException as exc:  # an AFD runtime that is missing or fails must not end the run
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        row["unavailable"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        row["traceback"] = traceback.format_exc(limit=3)[-1500:]
+    finally:
+        torch.set_num_threads(old)
+    return row
+
+
+def _threads_per_worker(topology: str, threads: int) -> int:
+    """The run's threads divided among the topology's local worker processes (at least 1)."""
+    from afdserve.afd.topology import TopologyError, parse_topology
+    try:
+        t = parse_topology(topology)
+    except TopologyError:
+        return threads
+    return max(1, threads // (t.num_attention + t.num_ffn))
+
+
+def kernel_policy(threads: int) -> str:
+    """Which decode kernels `afdserve.model.kernels.linear` picks on the CPU at this thread count."""
+    from afdserve.model import kernels
+    if threads == 1 and kernels.NATIVE:
+        return "afdserve native (1 thread)"
+    if threads == 1 and kernels.OPENBLAS:
+        return "OpenBLAS (1 thread)"
+    return f"torch BLAS ({threads} threads)"
 
 
 def _targets(rows: list[dict]) -> dict:
@@ -305,14 +343,8 @@ def print_report(r: dict, console=None) -> None:
     console.print(f"[bold]Machine[/bold]: {d['cpu']}, {d['cores']} cores, torch {d['torch']} "
                   f"({d['torch_threads']} threads), device {d['device']}"
                   + (f" ({d['gpu']})" if d.get("gpu") else ""))
-    console.print(f"  memory bandwidth {m['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s (sum over "
-                  f"{m['bandwidth']['size_bytes'] / 2**30:.2f} GiB fp32); matmul "
-                  f"{m['matmul']['flops_per_s'] / 1e9:.1f} GFLOP/s ({m['matmul']['dtype']}, n={m['matmul']['n']})")
-    ws = m.get("weight_streaming", {}).get("rows", {})
-    if ws:
-        from afdserve.bench.machine import streaming_summary
-        console.print("  decode-shaped GEMM (x[M,768] @ W^T, weights streamed; BLAS / afdserve): "
-                      + streaming_summary(ws))
+    for line in limits_lines(m):
+        console.print("  " + line)
     t = Table(title=f"Decode, {r['model'].get('preset') or 'model'} ({r['model']['dtype']})")
     for col in ("batch", "ctx", "tok/s", "TPOT ms", "GB/step", "% BW", "% FLOP", "experts/layer",
                 "peer tok/s", "ours/peer"):
@@ -347,18 +379,40 @@ def print_report(r: dict, console=None) -> None:
                       f"{a['arithmetic_intensity']:.0f}", f"{1e3 * a['step_s']:.3f}",
                       f"{1e3 * a['predicted_s']:.3f}", a["bound"], f"{a['efficiency']:.2f}")
         console.print(t)
-    afd = r.get("afd", {}).get("rows")
-    if afd:
-        t = Table(title=f"Colocated vs AFD, batch {afd[0]['batch']} context {afd[0]['context']}")
-        for col in ("mode", "tok/s", "TPOT ms", "vs colocated"):
+    afd = r.get("afd", {})
+    if afd.get("rows"):
+        t = Table(title=f"Colocated vs AFD, batch {afd['rows'][0]['batch']} context {afd['rows'][0]['context']}")
+        for col in ("mode", "threads", "kernels", "tok/s", "TPOT ms", "vs colocated", "vs share"):
             t.add_column(col, justify="right")
-        for a in afd:
+        for a in afd["rows"]:
             if "tokens_per_s" in a:
-                t.add_row(a["mode"], f"{a['tokens_per_s']:.1f}", f"{a['tpot_ms']:.1f}",
-                          f"{a['vs_colocated']:.2f}x" if "vs_colocated" in a else "-")
+                t.add_row(a["mode"], str(a.get("threads", "")), a.get("kernels", ""), f"{a['tokens_per_s']:.1f}",
+                          f"{a['tpot_ms']:.1f}", *(f"{a[k]:.2f}x" if k in a else "-"
+                                                  for k in ("vs_colocated", "vs_colocated_share")))
             else:
-                t.add_row(a["mode"], "unavailable", a.get("unavailable", "")[:60], "")
+                t.add_row(a["mode"], str(a.get("threads", "")), "", "unavailable", a.get("unavailable", "")[:60], "", "")
         console.print(t)
+        if afd.get("note"):
+            console.print("  " + afd["note"])
+
+
+def limits_lines(m: dict) -> list[str]:
+    """The measured limits, how each was measured, and what each percentage divides by."""
+    bw, mm = m["bandwidth"], m["matmul"]
+    lines = [f"memory bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s: {bw.get('method', '')}"]
+    if bw.get("kernels"):
+        lines.append("  read kernels: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bw["kernels"].items()
+                                                   if not k.startswith("decode GEMM")) + " GB/s")
+    lines.append(f"matmul {mm['flops_per_s'] / 1e9:.1f} GFLOP/s: {mm.get('method', '')} ({mm['dtype']}, "
+                 f"n={mm['n']}, {mm.get('threads', '?')} thread(s))")
+    ws = m.get("weight_streaming", {}).get("rows", {})
+    if ws:
+        from afdserve.bench.machine import streaming_summary
+        lines.append("decode-shaped GEMM (x[M,768] @ W^T, weights streamed; BLAS / afdserve): "
+                     + streaming_summary(ws))
+    lines.append("% BW = bytes a step must move / step time / the bandwidth above; "
+                 "% FLOP = step FLOPs / step time / the matmul rate above")
+    return lines
 
 
 def _settings(args) -> dict:

@@ -7,13 +7,18 @@ top-(k + shared/expert width) routed experts of the same width so that the activ
 token equals ours (Step-3 small: 3 x 512 routed + 512 shared = 4 x 512). Random weights.
 Differences (q/k norm, full-rank query, no shared expert) are listed in benchmarks/README.md.
 
-Decode-only time: the KV cache is pre-filled (zeros, like the engine's synthetic prefill) with
-C tokens, `generate` is given C + 1 tokens (so its first forward is a single-token step), and
-    t_decode = (T(N + 1 new tokens) - T(1 new token)) / N
-removes the set-up, the first forward and the output handling common to both calls.
+Decode-only time, with the statistic the engine's figures use: the KV cache is pre-filled
+(zeros, like the engine's synthetic prefill) with C tokens, `generate` is given C + 1 tokens (so
+its first forward is a single-token step) and asked for N + 1 new tokens; a stopping criterion
+that never stops records the time each token is produced, so the N gaps between consecutive
+tokens are N decode steps (forward, logits processing, sampling, cache update), without the
+set-up of the call. The step time is the median of those N gaps, as `decode.measure_decode`
+takes the median of its N timed steps; the call is repeated (`repeats`) and the median of the
+runs' medians is reported with their spread.
 """
 from __future__ import annotations
 
+import statistics
 import time
 import warnings
 
@@ -83,36 +88,55 @@ def _prefilled_cache(model, batch: int, context: int):
     return cache
 
 
-def measure_peer(model, batch: int, context: int, steps: int = 8, repeats: int = 2, seed: int = 0) -> dict:
-    """Decode-only time per step of `model.generate` (greedy, use_cache) for `batch` x `context`."""
+def _criterion_base():
+    try:
+        from transformers import StoppingCriteria
+        return StoppingCriteria
+    except Exception:               # a duck-typed model (tests): any callable criterion will do
+        return object
+
+
+class _StepClock(_criterion_base()):
+    """A stopping criterion that never stops: it records when each new token exists."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.stamps = device, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def measure_peer(model, batch: int, context: int, steps: int = 8, repeats: int = 3, seed: int = 0) -> dict:
+    """Decode time per step of `model.generate` (greedy, use_cache) for `batch` x `context`: the
+    median over `steps` decode steps of each of `repeats` runs, then the median over runs."""
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, model.config.vocab_size, (batch, context + 1), generator=g).to(dev)
     mask = torch.ones_like(ids)
     cache = _prefilled_cache(model, batch, context)
 
-    def run(n: int) -> float:
+    def run(n: int) -> list[float]:
         extra = cache.get_seq_length() - context
         if extra > 0:
             cache.crop(-extra)   # back to the pre-filled context (negative: tokens to remove)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        clock = _StepClock(dev)
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)   # `past_key_values` renamed in 5.x
             model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=n,
-                           min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+                           min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0,
+                           stopping_criteria=[clock])
+        if len(clock.stamps) != n:
+            raise RuntimeError(f"the peer's generate produced {len(clock.stamps)} of {n} tokens")
+        return [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
 
-    if batch * context > 32768:
-        repeats = 1          # large points: one run each (a step takes seconds on a CPU)
-    run(1)  # warm-up
-    t1 = min(run(1) for _ in range(repeats))
-    tn = min(run(steps + 1) for _ in range(repeats))
-    step_s = max(tn - t1, 1e-9) / steps
+    run(2)  # warm-up
+    medians = [statistics.median(run(steps + 1)) for _ in range(max(1, repeats))]
+    step_s = statistics.median(medians)
     del cache
-    return {"batch": batch, "context": context, "steps": steps, "t_1_s": t1, "t_n_plus_1_s": tn,
-            "step_s": step_s, "tpot_ms": step_s * 1e3, "tokens_per_s": batch / step_s,
-            "method": "(T(N+1) - T(1)) / N with a pre-filled DynamicCache"}
+    return {"batch": batch, "context": context, "steps": steps, "repeats": len(medians),
+            "run_medians_s": medians, "step_s": step_s, "tpot_ms": step_s * 1e3, "tokens_per_s": batch / step_s,
+            "method": f"median of {len(medians)} runs' medians over {steps} decode steps (time between "
+                      "consecutive tokens of generate, pre-filled DynamicCache)"}

@@ -1,6 +1,8 @@
 """Markdown summary of a bench result (written to OUT/summary.md; pasted into benchmarks/README.md)."""
 from __future__ import annotations
 
+from afdserve.bench.cli import limits_lines
+
 
 def _g(x, unit=1.0, fmt="{:.1f}"):
     return "-" if x is None else fmt.format(x / unit)
@@ -13,11 +15,8 @@ def markdown(r: dict) -> str:
              f"transformers {d.get('transformers')}, device {d['device']}" + (f" ({d['gpu']})" if d.get("gpu") else "")
              + f"; memory available {d.get('mem_available_gb')} GiB; load average (1 min) at start "
              f"{d.get('load_average_1m')}.", "",
-             f"Measured limits: memory bandwidth **{m['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s** "
-             f"(sum of {m['bandwidth']['size_bytes'] / 2**30:.2f} GiB fp32, best of {m['bandwidth']['repeats']}); "
-             f"matmul **{m['matmul']['flops_per_s'] / 1e9:.1f} GFLOP/s** ({m['matmul']['dtype']}, "
-             f"{m['matmul']['n']}^3, best of {m['matmul']['repeats']}).", "",
-             _ws(m), "",
+             "Measured limits (what every percentage below divides by):", "",
+             *[f"- {line}" for line in limits_lines(m)], "",
              "| batch | context | tok/s | TPOT ms | MB/step | % of BW | % of matmul | experts hit/layer | peer tok/s | ours/peer |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r.get("decode", []):
@@ -44,23 +43,19 @@ def markdown(r: dict) -> str:
             lines.append(f"| {a['design']} | {a['context']} | {a['kv_elems_per_token']} | "
                          f"{a['arithmetic_intensity']:.0f} | {1e3 * a['step_s']:.3f} | {1e3 * a['predicted_s']:.3f} | "
                          f"{a['bound']} | {a['efficiency']:.2f} |")
-    afd = r.get("afd", {}).get("rows")
-    if afd:
-        lines += ["", f"Colocated vs AFD, batch {afd[0]['batch']}, context {afd[0]['context']}:", "",
-                  "| mode | tok/s | TPOT ms | vs colocated |", "|---|---:|---:|---:|"]
-        for a in afd:
+    afd = r.get("afd", {})
+    if afd.get("rows"):
+        lines += ["", f"Colocated vs AFD, batch {afd['rows'][0]['batch']}, context {afd['rows'][0]['context']} "
+                  f"({afd.get('note', '')}):", "",
+                  "| mode | threads | kernels | tok/s | TPOT ms | vs colocated | vs share |",
+                  "|---|---:|---|---:|---:|---:|---:|"]
+        for a in afd["rows"]:
             if "tokens_per_s" in a:
-                lines.append(f"| {a['mode']} | {a['tokens_per_s']:.1f} | {a['tpot_ms']:.1f} | "
-                             + (f"{a['vs_colocated']:.2f}x |" if "vs_colocated" in a else "- |"))
+                lines.append(f"| {a['mode']} | {a.get('threads', '')} | {a.get('kernels', '')} | "
+                             f"{a['tokens_per_s']:.1f} | {a['tpot_ms']:.1f} | "
+                             + " | ".join(f"{a[k]:.2f}x" if k in a else "-"
+                                          for k in ("vs_colocated", "vs_colocated_share")) + " |")
             else:
-                lines.append(f"| {a['mode']} | unavailable: {a.get('unavailable', '')[:80]} | | |")
+                lines.append(f"| {a['mode']} | {a.get('threads', '')} | | unavailable: "
+                             f"{a.get('unavailable', '')[:80]} | | | |")
     return "\n".join(lines) + "\n"
-
-
-def _ws(m: dict) -> str:
-    ws = m.get("weight_streaming", {}).get("rows", {})
-    if not ws:
-        return ""
-    from afdserve.bench.machine import streaming_summary
-    return ("Decode-shaped GEMMs (x[M, 768] @ W^T over distinct weights, weight bytes per second "
-            "while streaming them; torch's BLAS / afdserve's decode kernels): " + streaming_summary(ws) + ".")
