@@ -8,4 +8,6 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("afdserve._native", ["afdserve/native/decode_kernels.c"],
                              extra_compile_args=["-O3", "-std=c99"], libraries=["m"],
-                             optional=True)])
+                             optional=True),
+                   Extension("afdserve._fp8", ["afdserve/native/fp8_kernels.c"],  # FP8 weights (model/fp8.py)
+                             extra_compile_args=["-O3", "-std=c99"], libraries=["m"], optional=True)])

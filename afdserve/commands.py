@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", required=True, help="step3, small or tiny")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "fp8"],
+                   help="fp8: block-scaled e4m3 linear weights + bfloat16 for the rest (docs/fp8.md)")
     p.set_defaults(func=_init_checkpoint)
 
     g = sub.add_parser("generate", help="generate text or token ids offline",
@@ -30,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop-token-ids", default="", help="comma-separated ids that end generation")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_quantization_argument(g)
     add_afd_arguments(g)
     g.set_defaults(func=_generate)
 
@@ -40,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--n", type=int, default=40, help="held-out prompts to score")
     d.add_argument("--afd", default="1A1F", help="topology for the disaggregated run ('none' to skip)")
     d.set_defaults(func=_demo)
+
+
+def add_quantization_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantization", choices=["fp8"], default=None,
+                   help="fp8: quantize the linear weights to block-scaled FP8 at load (8 bits in memory; an "
+                   "FP8 checkpoint loads as FP8 without this flag; docs/fp8.md)")
 
 
 def _ids(text: str) -> list[int]:
@@ -67,7 +75,8 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.seed, max_tokens=args.max_tokens,
                             stop_token_ids=_ids(args.stop_token_ids))
-    with LLM(model=args.model, dtype=args.dtype, **engine_kwargs_from_args(args)) as llm:
+    with LLM(model=args.model, dtype=args.dtype, quantization=args.quantization,
+             **engine_kwargs_from_args(args)) as llm:
         if args.prompt and llm.tokenizer is None:
             raise ValueError("this model has no tokenizer.json: use --prompt-ids")
         for out in llm.generate(prompts, params):

@@ -19,6 +19,54 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class QuantizationConfig:
+    """`quantization_config` of a block-scaled FP8 checkpoint (the format of Step-3's FP8 release;
+    docs/fp8.md). Only what afdserve can load is accepted."""
+
+    quant_method: str = "fp8"
+    fmt: str = "e4m3"
+    weight_block_size: tuple[int, int] = (128, 128)
+    activation_scheme: str = "dynamic"
+    """Activations stay in the run's dtype on CPU; 'static' (per-tensor input scales) is refused."""
+    modules_to_not_convert: tuple[str, ...] = ()
+    """Module names (or parts of them) whose weights stay in high precision (`ignored_layers` too)."""
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "QuantizationConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError("config field 'quantization_config' must be an object")
+        method = raw.get("quant_method")
+        if method != "fp8":
+            raise ConfigError(f"config field 'quantization_config.quant_method' is {method!r}; afdserve loads 'fp8' "
+                              "(block-scaled e4m3) checkpoints only")
+        fmt = raw.get("fmt", "e4m3")
+        if fmt != "e4m3":
+            raise ConfigError(f"config field 'quantization_config.fmt' is {fmt!r}; only 'e4m3' is supported")
+        block = raw.get("weight_block_size") or [128, 128]
+        if list(block) != [128, 128]:
+            raise ConfigError(f"config field 'quantization_config.weight_block_size' is {block!r}; "
+                              "only [128, 128] blocks are supported")
+        scheme = raw.get("activation_scheme", "dynamic")
+        if scheme != "dynamic":
+            raise ConfigError(f"config field 'quantization_config.activation_scheme' is {scheme!r}; only 'dynamic' "
+                              "is supported (activations are not quantized)")
+        skip = list(raw.get("modules_to_not_convert") or []) + list(raw.get("ignored_layers") or [])
+        if not all(isinstance(m, str) for m in skip):
+            raise ConfigError("config field 'quantization_config.modules_to_not_convert' must list module names")
+        return cls(weight_block_size=(128, 128), modules_to_not_convert=tuple(skip))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["weight_block_size"] = list(self.weight_block_size)
+        d["modules_to_not_convert"] = list(self.modules_to_not_convert)
+        return d
+
+    def converts(self, module: str) -> bool:
+        """Whether the weights of `module` (e.g. 'model.layers.0.self_attn.q_proj') are quantized."""
+        return not any(m and m in module for m in self.modules_to_not_convert)
+
+
+@dataclass(frozen=True)
 class Step3Config:
     hidden_size: int
     """Residual width H."""
@@ -55,6 +103,8 @@ class Step3Config:
     eos_token_id: tuple[int, ...] = ()
     torch_dtype: str = "bfloat16"
     """Dtype the checkpoint was saved in; the runtime dtype is chosen separately."""
+    quantization_config: QuantizationConfig | None = None
+    """Set for block-scaled FP8 checkpoints (afdserve/model/fp8.py)."""
 
     # ------------------------------------------------------------------ derived
     @property
@@ -125,7 +175,8 @@ class Step3Config:
             text = d.get("text_config")
             if not isinstance(text, dict):
                 raise ConfigError("config field 'text_config' is missing or not an object (step3_vl form)")
-            d = {**{k: v for k, v in d.items() if k in ("torch_dtype", "bos_token_id", "eos_token_id")}, **text}
+            d = {**{k: v for k, v in d.items() if k in ("torch_dtype", "bos_token_id", "eos_token_id",
+                                                         "quantization_config")}, **text}
         if "max_position_embedding" not in d:
             for alias in ("max_seq_len", "max_position_embeddings"):
                 if alias in d:
@@ -143,6 +194,8 @@ class Step3Config:
         kwargs["eos_token_id"] = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         if kwargs.get("torch_dtype") is None:
             kwargs.pop("torch_dtype", None)
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = QuantizationConfig.from_dict(kwargs["quantization_config"])
         try:
             return cls(**kwargs)
         except TypeError as exc:  # wrong value types caught before validation
@@ -166,6 +219,10 @@ class Step3Config:
         d = dataclasses.asdict(self)
         d["moe_layers_enum"] = ",".join(str(i) for i in self.moe_layers_enum)
         d["eos_token_id"] = list(self.eos_token_id)
+        if self.quantization_config is None:
+            del d["quantization_config"]
+        else:
+            d["quantization_config"] = self.quantization_config.to_dict()
         return {"model_type": "step3_text", "architectures": ["Step3TextForCausalLM"], **d}
 
     def replace(self, **changes: Any) -> "Step3Config":

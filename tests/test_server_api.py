@@ -171,7 +171,32 @@ def test_metrics(client):
 @pytest.mark.parametrize("body, param", [
     ({"prompt": "hello", "temperature": -1}, "temperature"),
     ({"prompt": "hello", "n": 0}, "n"),
-    ({"prompt": "hello", "top_p": 0}, "top_p"),
+    ({"prompt": "hello", "top_p": 1.5}, "top_p"),
+    ({"prompt": "hello", "temperature": 2.5}, "temperature"),
+    ({"prompt": "hello", "n": 129}, "n"),
+    ({"prompt": "hello", "n": True}, "n"),
+    ({"prompt": "hello", "n": 1.5}, "n"),
+    ({"prompt": "hello", "max_tokens": "5"}, "max_tokens"),
+    ({"prompt": "hello", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"prompt": "hello", "frequency_penalty": -3}, "frequency_penalty"),
+    ({"prompt": "hello", "logprobs": -1}, "logprobs"),
+    ({"prompt": "hello", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "hello", "stop": ""}, "stop"),
+    ({"prompt": "hello", "stop": [1]}, "stop"),
+    ({"prompt": "hello", "seed": 2**64}, "seed"),
+    ({"prompt": "hello", "min_p": 1.5}, "min_p"),
+    ({"prompt": "hello", "top_k": -2}, "top_k"),
+    ({"prompt": "hello", "min_tokens": 9, "max_tokens": 3}, "min_tokens"),
+    ({"prompt": "hello", "stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"prompt": "hello", "stream": "yes"}, "stream"),
+    ({"prompt": "hello", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"prompt": "hello", "stream": True, "stream_options": {"bogus": 1}}, "stream_options"),
+    ({"prompt": "hello", "user": 5}, "user"),
+    ({"prompt": "hello", "best_of": 21}, "best_of"),
+    ({"prompt": [[]]}, "prompt"),
+    ({"prompt": [-1, 2]}, "prompt"),
+    ({"prompt": [1, "a"]}, "prompt"),
+    ({"prompt": None}, "prompt"),
     ({"prompt": "hello", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "hello", "logprobs": 50}, "logprobs"),
     ({"prompt": "hello", "echo": True}, "echo"),
@@ -200,18 +225,99 @@ def test_too_long_prompt_message(client):
     assert "context" in r.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("body", [
-    {"messages": []},
-    {"messages": [{"role": "wizard", "content": "hi"}]},
-    {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
-    {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
-    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"messages": []}, "messages", "at least 1"),
+    ({}, "messages", "required"),
+    ({"messages": "hi"}, "messages", "list"),
+    ({"messages": ["hi"]}, "messages", "object"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages", "'wizard'"),
+    ({"messages": [{"content": "hi"}]}, "messages", "role"),
+    ({"messages": [{"role": "user"}]}, "messages", "content: Field required"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages", "content must be"),
+    ({"messages": [{"role": "system"}, {"role": "user", "content": "hi"}]}, "messages", "required"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages", "content must be"),
+    ({"messages": [{"role": "user", "content": {"text": "hi"}}]}, "messages", "content must be"),
+    ({"messages": [{"role": "user", "content": []}]}, "messages", "at least 1"),
+    ({"messages": [{"role": "user", "content": [{"type": "video", "video": "x"}]}]}, "messages", "'video'"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages", "text: Field required"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, "messages", "string"),
+    ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages", "content must be"),
+    ({"messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages", "text parts"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages", "not supported"),
+    ({"messages": [{"role": "user", "content": "hi", "colour": "red"}]}, "messages", "colour"),
+    ({"messages": [{"role": "assistant"}]}, "messages", "needs content"),
+    ({"messages": [{"role": "assistant", "content": None}]}, "messages", "needs content"),
+    ({"messages": [{"role": "tool", "content": "42"}]}, "messages", "tool_call_id"),
+    ({"messages": [{"role": "function", "content": "42"}]}, "messages", "name"),
+    ({"messages": HI, "top_logprobs": 2}, "top_logprobs", "logprobs"),
+    ({"messages": HI, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "20"),
+    ({"messages": HI, "max_completion_tokens": 0}, "max_completion_tokens", "1"),
+    ({"messages": HI, "tools": [{"type": "function"}]}, "tools", "not supported"),
+    ({"messages": HI, "tools": []}, "tools", "at least 1"),
+    ({"messages": HI, "tool_choice": "sometimes"}, "tool_choice", ""),
+    ({"messages": HI, "response_format": {"type": "json_object"}}, "response_format", "text"),
+    ({"messages": HI, "response_format": {}}, "response_format", "type"),
+    ({"messages": HI, "temperature": float("nan")}, "temperature", "finite"),   # NaN: not in JSON proper
 ])
-def test_bad_chat_requests(client, body):
-    r = client.post("/v1/chat/completions", json={"model": MODEL, **body})
+def test_bad_chat_requests(client, body, param, words):
+    r = client.post("/v1/chat/completions", content=json.dumps({"model": MODEL, **body}),
+                    headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
-    assert r.json()["error"]["type"] == "invalid_request_error"
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param and words in err["message"], err
     _assert_alive(client)
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "system", "content": [{"type": "text", "text": "be terse"}]}, {"role": "user", "content": "hi"}],
+    [{"role": "developer", "content": "be terse", "name": "ops"}, {"role": "user", "content": ""}],
+    [{"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": " world"}]}],
+    [{"role": "user", "content": "what is the time"},
+     {"role": "assistant", "content": None,
+      "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "clock", "arguments": "{}"}}]},
+     {"role": "tool", "tool_call_id": "c1", "content": "ten"},
+     {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+     {"role": "user", "content": "hi", "name": "bob"}],
+    [{"role": "function", "name": "clock", "content": None}, {"role": "user", "content": "hi"}],
+])
+def test_chat_message_forms_openai_accepts(client, messages):
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2,
+                                                  "n": None, "stream": None, "logprobs": None, **GREEDY})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_parts_render_as_the_joined_string(client):
+    """A list of text parts is the same prompt as their concatenation (usage counts its tokens)."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "world"}]}]
+    joined = [{"role": "user", "content": "hello world"}]
+    outs = [client.post("/v1/chat/completions", json={"messages": m, "max_tokens": 4, **GREEDY}).json()
+            for m in (parts, joined)]
+    assert outs[0]["choices"][0]["message"] == outs[1]["choices"][0]["message"]
+    assert outs[0]["usage"] == outs[1]["usage"]
+
+
+def test_top_p_zero_is_greedy(client):
+    """OpenAI accepts top_p 0: only the most likely token survives, so sampling equals greedy."""
+    greedy = _complete(client, prompt="hello world", max_tokens=6, **GREEDY)["choices"][0]["text"]
+    top0 = _complete(client, prompt="hello world", max_tokens=6, temperature=1.0, top_p=0, seed=3,
+                     ignore_eos=True)["choices"][0]["text"]
+    assert top0 == greedy
+
+
+def test_openapi_document_describes_request_bodies(client):
+    doc = client.get("/openapi.json").json()
+    body = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    chat = doc["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
+    assert "messages" in chat["required"] and chat["additionalProperties"] is False
+    assert chat["properties"]["model"]["anyOf"][0] == {"enum": [MODEL]}
+    assert chat["properties"]["messages"]["minItems"] == 1
+    assert "400" in doc["paths"]["/v1/completions"]["post"]["responses"]
 
 
 def test_unknown_model_404(client):

@@ -39,6 +39,9 @@ class EngineArgs:
     model: str | Path | None = None
     """Checkpoint folder; None serves the embedded default model."""
     dtype: str = "float32"
+    quantization: str | None = None
+    """"fp8": block-scaled FP8 linear weights, quantized at load unless the checkpoint is FP8 already
+    (an FP8 checkpoint loads as FP8 without it; docs/fp8.md)."""
     afd: str | None = None
     """Disaggregated topology such as "1A1F" or "2A1F"; None runs colocated."""
     micro_batches: int = 3
@@ -153,7 +156,7 @@ class LLMEngine:
             from afdserve.afd.executor import AFDExecutor
             return AFDExecutor(self.model_dir, self.config, topology=a.afd, dtype=a.dtype, cache=cache,
                                micro_batches=a.micro_batches, device=a.device, **a.afd_options)
-        return ColocatedExecutor(self.model_dir, self.config, a.dtype, cache, a.device, a.progress)
+        return ColocatedExecutor(self.model_dir, self.config, a.dtype, cache, a.device, a.progress, a.quantization)
 
     # ----------------------------------------------------------------- requests
     def tokenize(self, prompt: str | list[int]) -> list[int]:

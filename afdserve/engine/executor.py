@@ -62,10 +62,12 @@ class ColocatedExecutor:
     num_workers = 1
 
     def __init__(self, model_dir: str | Path, config: Step3Config, dtype: str = "float32",
-                 cache: CacheConfig = CacheConfig(), device: str | None = None, progress: bool = False):
+                 cache: CacheConfig = CacheConfig(), device: str | None = None, progress: bool = False,
+                 quantization: str | None = None):
         device = device or default_device()
         torch_dtype = parse_dtype(dtype)
-        model = prepare_for_decode(load_model(model_dir, torch_dtype, config=config, device=device, progress=progress))
+        model = prepare_for_decode(load_model(model_dir, torch_dtype, config=config, device=device, progress=progress,
+                                              quantization=quantization))
         kv = make_kv_cache(config, cache, torch_dtype, device)
         self.num_kv_blocks = kv.num_blocks
         self.runner = ModelRunner(model, kv)

@@ -4,6 +4,11 @@ Loading checks the whole checkpoint against the config (every tensor present, no
 every shape right) before reading any weight, then reads only the tensors (or slices) the
 requested role and shard hold, straight from the memory-mapped file into the parameter. Pickle
 is never loaded: only `.safetensors` files are read.
+
+Block-scaled FP8 checkpoints (`quantization_config.quant_method: fp8`; e4m3 `*.weight` with fp32
+`*.weight_scale_inv`) load their linear weights as `Fp8Weight`s (afdserve/model/fp8.py, kept in 8
+bits); `quantization="fp8"` quantizes a high-precision checkpoint's linear weights the same way at
+load, and `save_checkpoint(..., quantization="fp8")` writes such a checkpoint (docs/fp8.md).
 """
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from afdserve.config import Step3Config
+from afdserve.config import QuantizationConfig, Step3Config
+from afdserve.model.fp8 import BLOCK, FP8, Fp8Weight, quantize
 from afdserve.model.step3 import FFNShard, Role, Step3ForCausalLM, checkpoint_shapes
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -26,6 +32,11 @@ SINGLE_FILE = "model.safetensors"
 VISION_PREFIXES = ("vision_model.", "vit_downsampler.", "vit_downsampler2.", "vit_large_projector.",
                    "model.vision_model.", "model.vit_")
 _PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# The linear weights FP8 checkpoints quantize (norms, embeddings, the LM head and the router stay).
+QUANTIZED = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|wq|o_proj)|"
+                       r"(mlp|share_expert|moe)\.(gate_proj|up_proj|down_proj))\.weight$")
+SCALE_SUFFIX = "_scale_inv"
+QUANTIZATIONS = (None, "fp8")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -33,6 +44,10 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match its config, or a damaged file; the message names it."""
+
+
+class Fp8CheckpointError(CheckpointError):
+    """A malformed FP8 checkpoint (a scale missing or of the wrong shape, NaN codes, ...)."""
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -90,6 +105,10 @@ class _Reader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype name ('F8_E4M3', 'BF16', ...)."""
+        return self._handle(name).get_slice(name).get_dtype()
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
         try:
@@ -161,19 +180,26 @@ def _read_param(reader: _Reader, src: list[str], sl: tuple[int, int, int] | None
 
 def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", role: Role = "full",
                shard: FFNShard = FFNShard(), config: Step3Config | None = None,
-               device: str | torch.device = "cpu", progress: bool = False) -> Step3ForCausalLM:
+               device: str | torch.device = "cpu", progress: bool = False,
+               quantization: str | None = None) -> Step3ForCausalLM:
     """Build the model for `role`/`shard` and fill it from the checkpoint in `model_dir`.
 
     The module is created on the meta device, then each parameter is set from its tensor in the
-    memory-mapped file (cast to `dtype` when needed), so weights are never held twice.
+    memory-mapped file (cast to `dtype` when needed), so weights are never held twice. FP8 tensors
+    become `Fp8Weight`s; `quantization="fp8"` quantizes the other linear weights at load.
     """
     model_dir = Path(model_dir)
     config = config or Step3Config.from_file(model_dir)
     dtype = parse_dtype(dtype)
-    files = _checkpoint_files(model_dir)
-    reader = _Reader(files)
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; choose from fp8 (or none)")
+    all_files = _checkpoint_files(model_dir)
+    files = {n: p for n, p in all_files.items() if not n.endswith(SCALE_SUFFIX)}
+    reader = _Reader(all_files)
     sources = _resolve_names(config, files)
     _check_shapes(config, reader, sources)
+    fp8 = _check_fp8(config, reader, sources, all_files)
+    qconfig = config.quantization_config or QuantizationConfig()
     with torch.device("meta"):
         model = Step3ForCausalLM(config, role, shard)
     slices = model.shard_slices()
@@ -183,12 +209,101 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", role
         from rich.progress import track
         iterator = track(params, description=f"loading {model_dir.name}", transient=True)
     for name, param in iterator:
-        tensor = _read_param(reader, sources[name], slices.get(name))
+        src, sl = sources[name], slices.get(name)
+        if name in fp8 or (quantization == "fp8" and QUANTIZED.match(name) and qconfig.converts(name[:-7])):
+            w = _read_fp8(reader, src, sl) if name in fp8 else _quantize_param(reader, src, sl)
+            if tuple(w.shape) != tuple(param.shape):
+                raise CheckpointError(f"tensor '{name}' has shape {list(w.shape)}, expected {list(param.shape)}")
+            if QUANTIZED.match(name):
+                _set_quantized(model, name, w.to(device))
+                continue
+            tensor = w.dequantize(dtype)                 # an FP8 tensor afdserve keeps in high precision
+        else:
+            tensor = _read_param(reader, src, sl)
         if tuple(tensor.shape) != tuple(param.shape):
             raise CheckpointError(f"tensor '{name}' has shape {list(tensor.shape)}, expected {list(param.shape)}")
         _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
     model.init_rope(device)
     return model.eval()
+
+
+def _check_fp8(config: Step3Config, reader: _Reader, sources: dict[str, list[str]],
+               files: dict[str, Path]) -> set[str]:
+    """Names of the parameters stored in FP8; checks every scale tensor before any weight is read."""
+    fp8 = set()
+    for name, src in sources.items():
+        kinds = {_check_fp8_tensor(reader, s, files) for s in src}
+        if "F8_E4M3" in kinds:
+            if len(kinds) > 1:
+                raise Fp8CheckpointError(f"the experts of '{name}' are stored in different dtypes {sorted(kinds)}")
+            fp8.add(name)
+    for n in files:
+        if n.endswith(SCALE_SUFFIX) and n[:-len(SCALE_SUFFIX)] not in files and not n.startswith(VISION_PREFIXES):
+            raise Fp8CheckpointError(f"scale tensor '{n}' has no weight '{n[:-len(SCALE_SUFFIX)]}' in the checkpoint")
+    if fp8 and config.quantization_config is None:
+        raise Fp8CheckpointError(f"tensor '{sources[min(fp8)][0]}' is FP8 but config.json has no "
+                                 "quantization_config (quant_method fp8, weight_block_size [128, 128])")
+    return fp8
+
+
+def _check_fp8_tensor(reader: _Reader, name: str, files: dict[str, Path]) -> str:
+    """The tensor's dtype name, after checking its scale (present with the right shape iff FP8)."""
+    dt, scale = reader.dtype(name), name + SCALE_SUFFIX
+    if dt == "F8_E4M3":
+        if scale not in files:
+            raise Fp8CheckpointError(f"FP8 tensor '{name}' has no block scales '{scale}'")
+        shape = reader.shape(name)
+        want = (*shape[:-2], -(-shape[-2] // BLOCK), -(-shape[-1] // BLOCK))
+        if reader.shape(scale) != want:
+            raise Fp8CheckpointError(f"scale tensor '{scale}' has shape {list(reader.shape(scale))}, expected "
+                                     f"{list(want)} (one per {BLOCK} x {BLOCK} block of {list(shape)})")
+        if reader.dtype(scale) not in ("F32", "BF16", "F16"):
+            raise Fp8CheckpointError(f"scale tensor '{scale}' is {reader.dtype(scale)}, expected F32")
+    elif dt.startswith("F8"):
+        raise Fp8CheckpointError(f"tensor '{name}' is {dt}; afdserve loads e4m3 (F8_E4M3) weights only")
+    elif scale in files:
+        raise Fp8CheckpointError(f"'{scale}' scales tensor '{name}', which is {dt}, not F8_E4M3")
+    return dt
+
+
+def _read_fp8(reader: _Reader, src: list[str], sl: tuple[int, int, int] | None) -> Fp8Weight:
+    """The FP8 codes and scales of a parameter (or of the slice this shard holds: whole experts, or
+    rows / columns on the checkpoint's block grid)."""
+    if len(src) > 1:                                     # per-expert tensors, stacked here
+        first, stop = (sl[1], sl[2]) if sl else (0, len(src))
+        parts = [_read_fp8(reader, [s], None) for s in src[first:stop]]
+        return Fp8Weight(torch.stack([p.codes for p in parts]), torch.stack([p.scale for p in parts]))
+    name, scale = src[0], src[0] + SCALE_SUFFIX
+    if sl is None or len(reader.shape(name)) == 3:      # whole tensor, or whole experts (dim 0)
+        w = Fp8Weight(reader.read(name, *sl) if sl else reader.read(name),
+                      reader.read(scale, *sl) if sl else reader.read(scale))
+    else:
+        dim, a, b = sl
+        w = Fp8Weight(reader.read(name, dim, a, b), reader.read(scale, dim, a // BLOCK, -(-b // BLOCK)),
+                      row_offset=a % BLOCK if dim == 0 else 0, col_offset=a % BLOCK if dim == 1 else 0)
+    if ((w.codes & 0x7F) == 0x7F).any():
+        raise Fp8CheckpointError(f"FP8 tensor '{name}' holds NaN codes (0x7f / 0xff)")
+    return w
+
+
+def _quantize_param(reader: _Reader, src: list[str], sl: tuple[int, int, int] | None) -> Fp8Weight:
+    """Quantize a high-precision parameter (or this shard's slice of it) on the block grid of the
+    whole checkpoint tensor, so every shard holds what the whole weight quantizes to."""
+    if len(src) > 1 or sl is None or len(reader.shape(src[0])) == 3:
+        return quantize(_read_param(reader, src, sl))
+    dim, a, b = sl
+    lo, hi = a // BLOCK * BLOCK, min(reader.shape(src[0])[dim], -(-b // BLOCK) * BLOCK)
+    w = quantize(reader.read(src[0], dim, lo, hi))
+    return w.rows(a - lo, b - lo) if dim == 0 else w.cols(a - lo, b - lo)
+
+
+def _set_quantized(model: nn.Module, name: str, value: Fp8Weight) -> None:
+    """Replace the parameter `name` by a quantized weight (a plain attribute: `linear` and F.linear
+    accept it in place of the tensor)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    del module._parameters[attr]
+    setattr(module, attr, value)
 
 
 def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -211,22 +326,41 @@ def init_random(model: Step3ForCausalLM, seed: int = 0) -> Step3ForCausalLM:
     return model
 
 
-def save_checkpoint(model: Step3ForCausalLM, out_dir: str | Path, dtype: str | torch.dtype | None = None) -> Path:
-    """Write config.json + model.safetensors (HF names) for a full model."""
+def save_checkpoint(model: Step3ForCausalLM, out_dir: str | Path, dtype: str | torch.dtype | None = None,
+                    quantization: str | None = None) -> Path:
+    """Write config.json + model.safetensors (HF names) for a full model. `quantization="fp8"` stores
+    the linear weights as e4m3 codes with 128 x 128 block scales (`*.weight_scale_inv`) and adds the
+    quantization_config (docs/fp8.md); `dtype` is the precision of the other tensors."""
     if model.role != "full" or model.shard.world != 1:
         raise ValueError("only a full, unsharded model can be saved")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; choose from fp8 (or none)")
+    named = dict(model.named_parameters())
+    missing = sorted(set(checkpoint_shapes(model.config)) - set(named))
+    if missing:
+        raise ValueError(f"cannot save '{missing[0]}': the model holds it quantized; save a high-precision model")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dt = parse_dtype(dtype) if dtype else next(model.parameters()).dtype
-    tensors = {n: p.detach().to(dt).contiguous() for n, p in model.named_parameters()}
+    dt = parse_dtype(dtype) if dtype else next(iter(named.values())).dtype
+    tensors = {}
+    for n, p in named.items():
+        if quantization == "fp8" and QUANTIZED.match(n):
+            w = quantize(p.detach())
+            tensors[n], tensors[n + SCALE_SUFFIX] = w.codes.view(FP8), w.scale
+        else:
+            tensors[n] = p.detach().to(dt).contiguous()
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dt]
-    config = model.config.replace(torch_dtype=dtype_name)
+    config = model.config.replace(torch_dtype=dtype_name,
+                                  quantization_config=QuantizationConfig() if quantization else None)
     save_file(tensors, str(out / SINGLE_FILE), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return out
 
 
 def init_checkpoint(config: Step3Config, out_dir: str | Path, seed: int = 0, dtype: str = "float32") -> Path:
-    """A random-initialised checkpoint anyone can run without downloading weights."""
+    """A random-initialised checkpoint anyone can run without downloading weights. dtype "fp8":
+    block-scaled FP8 linear weights, the other tensors in bfloat16 (the form of Step-3's FP8 release)."""
     model = init_random(Step3ForCausalLM(config), seed)
+    if dtype == "fp8":
+        return save_checkpoint(model, out_dir, "bfloat16", quantization="fp8")
     return save_checkpoint(model, out_dir, dtype)

@@ -22,7 +22,7 @@ from afdserve.engine.engine import EngineDeadError, RequestOutput
 from afdserve.sampling import Sample
 from afdserve.server import protocol as P
 from afdserve.server.async_engine import AsyncEngine, EngineStoppedError, RequestStream
-from afdserve.server.chat import ChatTemplateError, message_text, render_chat
+from afdserve.server.chat import ChatTemplateError, render_chat, template_messages
 from afdserve.server.metrics import CONTENT_TYPE, ServerMetrics
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
@@ -122,7 +122,8 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
     async_engine.on_output = metrics.on_output
     async_engine.on_abort = metrics.on_abort
     srv = _Server(async_engine, served_model_name, api_key, max_body_bytes, metrics)
-    app = FastAPI(title="afdserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="afdserve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.openapi = lambda: P.openapi_document(app, served_model_name)
     app.state.server = srv
 
     @app.exception_handler(APIError)
@@ -200,7 +201,7 @@ def _chat_prompt(srv: _Server, req: P.ChatCompletionRequest) -> str:
         raise APIError(400, "this model has no tokenizer, so chat is unavailable; use /v1/completions "
                        "with token ids")
     try:
-        messages = [{"role": m.role, "content": message_text(m.content)} for m in req.messages]
+        messages = template_messages(req.messages)
         return render_chat(messages, tok.chat_template, tok.bos_token, tok.eos_token, req.add_generation_prompt)
     except (ChatTemplateError, ValueError, AttributeError) as exc:
         raise APIError(400, str(exc), param="messages") from None

@@ -21,17 +21,32 @@ class ChatTemplateError(ValueError):
 
 
 def message_text(content) -> str:
-    """OpenAI content: a string, None, or a list of parts; only text parts are supported."""
+    """A validated message's content (None, a string, or content parts) as text. Text and
+    refusal parts are read; other parts (images, audio, files) are not supported."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     texts = []
     for part in content:
-        if part.get("type") != "text":
-            raise ValueError(f"content parts of type {part.get('type')!r} are not supported; use text")
-        texts.append(part.get("text", ""))
+        if part.type not in ("text", "refusal"):
+            raise ValueError(f"content parts of type {part.type!r} are not supported; this model reads text only")
+        texts.append(part.text if part.type == "text" else part.refusal)
     return "".join(texts)
+
+
+def template_messages(messages) -> list[dict]:
+    """Validated request messages -> what a chat template reads: `role`, `content` (a string), and
+    `name`, `tool_call_id`, `tool_calls` where the message has them."""
+    out = []
+    for m in messages:
+        d = {"role": m.role, "content": message_text(m.content)}
+        for key in ("name", "tool_call_id", "tool_calls"):
+            value = getattr(m, key, None)
+            if value is not None:
+                d[key] = [call.model_dump() for call in value] if key == "tool_calls" else value
+        out.append(d)
+    return out
 
 
 def plain_prompt(messages: list[dict]) -> str:

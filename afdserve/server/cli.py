@@ -13,6 +13,7 @@ import signal
 import sys
 
 from afdserve.afd.options import add_afd_arguments, engine_kwargs_from_args
+from afdserve.commands import add_quantization_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: folder name)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_quantization_argument(p)
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step, at most")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks per attention worker "
@@ -45,7 +47,8 @@ def serve(args: argparse.Namespace) -> int:
     from afdserve.server.api import build_app
     from afdserve.server.async_engine import AsyncEngine
 
-    engine_args = EngineArgs(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+    engine_args = EngineArgs(model=args.model, dtype=args.dtype, quantization=args.quantization,
+                             max_num_seqs=args.max_num_seqs,
                              max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
                              progress=True, **engine_kwargs_from_args(args))
     engine = LLMEngine(engine_args)
