@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "afdserve.cost.cli",        # cost, cost sparsity, cost compare
     "afdserve.sim.cli",         # simulate, plan
     "afdserve.bench.cli",       # bench
+    "afdserve.trace_cli",       # trace validate, trace plot, trace compare
 )
 
 

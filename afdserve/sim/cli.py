@@ -2,7 +2,7 @@
 
     afdserve simulate --model step3 --afd 2A2F --gpus-per-instance 8 --attention-hw H800 \\
         --ffn-hw H800 --context 4096 [--batch 6144] [--micro-batches 3] [--tpot-ms 50] \\
-        [--attention-precision fp8|bf16] [--json]
+        [--attention-precision fp8|bf16] [--json] [--timeline step.png]
     afdserve simulate --model deepseek-v3 --colocated-ep 128 --hardware H800 --context 4096 \\
         --tpot-ms 50 [--json]
     afdserve plan --model step3 --hardware H800,H20 --context 8192 --tpot-ms 50 \\
@@ -33,7 +33,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tpot-ms", type=float, default=50.0,
                    help="time-per-output-token target in ms (default 50)")
     p.add_argument("--attention-precision", default="fp8", choices=("fp8", "bf16"),
-                   help="KV cache and attention compute precision (default fp8)")
+                   help="attention projections and KV cache: fp8 = FP8 projection GEMMs + 8-bit KV, "
+                        "bf16 = BF16 both; the attention core runs BF16 in both, as in the report "
+                        "(default fp8)")
     p.add_argument("--gpus-per-instance", type=int, default=8,
                    help="GPUs per AFD instance (default 8)")
     p.add_argument("--price", action="append", default=[], metavar="NAME=USD_PER_HOUR",
@@ -59,6 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(default: the largest that meets --tpot-ms)")
     s.add_argument("--micro-batches", type=int,
                    help="micro-batches per step (default 3 for AFD, 2 colocated)")
+    s.add_argument("--timeline", metavar="PNG",
+                   help="draw the predicted steady-state step as a Gantt chart (rows = resources, "
+                        "colours = stages, as `afdserve trace plot` draws a measured one)")
     s.set_defaults(func=run_simulate)
 
     p = subparsers.add_parser(
@@ -114,6 +119,13 @@ def run_simulate(args: argparse.Namespace) -> int:
         if result is None:
             raise ValueError(f"{dep.name} cannot meet TPOT {args.tpot_ms:g} ms at context "
                              f"{context} even with one sequence per GPU per micro-batch")
+    if args.timeline:
+        from afdserve.sim.plots import plot_timeline
+        from afdserve.sim.simulator import schedule
+        plot_timeline(schedule(arch, dep, context, result.batch, prec, eff), args.timeline,
+                      f"{arch.name} on {dep.name}, batch {result.batch}, context {context}: predicted step "
+                      f"(TPOT {result.tpot_ms:.2f} ms)")
+        print(f"wrote {args.timeline}", file=sys.stderr)
     out = result.to_dict()
     out["tpot_ms_target"] = args.tpot_ms
     out["meets_tpot"] = result.tpot_ms <= args.tpot_ms

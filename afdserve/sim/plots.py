@@ -1,4 +1,5 @@
-"""Figure for `afdserve plan --plot` (matplotlib, Agg, imported lazily)."""
+"""Figures for `afdserve plan --plot` and `afdserve simulate --timeline` (matplotlib, Agg,
+imported lazily)."""
 from __future__ import annotations
 
 
@@ -24,3 +25,25 @@ def plot_pareto(frontier: dict, path: str, tpot_target: float | None = None) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+RESOURCE_ROWS = {"attn_gpu": "attention GPU", "a2f_link": "A->F link", "ffn_gpu": "FFN GPU",
+                 "f2a_link": "F->A link", "gpu": "GPU", "nic": "NIC"}
+SIM_STAGE = {"attention": "attention", "a2f": "a2f", "ffn": "ffn", "f2a": "f2a", "head": "head"}
+
+
+def timeline_rows(sched) -> dict[str, list[tuple]]:
+    """A simulated schedule (`simulator.schedule`) as `afdserve.afd.timeline.step_rows` rows:
+    {resource: [(stage, layer, micro-batch, start ms, duration ms)]}."""
+    rows: dict[str, list[tuple]] = {}
+    order = list(RESOURCE_ROWS)
+    for s in sorted(sched, key=lambda s: (order.index(s.resource) if s.resource in order else 99, s.start)):
+        rows.setdefault(RESOURCE_ROWS.get(s.resource, s.resource), []).append(
+            (SIM_STAGE[s.stage], s.layer, s.micro_batch, s.start * 1e3, (s.end - s.start) * 1e3))
+    return rows
+
+
+def plot_timeline(sched, path: str, title: str = "") -> None:
+    """The simulator's predicted step drawn like a measured trace (`afdserve trace plot`)."""
+    from afdserve.afd.timeline import plot_gantt
+    plot_gantt(timeline_rows(sched), path, title)

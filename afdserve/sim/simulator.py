@@ -104,22 +104,58 @@ def load_efficiency(profile: str = "gpu", path: str | Path = EFFICIENCY_FILE,
 
 @dataclass(frozen=True)
 class SimPrecision:
-    """Bytes per element and compute precisions (report default: 8-bit everything,
-    bf16 F->A). `attention='bf16'` doubles KV bytes and runs the attention core at BF16 peak."""
+    """Precision per stage, modelled as the report does (report default: 8-bit weights, KV and
+    A->F activations, BF16 F->A).
+
+    weight_bytes            FFN weights (routed and shared experts, dense FFN), router, embedding and
+                            LM head, bytes per element
+    gemm_compute            the peak their GEMMs run at: 'fp8' or 'bf16' (`Hardware.flops_for`: chips
+                            without FP8 run BF16)
+    attention_weight_bytes  the attention projections' weights (None: `weight_bytes`)
+    attention_gemm_compute  the projections' GEMMs (None: `gemm_compute`)
+    kv_bytes                KV cache bytes per element, read by the attention core
+    attention_compute       the attention core, QK^T and PV: BF16 in every configuration of the
+                            report (its "FP8 attention" quantizes the projections and the KV, not
+                            the core)
+    a2f_bytes, a2f_scales   A->F activations per element, plus one fp32 scale per 128 elements
+    f2a_bytes               F->A partial sums per element (residual precision)
+
+    `for_attention("fp8")` is the report's FP8 attention: FP8 projection GEMMs and 8-bit KV;
+    `for_attention("bf16")`: BF16 projection GEMMs and BF16 KV. The FFN stays FP8 in both.
+    """
 
     weight_bytes: float = 1.0
     kv_bytes: float = 1.0
     a2f_bytes: float = 1.0          # activations A->F (FP8 + per-128 fp32 scales)
     f2a_bytes: float = 2.0          # F->A at residual precision (bf16)
-    attention_compute: str = "fp8"
+    attention_compute: str = "bf16"
     gemm_compute: str = "fp8"
     a2f_scales: bool = True
+    attention_weight_bytes: float | None = None
+    attention_gemm_compute: str | None = None
 
     @classmethod
     def for_attention(cls, attention: str = "fp8") -> "SimPrecision":
         if attention not in ("fp8", "bf16"):
             raise ValueError(f"attention precision must be fp8 or bf16, got {attention!r}")
-        return cls(kv_bytes=1.0 if attention == "fp8" else 2.0, attention_compute=attention)
+        size = 1.0 if attention == "fp8" else 2.0
+        return cls(kv_bytes=size, attention_weight_bytes=size, attention_gemm_compute=attention)
+
+    @property
+    def projection_bytes(self) -> float:
+        return self.weight_bytes if self.attention_weight_bytes is None else self.attention_weight_bytes
+
+    @property
+    def projection_compute(self) -> str:
+        return self.attention_gemm_compute or self.gemm_compute
+
+    @property
+    def attention_label(self) -> str:
+        """'fp8' or 'bf16' for the report's two attention configurations, else a description."""
+        for name, size in (("fp8", 1.0), ("bf16", 2.0)):
+            if self.projection_compute == name and self.projection_bytes == size and self.kv_bytes == size:
+                return name
+        return f"{self.projection_compute} projections, {self.kv_bytes * 8:g}-bit KV"
 
 
 @dataclass(frozen=True)
@@ -211,8 +247,8 @@ def attention_time(arch: ModelArch, hw: Hardware, seqs: float, context: int,
     core = _roofline(kv, flops, hw.hbm_bytes_per_s, hw.flops_for(prec.attention_compute),
                      eff.hbm_efficiency, eff.attention_flop_efficiency)
     params = arch.attention_params_total() / layers
-    linear = _roofline(params * prec.weight_bytes, 2 * params * seqs, hw.hbm_bytes_per_s,
-                       hw.flops_for(prec.gemm_compute), eff.hbm_efficiency, eff.gemm(seqs))
+    linear = _roofline(params * prec.projection_bytes, 2 * params * seqs, hw.hbm_bytes_per_s,
+                       hw.flops_for(prec.projection_compute), eff.hbm_efficiency, eff.gemm(seqs))
     over = eff.attention_layer_overhead_us * 1e-6
     return {"core": core, "linear": linear, "overhead": over, "total": core + linear + over}
 
@@ -317,13 +353,17 @@ class StageTimes:
     attention_parts: dict = field(default_factory=dict)
 
 
-def pipeline_period(arch: ModelArch, st: StageTimes, m: int, resources: dict[str, str]) -> float:
+def pipeline_period(arch: ModelArch, st: StageTimes, m: int, resources: dict[str, str],
+                    record: list | None = None) -> float:
     """List-schedule STEPS_SIMULATED decode steps of m micro-batches through L layers of
     (attention, a2f, ffn, f2a) and return the steady-state step period (TPOT) in seconds.
 
     `resources` maps each stage to the resource it occupies; stages sharing a resource run one
     at a time in (step, layer, stage, micro-batch) order. A micro-batch's stages run in order;
     its next step starts after its head (LM head, sampling) finishes.
+
+    With `record` (a list), every scheduled stage is appended to it as a `ScheduledStage`: the
+    per-stage schedule `schedule` draws as the predicted timeline.
     """
     stages = ("attention", "a2f", "ffn", "f2a")
     names = sorted(set(resources.values()))
@@ -336,22 +376,53 @@ def pipeline_period(arch: ModelArch, st: StageTimes, m: int, resources: dict[str
     free = [0.0] * len(names)
     ready = [0.0] * m
     ends: list[float] = []
-    for _ in range(STEPS_SIMULATED):
-        for times in layer_times:
+    for step in range(STEPS_SIMULATED):
+        for layer, times in enumerate(layer_times):
             for k in range(4):
                 r, t = res[k], times[k]
                 f = free[r]
                 for i in range(m):
                     f = (ready[i] if ready[i] > f else f) + t
                     ready[i] = f
+                    if record is not None:
+                        record.append(ScheduledStage(step, layer, stages[k], i, names[r], f - t, f))
                 free[r] = f
         f = free[head_res]
         for i in range(m):
             f = (ready[i] if ready[i] > f else f) + st.head
             ready[i] = f
+            if record is not None:
+                record.append(ScheduledStage(step, -1, "head", i, names[head_res], f - st.head, f))
         free[head_res] = f
         ends.append(max(ready))
     return ends[-1] - ends[-2]
+
+
+@dataclass(frozen=True)
+class ScheduledStage:
+    """One stage of one micro-batch in the simulated schedule (seconds from the first step's start)."""
+
+    step: int
+    layer: int              # -1: the once-per-step head
+    stage: str              # attention, a2f, ffn, f2a, head
+    micro_batch: int
+    resource: str
+    start: float
+    end: float
+
+
+def schedule(arch: ModelArch, dep: "Deployment", context: int, batch: int, prec: SimPrecision | None = None,
+             eff: Efficiency | None = None) -> list[ScheduledStage]:
+    """The list schedule of the last simulated (steady-state) step of `dep`, times relative to
+    that step's first stage: what `simulate` computes TPOT from, stage by stage."""
+    prec = prec or SimPrecision()
+    eff = eff or load_efficiency("gpu")
+    st = stage_times(arch, dep, context, batch, prec, eff)
+    out: list[ScheduledStage] = []
+    pipeline_period(arch, st, dep.micro_batches, AFD_RESOURCES if dep.kind == "afd" else COLOCATED_RESOURCES, out)
+    last = [s for s in out if s.step == STEPS_SIMULATED - 1]
+    t0 = min(s.start for s in last)
+    return [replace(s, step=0, start=s.start - t0, end=s.end - t0) for s in last]
 
 
 AFD_RESOURCES = {"attention": "attn_gpu", "a2f": "a2f_link", "ffn": "ffn_gpu", "f2a": "f2a_link"}
@@ -430,8 +501,8 @@ def memory_check(arch: ModelArch, dep: Deployment, context: int, batch: int,
     seqs_total = batch / dep.attention_gpus
     kv = seqs_total * (context * arch.kv_cache_bytes_per_cached_token(prec.kv_bytes)
                        + arch.linear_state_bytes_per_sequence())
-    attn_w = (arch.attention_params_total() + arch.router_params_total()
-              + arch.vocab_size * arch.hidden_size) * prec.weight_bytes
+    attn_w = arch.attention_params_total() * prec.projection_bytes \
+        + (arch.router_params_total() + arch.vocab_size * arch.hidden_size) * prec.weight_bytes
     lm_head = arch.vocab_size * arch.hidden_size * prec.weight_bytes
     if dep.kind == "afd":
         attn_w += lm_head / dep.gpus_per_instance
@@ -477,7 +548,7 @@ def simulate(arch: ModelArch, dep: Deployment, context: int, batch: int,
         micro_batches=dep.micro_batches, gpus=dep.gpus, tpot_ms=tpot * 1e3,
         tokens_per_gpu_s=tps, stage_us=stage_us, bottleneck=bottleneck, memory=mem,
         fits=mem["fits"], usd_per_mtok=dep.usd_per_hour / 3600 / (batch / tpot) * 1e6,
-        attention_precision=prec.attention_compute, seqs_per_attention_gpu=batch / dep.attention_gpus)
+        attention_precision=prec.attention_label, seqs_per_attention_gpu=batch / dep.attention_gpus)
 
 
 def _bottleneck(st: StageTimes, dep: Deployment) -> str:

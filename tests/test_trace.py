@@ -1,0 +1,240 @@
+"""The pipeline trace: recorder, clock alignment, Chrome trace-event output and its validation,
+Gantt charts, the simulator's schedule and `afdserve trace` (synthetic pipelines, no processes),
+then real 1A1F / 2A2F / colocated runs of the tiny preset writing traces."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import pytest
+
+from afdserve.afd.timeline import chrome_trace, latest_step_rows, load_trace, plot_gantt, step_rows, validate_trace
+from afdserve.afd.trace import (A2F, A2F_WAIT, ATTENTION, F2A, F2A_WAIT, FFN, ClockAligner, SpanRecorder, StepTrace,
+                                TraceLog, ffn_stamps_len, pack_ffn_stamps, unpack_ffn_stamps)
+
+
+# ---------------------------------------------------------------------- a synthetic pipeline
+def synthetic_step(x: int, y: int, L: int, m: int, *, attn=100.0, ffn=(80.0,), link=10.0, send=5.0,
+                   clock=None, step=0, start=1e6) -> list[StepTrace]:
+    """One step of an x-attention, y-FFN pipeline scheduled in the runtime's order, recorded on each
+    worker's own clock (`clock`: track -> offset us added to the reference time)."""
+    clock = clock or {}
+    ffn = tuple(ffn) * y if len(ffn) == 1 else tuple(ffn)
+    a_free = [start] * x
+    f_free = [start] * y
+    a_spans = [[] for _ in range(x)]
+    f_spans = [[] for _ in range(y)]
+    reply_at = {}                                   # (w, i, j) -> arrival of all partial sums
+    for i in range(L):
+        sent = {}
+        for j in range(m):
+            for w in range(x):
+                t = a_free[w]
+                if i:                                   # collect(i-1, j)
+                    done = max(t, reply_at[(w, i - 1, j)])
+                    a_spans[w].append([F2A_WAIT, i - 1, j, t, done - t])
+                    t = done
+                a_spans[w] += [[ATTENTION, i, j, t, attn], [A2F, i, j, t + attn, send]]
+                sent[(w, j)] = t + attn + send
+                a_free[w] = t + attn + send
+            for k in range(y):
+                arrive = max(sent[(w, j)] for w in range(x)) + link
+                t0 = f_free[k]
+                t1 = max(t0, arrive)
+                f_spans[k] += [[A2F_WAIT, i, j, t0, t1 - t0], [FFN, i, j, t1, ffn[k]], [F2A, i, j, t1 + ffn[k], send]]
+                f_free[k] = t1 + ffn[k] + send
+            for w in range(x):
+                reply_at[(w, i, j)] = max(f_free[k] for k in range(y)) + link
+    for j in range(m):
+        for w in range(x):
+            t = a_free[w]
+            done = max(t, reply_at[(w, L - 1, j)])
+            a_spans[w].append([F2A_WAIT, L - 1, j, t, done - t])
+            a_free[w] = done
+
+    def local(track, spans):
+        off = clock.get(track, 0.0)
+        return [[s[0], s[1], s[2], s[3] + off, s[4]] for s in spans]
+    out = []
+    for w in range(x):
+        t = StepTrace(w, 4 * m, m, step_ms=(a_free[w] - start) / 1e3, spans=local(f"attention {w}", a_spans[w]))
+        if w == 0:
+            t.ffn_spans = [local(f"ffn {k}", f_spans[k]) for k in range(y)]
+        t.step = step
+        out.append(t)
+    return out
+
+
+def test_span_recorder_times_and_disables():
+    rec = SpanRecorder()
+    rec.add(ATTENTION, 0, 1, 1.0, 1.5)
+    with rec.span(FFN, 2, 0):
+        time.sleep(0.002)
+    spans = rec.take()
+    assert spans[0] == [ATTENTION, 0, 1, 1e6, 0.5e6]
+    assert spans[1][:3] == [FFN, 2, 0] and spans[1][4] >= 2000
+    assert rec.take() == []
+    off = SpanRecorder(enabled=False)
+    off.add(ATTENTION, 0, 0, 0.0, 1.0)
+    assert off.take() == []
+
+
+def test_ffn_stamps_travel_bit_exactly_as_float32():
+    import torch
+    L, m = 3, 2
+    base = time.perf_counter()
+    times = [[(base + i + j * 1e-3, base + i + j * 1e-3 + 2e-5, base + i + 0.5, base + i + 0.5 + 7e-6)
+              for j in range(m)] for i in range(L)]
+    buf = pack_ffn_stamps(times)
+    assert buf.dtype == torch.float32 and buf.numel() == ffn_stamps_len(L, m)
+    ffn_ms, recv_ms, spans = unpack_ffn_stamps(buf.clone(), L, m)
+    assert ffn_ms[2][1] == pytest.approx((times[2][1][2] - times[2][1][1]) * 1e3, abs=1e-6)
+    assert recv_ms[1][0] == pytest.approx((2e-5 + 7e-6) * 1e3, abs=1e-6)
+    assert len(spans) == 3 * L * m and {s[0] for s in spans} == {A2F_WAIT, FFN, F2A}
+    a2f_wait = next(s for s in spans if s[0] == A2F_WAIT and s[1] == 2 and s[2] == 1)
+    assert a2f_wait[3] == pytest.approx(times[2][1][0] * 1e6, abs=1e-3)     # ns precision kept
+
+
+@pytest.mark.parametrize("x,y", [(1, 1), (2, 2), (2, 1)])
+def test_clock_alignment_recovers_offsets_within_its_uncertainty(x, y):
+    clock = {"ffn 0": 5_000.0, "ffn 1": -12_345.0, "attention 1": 777.0}
+    al = ClockAligner()
+    al.observe(synthetic_step(x, y, 4, 3, clock=clock))
+    table = al.table()
+    assert set(table) == {f"attention {w}" for w in range(x)} | {f"ffn {k}" for k in range(y)}
+    for track, (off, unc) in table.items():
+        true = clock.get(track, 0.0)
+        assert abs(off - true) <= unc + 1e-6, (track, off, true, unc)
+        assert unc <= 2 * (10.0 + 5.0) + 1e-6  # best round trip: send + link each way (chained: two halves)
+    assert table["attention 0"] == (0.0, 0.0)
+
+
+def _events(doc, ph):
+    return [e for e in doc["traceEvents"] if e["ph"] == ph]
+
+
+def test_chrome_trace_is_valid_with_one_track_per_worker_and_paired_flows():
+    clock = {"ffn 0": 5_000.0, "ffn 1": -3_000.0, "attention 1": 400.0}
+    steps = synthetic_step(2, 2, 3, 3, clock=clock, step=0) + synthetic_step(2, 2, 3, 3, clock=clock, step=1, start=2e6)
+    log = TraceLog()
+    for s in (steps[:2], steps[2:]):
+        log.add(s)
+    doc = chrome_trace(list(log.steps), clock=log.aligner.table(), meta={"topology": "2A2F"})
+    assert validate_trace(doc) == []
+    json.loads(json.dumps(doc))
+    names = {e["args"]["name"] for e in _events(doc, "M") if e["name"] == "thread_name"}
+    assert names == {"attention 0", "attention 1", "ffn 0", "ffn 1"}
+    slices = [e for e in _events(doc, "X") if e["cat"] != "step"]
+    assert len(slices) == 2 * (2 * 3 * 3 * 3) + 2 * (2 * 3 * 3 * 3)      # 2 steps x 4 workers x L*m*3
+    # flows: A->F from each attention worker to each FFN worker, F->A back, per layer x micro-batch
+    assert len(_events(doc, "s")) == len(_events(doc, "f")) == 2 * 2 * (2 * 2 * 3 * 3)
+    # on the reference clock, every transfer arrives after it was sent
+    by_id = {}
+    for e in _events(doc, "s") + _events(doc, "f"):
+        by_id.setdefault(e["id"], {})[e["ph"]] = e
+    late = [i for i, p in by_id.items() if p["f"]["ts"] + 20 < p["s"]["ts"]]
+    assert not late
+    assert set(doc["otherData"]["clock_alignment"]) == names
+
+
+def test_validator_rejects_what_viewers_cannot_read():
+    steps = synthetic_step(1, 1, 2, 2)
+    good = chrome_trace(steps)
+    assert validate_trace(good) == []
+    assert validate_trace([1, 2]) and validate_trace({"events": []})
+    bad = copy.deepcopy(good)
+    x = next(e for e in bad["traceEvents"] if e["ph"] == "X")
+    del x["dur"]
+    assert any("missing dur" in p for p in validate_trace(bad))
+    bad = copy.deepcopy(good)
+    bad["traceEvents"].append({"ph": "Q", "name": "?", "ts": 0, "pid": 1, "tid": 1})
+    assert any("unknown" in p for p in validate_trace(bad))
+    bad = copy.deepcopy(good)
+    xs = [e for e in bad["traceEvents"] if e["ph"] == "X" and e["tid"] == 1]
+    xs[-1]["ts"] = xs[0]["ts"] - 100.0                       # back in time on its track
+    assert any("back in time" in p for p in validate_trace(bad))
+    bad = copy.deepcopy(good)
+    bad["traceEvents"].remove(next(e for e in bad["traceEvents"] if e["ph"] == "f"))
+    assert any("start(s)" in p for p in validate_trace(bad))
+    bad = copy.deepcopy(good)
+    xs = [e for e in bad["traceEvents"] if e["ph"] == "X" and e["tid"] == 1 and e["cat"] != "step"]
+    xs[0]["dur"] = xs[1]["ts"] - xs[0]["ts"] + 50.0          # overlaps the next slice
+    assert any("overlaps" in p for p in validate_trace(bad))
+
+
+def test_trace_log_ring_writes_bounded_chrome_json_and_jsonl(tmp_path):
+    path = tmp_path / "t.json"
+    log = TraceLog(keep=3, path=str(path), flush_s=0.0)
+    for n in range(5):
+        log.add(synthetic_step(1, 1, 2, 2, step=n, start=1e6 * (n + 1)))
+    log.close()
+    doc = load_trace(path)
+    steps = {e["args"]["step"] for e in doc["traceEvents"] if e["ph"] == "X"}
+    assert steps == {2, 3, 4}                                 # the ring keeps the last 3
+    jl = tmp_path / "t.jsonl"
+    log = TraceLog(keep=2, path=str(jl))
+    for n in range(3):
+        log.add(synthetic_step(1, 1, 2, 2))
+    lines = jl.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["spans"]
+    with pytest.raises(ValueError, match="not a Chrome trace-event JSON"):
+        load_trace(jl)
+
+
+def test_step_rows_and_gantt_png(tmp_path):
+    doc = chrome_trace(synthetic_step(2, 1, 2, 3, step=7))
+    step, rows = step_rows(doc)
+    assert step == 7 and list(rows) == ["attention 0", "attention 1", "ffn 0"]
+    assert min(s[3] for r in rows.values() for s in r) == 0.0
+    with pytest.raises(ValueError, match="step 3 is not in the trace"):
+        step_rows(doc, 3)
+    live = latest_step_rows(synthetic_step(2, 1, 2, 3, step=7))
+    assert live[0] == 7 and live[1].keys() == rows.keys()
+    out = plot_gantt(rows, tmp_path / "g.png", "test")
+    assert out.stat().st_size > 5000 and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_straggler_and_measured_stages():
+    from afdserve.trace_cli import measured_stages, straggler
+    doc = chrome_trace(synthetic_step(2, 2, 3, 3, ffn=(50.0, 400.0)), meta={"topology": "2A2F"})
+    doc["otherData"]["steps"][0]["tokens"] = 12
+    blame = straggler(doc)
+    assert next(iter(blame)) == "ffn 1" and blame["ffn 1"] > 5 * blame.get("ffn 0", 0.0)
+    st = measured_stages(doc, moe_layers={1, 2})
+    assert st["attention"] == pytest.approx(100.0)
+    assert st["dense_ffn"] == 400.0 and st["a2f"] == pytest.approx(5.0 + 10.0)   # send + link
+    assert st["f2a"] == pytest.approx(5.0 + 10.0)
+
+
+# ---------------------------------------------------------------------- the simulator's schedule
+def test_simulated_schedule_is_the_step_simulate_times():
+    from afdserve.cost.arch import get_model
+    from afdserve.cost.hardware import get_hardware
+    from afdserve.sim.plots import timeline_rows
+    from afdserve.sim.simulator import Deployment, schedule, simulate
+    h800 = get_hardware("H800")
+    arch = get_model("step3")
+    dep = Deployment("afd", h800, h800, 2, 2, 8, micro_batches=3)
+    sched = schedule(arch, dep, 4096, 6144)
+    r = simulate(arch, dep, 4096, 6144)
+    assert len(sched) == arch.num_layers * 4 * 3 + 3
+    # one resource never runs two stages at once
+    by_res = {}
+    for s in sched:
+        by_res.setdefault(s.resource, []).append(s)
+    for items in by_res.values():
+        items.sort(key=lambda s: s.start)
+        assert all(a.end <= b.start + 1e-12 for a, b in zip(items, items[1:]))
+    span_ms = (max(s.end for s in sched) - min(s.start for s in sched)) * 1e3
+    assert span_ms >= r.tpot_ms * 0.99                          # steady state: period <= one step's span
+    rows = timeline_rows(sched)
+    assert list(rows) == ["attention GPU", "A->F link", "FFN GPU", "F->A link"]
+
+
+def test_simulate_timeline_cli(tmp_path):
+    from afdserve.cli import main
+    out = tmp_path / "sim.png"
+    assert main(["simulate", "--model", "step3", "--afd", "1A1F", "--hardware", "H800", "--batch", "768",
+                 "--timeline", str(out), "--json"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
