@@ -95,7 +95,13 @@ def test_vl_checkpoint_skips_vision_tensors(tiny_ckpt, tmp_path):
     t["vision_model.conv.weight"] = torch.zeros(2, 2)
     t["vit_large_projector.weight"] = torch.zeros(3)
     _rewrite(ckpt, t)
-    load_model(ckpt)
+    model = load_model(ckpt)
+    got = dict(model.named_parameters())
+    want = _tensors(tiny_ckpt)                   # the text model's tensors, every one loaded as written
+    assert set(got) == set(want)
+    for name, w in want.items():
+        assert torch.equal(got[name], w), name
+    assert model.config.hidden_size == text["hidden_size"]
 
 
 def test_ffn_shard_loads_slices(tiny_ckpt):

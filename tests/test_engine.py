@@ -102,12 +102,29 @@ def test_stop_token_ids_and_eos(llm):
     assert c.token_ids == first[: first.index(stop) + 1] and c.finish_reason == "stop" and c.stop_reason == stop
 
 
-def test_penalties_change_greedy_output(llm):
-    base = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
-    pen = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
-                                                    frequency_penalty=2.0, presence_penalty=2.0))[0]
-    toks = pen.outputs[0].token_ids
-    assert len(set(toks)) >= len(set(base.outputs[0].token_ids))
+def _greedy_reference(model, prompt, n, frequency=0.0, presence=0.0):
+    """Greedy decoding by full recompute, with the OpenAI penalties applied by hand: each logit is
+    lowered by frequency x (times the token was generated) + presence x (generated at all)."""
+    ids, out = list(prompt), []
+    for _ in range(n):
+        logits = _full_logits(model, ids)[-1].clone()
+        for t in set(out):
+            logits[t] -= frequency * out.count(t) + presence
+        out.append(int(logits.argmax()))
+        ids.append(out[-1])
+    return out
+
+
+def test_penalties_follow_their_definition(llm, tiny_ckpt):
+    model = load_model(tiny_ckpt)
+    prompt = [5, 6, 7]
+    plain = _greedy_reference(model, prompt, 12)
+    for freq, pres in ((2.0, 0.0), (0.0, 2.0), (0.7, 1.3)):
+        want = _greedy_reference(model, prompt, 12, freq, pres)
+        assert want != plain                                  # the penalty matters on this prompt
+        got = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                    frequency_penalty=freq, presence_penalty=pres))[0]
+        assert got.outputs[0].token_ids == want, (freq, pres)
 
 
 def test_bad_inputs_are_clear_errors(llm):
@@ -139,7 +156,38 @@ def test_abort_frees_blocks(tiny_ckpt):
     assert s.num_free_kv_blocks == 32 and s.num_running == 0 and not engine.has_unfinished_requests()
 
 
-def test_bfloat16_generation_runs(tiny_ckpt):
-    with LLM(model=str(tiny_ckpt), dtype="bfloat16", num_kv_blocks=64, block_size=4) as llm:
-        out = llm.generate([[5, 6, 7]], GREEDY)[0]
-    assert len(out.outputs[0].token_ids) == 12
+def test_bfloat16_generation_tracks_fp32(tiny_ckpt):
+    """The engine's bf16 path against fp32, with a tolerance from bf16's format. bf16 keeps 8
+    significant bits, so one rounding errs by at most u = 2^-8 relative (half an ulp). To first
+    order, n roundings in sequence err by at most n x u relative, and RMS norms keep every
+    stage at the scale of its input, so the logits err by at most n x u x their scale (std). The
+    deepest path of a layer rounds 16 times (input norm, q_proj, inter_norm, wq, scores, softmax,
+    P @ V, o_proj, residual; post norm, gate/up, activation x up, down, residual, and the two
+    weights read on the way), plus the final norm and the LM head: n = 16 x layers + 2.
+    Teacher-forced on the tokens the engine produced: the bf16 logits are within that bound of
+    fp32's, each logprob the engine reports is within 2 x bound of fp32's log-softmax (a shift of
+    at most `bound` in every logit moves the log-sum-exp by at most `bound`), and each greedy
+    token is within 2 x bound of fp32's best logit at its position."""
+    model, model_bf = load_model(tiny_ckpt), load_model(tiny_ckpt, dtype="bfloat16")
+    prompt, steps = [11, 22, 33, 44], 8
+    with LLM(model=str(tiny_ckpt), dtype="bfloat16", num_kv_blocks=64, block_size=4) as bf:
+        got = bf.generate([prompt], SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True,
+                                                   logprobs=0))[0].outputs[0]
+    assert len(got.token_ids) == steps
+    full32 = _full_logits(model, prompt + got.token_ids)
+    full16 = _bf16_logits(model_bf, prompt + got.token_ids).float()
+    bound = (16 * model.config.num_hidden_layers + 2) * 2.0 ** -8 * full32.std().item()
+    assert (full16 - full32).abs().max().item() <= bound
+    logp32 = torch.log_softmax(full32, -1)
+    for i, (tok, lp) in enumerate(zip(got.token_ids, got.logprobs)):
+        pos = len(prompt) - 1 + i
+        assert lp.token_id == tok and abs(lp.logprob - logp32[pos, tok].item()) <= 2 * bound, i
+        assert full32[pos, tok].item() >= full32[pos].max().item() - 2 * bound, i
+
+
+def _bf16_logits(model, ids):
+    n = len(ids)
+    kv = KVCache(model.config.num_hidden_layers, -(-n // 4), 4, 1, model.config.head_dim, torch.bfloat16)
+    meta = AttentionMetadata.build(list(range(n)), list(range(n)), [n], [n], [list(range(-(-n // 4)))], 4)
+    with torch.inference_mode():
+        return model.logits(model(torch.tensor(ids), meta, kv))

@@ -1,7 +1,7 @@
 """The simulator on this machine: a CPU 'accelerator' built from measured figures, and a
 decode-throughput predictor for a small Step-3-shaped model (colocated and AFD 1A1F).
 
-Measured: streaming-read bandwidth (a large fp32 reduction), matmul FLOP/s, a table of
+Measured: streaming-read bandwidth (the bench's: the fastest of several read kernels), matmul FLOP/s, a table of
 decode-GEMM rates at 1-64 rows through the engine's own kernels and layouts, per-op dispatch
 cost (`measure_cpu`); the per-layer cost of afdserve's attention and FFN halves on a model of
 the same structure with tiny widths (`measure_layer_overheads`); gloo point-to-point latency
@@ -78,6 +78,9 @@ def measure_cpu(threads: int, quick: bool = False, neighbour: bool = False) -> C
     """Streaming-read bandwidth, GEMM FLOP/s, the decode-shape GEMM rate table and per-op cost with
     `threads` torch threads.
 
+    The bandwidth is `afdserve.bench.machine.measure_bandwidth` (the fastest of several read
+    kernels, afdserve's native GEMV among them) taking medians instead of best times.
+
     `matmul_flops` is a large GEMM's rate. Decode GEMMs multiply streamed weights by a few rows:
     x[rows, in] times distinct weights of the `small` preset's decode shapes, in the layouts and
     through the kernels the engine uses (`afdserve.model.kernels`), is timed at GEMM_ROWS; the
@@ -90,15 +93,15 @@ def measure_cpu(threads: int, quick: bool = False, neighbour: bool = False) -> C
     """
     import torch
 
+    from afdserve.bench.machine import measure_bandwidth
     from afdserve.model.kernels import linear
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     reps = 3 if quick else 7
     peer = _start_neighbour() if neighbour else None
     try:
-        x = torch.ones(32 * 2**20 if quick else 64 * 2**20)          # 128/256 MB fp32
-        bw = x.numel() * 4 / _median_time(lambda: x.sum(), reps)
-        del x
+        # the bench's measurement (the fastest of its read kernels), with medians like the rest here
+        bw = measure_bandwidth("cpu", (128 if quick else 256) << 20, reps, statistic="median")["bytes_per_s"]
         a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
         flops = 2 * 512 * 1024 * 1024 / _median_time(lambda: a @ b, reps)
         tables = []
