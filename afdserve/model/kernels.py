@@ -188,7 +188,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None)
     """x [M, in] @ w[out, in]^T with the fastest kernel for M and w's layout.
 
     `packed` is an optional oneDNN-prepacked copy of w (see `prepack`), used from PACKED_ROWS rows.
+    A weight that is not a tensor (a quantized weight, afdserve/model/fp8.py) computes its own product.
     """
+    if not isinstance(w, torch.Tensor):
+        return w.linear(x)
     if x.is_cpu and x.dtype is torch.float32 and x.dim() == 2 and \
             not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):   # no autograd below
         rows = x.shape[0]
