@@ -1,24 +1,23 @@
 """One attention worker's step: the model forward over a scheduled batch, then sampling.
 
-The layer loop lives here, not in the model, because this is where Attention-FFN
-Disaggregation plugs in: the FFN half of every layer goes through an `FFNBackend`. Colocated
-execution uses `LocalFFN` (the FFN half runs in-process, right away); the disaggregated runtime
-supplies a backend that ships the micro-batch to FFN workers and collects their partial sums.
-
-With m micro-batches the loop is ordered so that, at layer i, micro-batch j's attention runs
-while the FFN works on micro-batch j-1 and the transfers of others are in flight:
-    for layer i: for mb j: h_j += collect(i-1, j); h_j = attn_i(h_j); submit(i, j, ffn_input(h_j))
+The FFN half of every layer goes through an `FFNBackend`, which is where Attention-FFN
+Disaggregation plugs in: colocated execution uses `LocalFFN` (the FFN half runs in-process, right
+away); the disaggregated runtime supplies a backend that ships the micro-batch to FFN workers and
+collects their partial sums. The order of the layer halves and micro-batches, shared with the
+model's own forward and the FFN workers, is `afdserve.engine.schedule`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
+from afdserve.engine.schedule import FFNBackend, LocalFFN, run_idle_layers, run_layers
 from afdserve.model.attention import AttentionMetadata, KVCache
-from afdserve.model.step3 import FFNInput, Step3ForCausalLM
+from afdserve.model.step3 import Step3ForCausalLM
 from afdserve.sampling import Sample, SampleRequest, sample
+
+__all__ = ["FFNBackend", "LocalFFN", "ModelRunner", "SeqWork", "StepInput", "split_micro_batches"]
 
 
 @dataclass
@@ -41,35 +40,6 @@ class StepInput:
     @property
     def num_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.seqs)
-
-
-class FFNBackend(Protocol):
-    """Where FFN halves run. `submit` may return before the result exists; `collect` waits for it."""
-
-    def begin_step(self, num_micro_batches: int) -> None: ...
-    def submit(self, layer: int, micro_batch: int, inp: FFNInput) -> None: ...
-    def collect(self, layer: int, micro_batch: int) -> torch.Tensor: ...
-    def end_step(self) -> None: ...
-
-
-class LocalFFN:
-    """Colocated execution: the FFN half runs in this process as soon as it is submitted."""
-
-    def __init__(self, model: Step3ForCausalLM):
-        self.model = model
-        self._results: dict[tuple[int, int], torch.Tensor] = {}
-
-    def begin_step(self, num_micro_batches: int) -> None:
-        self._results.clear()
-
-    def submit(self, layer: int, micro_batch: int, inp: FFNInput) -> None:
-        self._results[(layer, micro_batch)] = self.model.layers[layer].ffn_half(inp)
-
-    def collect(self, layer: int, micro_batch: int) -> torch.Tensor:
-        return self._results.pop((layer, micro_batch))
-
-    def end_step(self) -> None:
-        self._results.clear()
 
 
 def split_micro_batches(query_lens: list[int], m: int) -> list[slice]:
@@ -112,10 +82,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> dict[str, Sample]:
         """Compute the step's tokens, then sample for the sequences that asked: request_id -> Sample."""
-        if not step.seqs:
-            self.ffn.begin_step(self.micro_batches)
-            self._idle_layers()
-            self.ffn.end_step()
+        if not step.seqs:   # lockstep: the FFN workers still expect every layer and micro-batch
+            empty = torch.empty(0, self.model.config.hidden_size, dtype=self.kv.k.dtype, device=self.device)
+            run_idle_layers(self.model.layers, empty, self.micro_batches, self.ffn)
             return {}
         ids = torch.tensor([t for s in step.seqs for t in s.token_ids], dtype=torch.int64, device=self.device)
         meta = self._metadata(step)
@@ -141,29 +110,10 @@ class ModelRunner:
             bounds.append(bounds[-1] + len(m.positions))
         hs = [self.model.embed(ids[bounds[j]:bounds[j + 1]]) for j in range(len(groups))]
         kv, rope = self.kv, self.model.rope
-        self.ffn.begin_step(len(groups))
-        for i, layer in enumerate(self.model.layers):
-            for j, m in enumerate(metas):
-                if i:
-                    hs[j] = hs[j] + self.ffn.collect(i - 1, j)
-                if m.query_lens:
-                    hs[j] = layer.attention_half(hs[j], rope, m, kv.k[i], kv.v[i])
-                self.ffn.submit(i, j, layer.ffn_input(hs[j]))
-        last = len(self.model.layers) - 1
-        for j in range(len(groups)):
-            hs[j] = hs[j] + self.ffn.collect(last, j)
-        self.ffn.end_step()
-        return torch.cat(hs)
 
-    def _idle_layers(self) -> None:
-        """An empty step still walks every layer with empty micro-batches (keeps FFN peers in step)."""
-        H = self.model.config.hidden_size
-        dtype = self.kv.k.dtype
-        empty = torch.empty(0, H, dtype=dtype, device=self.device)
-        for i, layer in enumerate(self.model.layers):
-            for j in range(self.micro_batches):
-                if i:
-                    self.ffn.collect(i - 1, j)
-                self.ffn.submit(i, j, layer.ffn_input(empty))
-        for j in range(self.micro_batches):
-            self.ffn.collect(len(self.model.layers) - 1, j)
+        def attend(i: int, j: int, h: torch.Tensor) -> torch.Tensor:
+            if not metas[j].query_lens:   # an empty micro-batch still goes to the FFN (lockstep)
+                return h
+            return self.model.layers[i].attention_half(h, rope, metas[j], kv.k[i], kv.v[i])
+
+        return torch.cat(run_layers(self.model.layers, hs, attend, self.ffn))

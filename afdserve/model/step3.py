@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from afdserve.config import Step3Config
+from afdserve.engine.schedule import LocalFFN, run_layers
 from afdserve.model.attention import AttentionMetadata, KVCache, MFAttention
 from afdserve.model.kernels import linear
 from afdserve.model.layers import MoE, RMSNorm, RotaryEmbedding, SwiGLU
@@ -130,12 +131,13 @@ class Step3ForCausalLM(nn.Module):
         return self.model.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
-        """Colocated forward of the flattened batch: ids [T] -> hidden states [T, H] (pre-norm)."""
-        h = self.embed(input_ids)
-        for i, layer in enumerate(self.layers):
-            h = layer.attention_half(h, self.rope, meta, kv.k[i], kv.v[i])
-            h = h + layer.ffn_half(layer.ffn_input(h))
-        return h
+        """Colocated forward of the flattened batch: ids [T] -> hidden states [T, H] (pre-norm).
+
+        One micro-batch through the shared layer schedule, FFN halves in-process."""
+        def attend(i: int, j: int, h: torch.Tensor) -> torch.Tensor:
+            return self.layers[i].attention_half(h, self.rope, meta, kv.k[i], kv.v[i])
+
+        return run_layers(self.layers, [self.embed(input_ids)], attend, LocalFFN(self))[0]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head for the selected hidden states [n, H] -> fp32 logits [n, V]."""
