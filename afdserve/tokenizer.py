@@ -17,6 +17,11 @@ class Tokenizer:
         self.add_bos = bool(config.get("add_bos_token", False))
         self.bos_token_id = tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.special_ids = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+        """Ids that `decode` drops (skip_special_tokens=True)."""
+        self.byte_fallback_ids = _byte_fallback_ids(tok)
+        """Ids of byte tokens ("<0xE4>") whose text depends on the byte tokens after them: a
+        ByteFallback decoder turns a whole run of them into U+FFFD when the run is not UTF-8."""
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "Tokenizer | None":
@@ -59,3 +64,11 @@ def _token_str(value) -> str | None:
     if isinstance(value, dict):  # {"content": "<s>", ...} form
         return value.get("content")
     return value
+
+
+def _byte_fallback_ids(tok: _HFTokenizer) -> frozenset[int]:
+    decoder = json.loads(tok.to_str()).get("decoder") or {}
+    if "ByteFallback" not in json.dumps(decoder):
+        return frozenset()
+    ids = (tok.token_to_id(f"<0x{b:02X}>") for b in range(256))
+    return frozenset(i for i in ids if i is not None)

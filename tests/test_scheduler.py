@@ -362,3 +362,36 @@ def test_random_workloads_finish_without_leaks(scenario):
             assert want[: r.num_output_tokens] == r.output_token_ids
         else:
             assert (r.output_token_ids, r.finish_reason) == (want, reason)
+
+
+@pytest.mark.parametrize("start,stop", [(0, 3), (1, 5), (3, 4), (4, 6), (0, 6), (2, 2)])
+def test_token_ids_slices_like_all_token_ids(start, stop):
+    r = Request("r", [10, 11, 12, 13], 8)
+    r.output_token_ids += [20, 21]
+    assert r.token_ids(start, stop) == r.all_token_ids[start:stop]
+
+
+class _CharTokenizer:
+    """Token id i is the character chr(i)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(map(chr, ids))
+
+
+@pytest.mark.parametrize("stop_tokens,max_tokens", [(frozenset(), 3), (frozenset({ord("c")}), 8)])
+def test_stop_string_is_decided_once_with_token_and_length_stops(stop_tokens, max_tokens):
+    """The token completing stop string "bc" also ends the budget or is a stop token: the request
+    finishes once, for the stop string, and its blocks are freed."""
+    from afdserve.engine.detokenizer import IncrementalDetokenizer
+
+    bm = BlockManager(num_blocks=4, block_size=4)
+    sched = Scheduler(SchedulerConfig(max_model_len=32), bm)
+    req = Request("r", [1, 2], max_tokens, stop_token_ids=stop_tokens)
+    req.detokenizer = IncrementalDetokenizer(_CharTokenizer(), ["bc"])
+    sched.add_request(req)
+    finished = []
+    for token in "abc":
+        finished += sched.update_from_output(sched.schedule(), {"r": ord(token)})
+    assert finished == [req] and req.finish_reason is FinishReason.STOP and req.stop_reason == "bc"
+    assert req.detokenizer.output_text(finished=True) == "a"
+    assert not sched.has_unfinished() and bm.num_free_blocks == 4

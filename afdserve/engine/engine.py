@@ -13,6 +13,7 @@ from pathlib import Path
 
 from afdserve.config import Step3Config
 from afdserve.engine.block_manager import BlockManager
+from afdserve.engine.detokenizer import IncrementalDetokenizer
 from afdserve.engine.executor import CacheConfig, ColocatedExecutor, ExecutorError
 from afdserve.engine.request import FinishReason, Request
 from afdserve.engine.runner import SeqWork, StepInput
@@ -63,6 +64,8 @@ class EngineArgs:
 class CompletionOutput:
     index: int
     text: str
+    """Finished: the whole text (cut before a stop string). Running: the text safe to show so far
+    (no incomplete character, nothing that may still turn into a stop string)."""
     token_ids: list[int]
     logprobs: list[Sample] | None = None
     finish_reason: str | None = None
@@ -97,9 +100,7 @@ class _Child:
     index: int
     params: SamplingParams
     seed: int
-    text: str = ""
     logprobs: list[Sample] = field(default_factory=list)
-    stop_reason: str | int | None = None
 
 
 @dataclass
@@ -192,6 +193,8 @@ class LLMEngine:
         for i in range(params.n):
             req = Request(f"{request_id}#{i}", list(ids), min(params.max_tokens, self.max_model_len - len(ids)),
                           stop_token_ids=stops, min_tokens=params.min_tokens)
+            if self.tokenizer is not None:   # the scheduler feeds it and checks its stop strings
+                req.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop, params.min_tokens)
             req.data = _Child(parent, i, params, base_seed + i)
             parent.children.append(req)
         for req in parent.children:
@@ -233,7 +236,7 @@ class LLMEngine:
             for chunk in out.chunks:
                 req = chunk.request
                 if req.request_id in res:
-                    self._on_token(sched, req, res[req.request_id], now)
+                    self._on_token(req, res[req.request_id], now)
                     touched[req.data.parent.request_id] = req.data.parent
         return [self._output(p) for p in touched.values()]
 
@@ -241,14 +244,14 @@ class LLMEngine:
         seqs = []
         for c in out.chunks:
             req, child = c.request, c.request.data
-            tokens = req.all_token_ids[c.start:c.start + c.num_tokens]
+            tokens = req.token_ids(c.start, c.start + c.num_tokens)
             table = self.schedulers[child.parent.core].block_manager.block_table(req.request_id)
             penalties = list(req.output_token_ids) if child.params.has_penalties else None
             sample = SampleRequest(child.params, child.seed, req.num_output_tokens, penalties) if c.sample else None
             seqs.append(SeqWork(req.request_id, tokens, c.start, table, sample))
         return StepInput(seqs)
 
-    def _on_token(self, sched: Scheduler, req: Request, s: Sample, now: float) -> None:
+    def _on_token(self, req: Request, s: Sample, now: float) -> None:
         child: _Child = req.data
         parent = child.parent
         if parent.metrics.first_token_time is None:
@@ -256,34 +259,16 @@ class LLMEngine:
         self.generation_tokens_total += 1
         if child.params.logprobs is not None:
             child.logprobs.append(s)
-        if self.tokenizer is not None:
-            child.text = self.tokenizer.decode(req.output_token_ids)
-            self._check_stop_strings(sched, req, child)
-        if req.is_finished and req.finish_reason is FinishReason.STOP and child.stop_reason is None:
-            child.stop_reason = req.output_token_ids[-1]
-
-    def _check_stop_strings(self, sched: Scheduler, req: Request, child: _Child) -> None:
-        if not child.params.stop or req.num_output_tokens < child.params.min_tokens:
-            return
-        hits = [(child.text.find(s), s) for s in child.params.stop]
-        hits = [(i, s) for i, s in hits if i >= 0]
-        if hits:
-            i, s = min(hits)
-            child.text, child.stop_reason = child.text[:i], s
-            if not req.is_finished:
-                sched.finish_request(req.request_id, FinishReason.STOP)
-            else:
-                req.finish_reason = FinishReason.STOP
 
     def _output(self, parent: _Parent) -> RequestOutput:
         outs = []
         for req in parent.children:
             c: _Child = req.data
             reason = req.finish_reason.value if req.finish_reason else None
-            text = c.text if self.tokenizer is None or req.is_finished else c.text.rstrip("\ufffd")
+            text = req.detokenizer.output_text(req.is_finished) if req.detokenizer is not None else ""
             outs.append(CompletionOutput(c.index, text, list(req.output_token_ids),
                                          list(c.logprobs) if c.params.logprobs is not None else None,
-                                         reason, c.stop_reason))
+                                         reason, req.stop_reason))
         finished = all(r.is_finished for r in parent.children)
         parent.metrics.num_generated_tokens = sum(r.num_output_tokens for r in parent.children)
         if finished:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from afdserve.engine.detokenizer import IncrementalDetokenizer
 
 
 class RequestStatus(enum.Enum):
@@ -53,13 +56,26 @@ class Request:
     """Tokens (prefix of ``all_token_ids``) whose KV is in the cache."""
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    """What ended a STOP: the stop string, or the stop token id."""
+    detokenizer: "IncrementalDetokenizer | None" = None
+    """The output text and its stop strings; fed each new token by the scheduler."""
     num_preemptions: int = 0
     data: Any = None
-    """Opaque slot for the engine (sampling params, detokenizer state)."""
+    """Opaque slot for the engine (sampling params, logprobs)."""
 
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        """``all_token_ids[start:stop]`` without building the whole list (a decode step reads one)."""
+        n = len(self.prompt_token_ids)
+        if stop <= n:
+            return self.prompt_token_ids[start:stop]
+        if start >= n:
+            return self.output_token_ids[start - n:stop - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:stop - n]
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,7 +1,9 @@
 """Continuous-batching scheduler with chunked prefill and recompute preemption.
 
 Plain Python (no torch): the engine calls ``schedule()``, runs the model on the
-returned chunks, then ``update_from_output()`` with the sampled tokens.
+returned chunks, then ``update_from_output()`` with the sampled tokens, which also feeds each
+request's detokenizer and decides, in one place, whether a stop string, a stop token or the
+length budget ends it.
 
 Each step hands out a token budget. Running requests go first, in admission
 order; each asks for ``min(remaining, budget)`` tokens (a decode asks for 1).
@@ -232,7 +234,10 @@ class Scheduler:
             request.num_computed_tokens += chunk.num_tokens
             if not chunk.sample:
                 continue
-            request.output_token_ids.append(sampled[request.request_id])
+            token = sampled[request.request_id]
+            request.output_token_ids.append(token)
+            if request.detokenizer is not None:
+                request.detokenizer.add(token)
             reason = self._stop_reason(request)
             if reason is not None:
                 self.running.remove(request)
@@ -241,10 +246,14 @@ class Scheduler:
         return finished
 
     def _stop_reason(self, request: Request) -> FinishReason | None:
-        if (
-            request.num_output_tokens >= request.min_tokens
-            and request.output_token_ids[-1] in request.stop_token_ids
-        ):
+        """The one place a request's own tokens end it: stop string, stop token, then length."""
+        detok = request.detokenizer
+        if detok is not None and detok.stop_string is not None:
+            request.stop_reason = detok.stop_string
+            return FinishReason.STOP
+        last = request.output_token_ids[-1]
+        if request.num_output_tokens >= request.min_tokens and last in request.stop_token_ids:
+            request.stop_reason = last
             return FinishReason.STOP
         if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self._max_len:
             return FinishReason.LENGTH

@@ -314,17 +314,6 @@ class _ChoiceState:
     done: bool = False
 
 
-def _held_back(text: str, stops: list[str]) -> int:
-    """Characters at the end of `text` that could be the start of a stop string (not sent yet)."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), hold, -1):
-            if text.endswith(s[:k]):
-                hold = k
-                break
-    return hold
-
-
 async def _sse(fmt, request_id: str, streams: list[RequestStream], params, include_usage: bool):
     n = params.n
     states: dict[int, _ChoiceState] = {}
@@ -342,7 +331,8 @@ async def _sse(fmt, request_id: str, streams: list[RequestStream], params, inclu
                 if st.done:
                     continue
                 finished = c.finish_reason is not None
-                text = c.text if finished else c.text[:len(c.text) - _held_back(c.text, params.stop)]
+                # The engine's detokenizer holds back what may still become a stop string.
+                text = c.text
                 delta = text[len(st.text):] if text.startswith(st.text) else ""
                 new_samples = (c.logprobs or [])[st.tokens:] if c.logprobs is not None else None
                 # Without a tokenizer there is no text: one (empty) chunk per token shows progress.
