@@ -7,7 +7,10 @@ Without --url it starts a server itself (on --model, else the embedded default m
 tiny random checkpoint; token-id prompts unless --text) and stops it at the end. Bounded in count
 (--requests) and time (--duration, --timeout per request): every request ends with a response,
 a clear error, or a timeout, and the report counts each kind (`lost` must be 0). With
---bad-fraction some requests are deliberately invalid and must get a 4xx error.
+--bad-fraction some requests are deliberately invalid and must get a 4xx error; with
+--disconnect-fraction some clients hang up mid-stream (the server must abort those requests).
+The pieces here (workload, streaming client, server start/stop, statistics) are shared with
+benchmarks/chaos_soak.py.
 
 Reports TTFT and TPOT (mean, p50, p99), end-to-end latency, request and token throughput, errors,
 and the machine (CPU model, cores, torch threads).
@@ -31,25 +34,37 @@ from pathlib import Path
 
 import httpx
 
-BAD_BODIES = [
-    ("temperature -1", {"temperature": -1}),
-    ("n 0", {"n": 0}),
-    ("unknown model", {"model": "no-such-model"}),
-    ("unknown field", {"frobnicate": True}),
-    ("malformed JSON", None),
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+BAD_BODIES = [   # (what, route, fields over a good streaming body of that route; None: broken JSON)
+    ("temperature -1", COMPLETIONS, {"temperature": -1}),
+    ("n 0", COMPLETIONS, {"n": 0}),
+    ("stop list of 5", COMPLETIONS, {"stop": ["a", "b", "c", "d", "e"]}),
+    ("unknown model", COMPLETIONS, {"model": "no-such-model"}),
+    ("unknown field", COMPLETIONS, {"frobnicate": True}),
+    ("malformed JSON", COMPLETIONS, None),
+    ("chat message without content", CHAT, {"messages": [{"role": "user"}]}),
+    ("chat unknown role", CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}),
+    ("chat empty messages", CHAT, {"messages": []}),
 ]
 
 
 @dataclass
 class Result:
     kind: str
-    """ok | bad_ok (an invalid request answered with a 4xx) | error | timeout"""
+    """ok | bad_ok (an invalid request answered with a 4xx) | disconnected (the client hung up
+    mid-stream, as planned) | error | timeout"""
     status: int | None = None
     message: str = ""
     ttft: float | None = None
     tpot: float | None = None
     e2e: float | None = None
     tokens: int = 0
+    start: float = 0.0
+    end: float = 0.0
+    token_times: list[float] = field(default_factory=list)
+    """perf_counter() at each streamed token chunk."""
+    plan: str = "good"
+    """What the request meant to do (Workload.plan)."""
 
 
 @dataclass
@@ -63,6 +78,13 @@ class Workload:
     bad_fraction: float
     timeout: float
     rng: random.Random = field(default_factory=random.Random)
+    disconnect_fraction: float = 0.0
+
+    def plan(self) -> str:
+        """What the next request does: good | bad | disconnect."""
+        x = self.rng.random()
+        return "bad" if x < self.bad_fraction else "disconnect" if x < self.bad_fraction + self.disconnect_fraction \
+            else "good"
 
     def prompt(self):
         if self.text:
@@ -70,29 +92,38 @@ class Workload:
         return [self.rng.randrange(3, 256) for _ in range(self.prompt_len)]
 
 
-async def one_request(client: httpx.AsyncClient, w: Workload, bad: bool) -> Result:
-    body = {"model": w.model, "prompt": w.prompt(), "max_tokens": w.max_tokens, "stream": True,
-            "temperature": 0, "ignore_eos": True, "stream_options": {"include_usage": True}}
-    content = None
-    if bad:
-        _, patch = w.rng.choice(BAD_BODIES)
+async def one_request(client: httpx.AsyncClient, w: Workload, plan: str = "good") -> Result:
+    """One streaming request: `plan` good, bad (an invalid body from BAD_BODIES) or disconnect
+    (hang up after a few tokens)."""
+    route, body, content = COMPLETIONS, {"model": w.model, "prompt": w.prompt(), "max_tokens": w.max_tokens,
+                                         "stream": True, "temperature": 0, "ignore_eos": True,
+                                         "stream_options": {"include_usage": True}}, None
+    if plan == "bad":
+        _, route, patch = w.rng.choice(BAD_BODIES)
+        if route == CHAT:
+            body = {"model": w.model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
         if patch is None:
             content = b'{"model": "x", "prompt": '
         else:
             body.update(patch)
+    hang_up = w.rng.randint(1, max(1, w.max_tokens // 2)) if plan == "disconnect" else None
+    t0 = time.perf_counter()
     try:
-        return await asyncio.wait_for(_stream(client, w, body, content, bad), w.timeout)
+        result = await asyncio.wait_for(_stream(client, w, route, body, content, plan == "bad", hang_up), w.timeout)
     except asyncio.TimeoutError:
-        return Result("timeout", message=f"no complete answer within {w.timeout}s")
+        result = Result("timeout", message=f"no complete answer within {w.timeout}s")
     except httpx.HTTPError as exc:
-        return Result("error", message=f"{type(exc).__name__}: {exc}")
+        result = Result("error", message=f"{type(exc).__name__}: {exc}")
+    result.start, result.end, result.plan = t0, time.perf_counter(), plan
+    return result
 
 
-async def _stream(client, w: Workload, body: dict, content: bytes | None, bad: bool) -> Result:
+async def _stream(client, w: Workload, route: str, body: dict, content: bytes | None, bad: bool,
+                  hang_up: int | None = None) -> Result:
     t0 = time.perf_counter()
     kwargs = {"content": content, "headers": {**w.headers, "content-type": "application/json"}} \
         if content is not None else {"json": body, "headers": w.headers}
-    async with client.stream("POST", f"{w.url}/v1/completions", **kwargs) as r:
+    async with client.stream("POST", f"{w.url}{route}", **kwargs) as r:
         if r.status_code != 200:
             text = (await r.aread()).decode(errors="replace")
             try:
@@ -105,7 +136,7 @@ async def _stream(client, w: Workload, body: dict, content: bytes | None, bad: b
             await r.aread()
             return Result("error", 200, "an invalid request was accepted")
         first = last = None
-        tokens, done, error = 0, False, ""
+        tokens, done, error, times = 0, False, "", []
         async for line in r.aiter_lines():
             if not line.startswith("data: "):
                 continue
@@ -122,11 +153,15 @@ async def _stream(client, w: Workload, body: dict, content: bytes | None, bad: b
             if chunk.get("choices"):   # a token arrived (text may be empty for token-id-only models)
                 last = time.perf_counter()
                 first = first or last
+                times.append(last)
+                if hang_up is not None and len(times) >= hang_up:   # leaving the block closes the connection
+                    return Result("disconnected", 200, f"hung up after {len(times)} chunks", token_times=times)
     end = time.perf_counter()
     if error or not done:
-        return Result("error", 200, error or "stream ended without [DONE]")
+        return Result("error", 200, error or "stream ended without [DONE]", token_times=times)
     tpot = (last - first) / (tokens - 1) if first and tokens > 1 else None
-    return Result("ok", 200, ttft=(first - t0) if first else None, tpot=tpot, e2e=end - t0, tokens=tokens)
+    return Result("ok", 200, ttft=(first - t0) if first else None, tpot=tpot, e2e=end - t0, tokens=tokens,
+                  token_times=times)
 
 
 async def run_load(w: Workload, clients: int, requests: int, duration: float) -> tuple[list[Result], float, int]:
@@ -139,7 +174,7 @@ async def run_load(w: Workload, clients: int, requests: int, duration: float) ->
         nonlocal started
         while started < requests and time.perf_counter() < deadline:
             started += 1
-            results.append(await one_request(c, w, w.rng.random() < w.bad_fraction))
+            results.append(await one_request(c, w, w.plan()))
 
     t0 = time.perf_counter()
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(w.timeout, connect=30)) as c:
@@ -175,7 +210,7 @@ def machine() -> dict:
 
 def report(results: list[Result], wall: float, started: int) -> dict:
     ok = [r for r in results if r.kind == "ok"]
-    counts = {k: sum(r.kind == k for r in results) for k in ("ok", "bad_ok", "error", "timeout")}
+    counts = {k: sum(r.kind == k for r in results) for k in ("ok", "bad_ok", "disconnected", "error", "timeout")}
     counts["started"], counts["lost"] = started, started - len(results)
     errors: dict[str, int] = {}
     for r in results:
@@ -194,7 +229,8 @@ def report(results: list[Result], wall: float, started: int) -> dict:
 def print_report(rep: dict) -> None:
     c = rep["counts"]
     print(f"requests: {c['started']} started, {c['ok']} ok, {c['bad_ok']} rejected as intended, "
-          f"{c['error']} errors, {c['timeout']} timeouts, {c['lost']} lost  ({rep['wall_s']:.1f} s)")
+          f"{c['disconnected']} hung up as planned, {c['error']} errors, {c['timeout']} timeouts, "
+          f"{c['lost']} lost  ({rep['wall_s']:.1f} s)")
     for name in ("ttft_s", "tpot_s", "e2e_s"):
         s = rep[name]
         if s["mean"] is not None:
@@ -208,7 +244,9 @@ def print_report(rep: dict) -> None:
 
 
 # ---------------------------------------------------------------- own server
-def start_server(args) -> tuple[subprocess.Popen, str, Path]:
+def start_server(args, extra: list[str] = ()) -> tuple[subprocess.Popen, str, Path]:
+    """`afdserve serve` on a free loopback port, in its own session (so its workers can be
+    stopped with it), once /health answers 200; `extra` are more `serve` options."""
     model = args.model
     if model is None:
         from afdserve.engine.engine import DEFAULT_MODEL_DIR
@@ -227,6 +265,7 @@ def start_server(args) -> tuple[subprocess.Popen, str, Path]:
     cmd += ["--model", model] if model else []
     cmd += ["--num-kv-blocks", str(args.num_kv_blocks)] if args.num_kv_blocks else []
     cmd += ["--afd", args.afd] if args.afd else []
+    cmd += list(extra)
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -246,13 +285,19 @@ def start_server(args) -> tuple[subprocess.Popen, str, Path]:
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+    """SIGTERM to the server's process group (workers included), then SIGKILL to whatever of the
+    group is left (a SIGSTOPped worker, or workers of a server that died)."""
+    try:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=16, help="prompt length in tokens (words with --text)")
     p.add_argument("--text", action="store_true", help="text prompts (the model needs a tokenizer)")
     p.add_argument("--bad-fraction", type=float, default=0.0, help="share of deliberately invalid requests")
+    p.add_argument("--disconnect-fraction", type=float, default=0.0,
+                   help="share of clients that hang up mid-stream")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the report here")
     args = p.parse_args(argv)
@@ -285,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             url = args.url.rstrip("/")
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         w = Workload(url, args.model_name, headers, args.max_tokens, args.prompt_len, args.text,
-                     args.bad_fraction, args.timeout, random.Random(args.seed))
+                     args.bad_fraction, args.timeout, random.Random(args.seed), args.disconnect_fraction)
         results, wall, started = asyncio.run(run_load(w, args.clients, args.requests or 2 * args.clients,
                                                       args.duration))
     finally:
