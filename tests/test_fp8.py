@@ -322,3 +322,50 @@ def test_llm_serves_fp8_checkpoint_and_quantize_at_load_alike(ckpts, tmp_path):
             assert isinstance(llm.engine.executor.runner.model.layers[0].self_attn.o_proj.weight, Fp8Weight)
             outs[key] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert outs["written"] == outs["at_load"] and all(len(t) == 6 for t in outs["cli"])
+
+
+@native
+def test_threads_split_the_rows_without_changing_results():
+    """Large products run on torch's OpenMP threads, a block of rows each: every output is computed
+    by the same instructions whatever the thread count, so the results are bitwise equal."""
+    torch.manual_seed(5)
+    q, x = quantize(torch.randn(1000, 700)), torch.randn(3, 700)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, one_deq = q.linear(x), q.dequantize()
+        torch.set_num_threads(2)
+        two, two_deq = q.linear(x), q.dequantize()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two) and torch.equal(one_deq, two_deq)
+
+
+def test_afd_1a1f_with_fp8_weights_equals_colocated_fp8(ckpts):
+    """The FFN worker quantizes its experts at load like the colocated model (quantization passed to
+    every worker), so 1A1F gives the colocated FP8 tokens and log-probabilities (to summation
+    order), not the fp32 model's; 8-bit A->F transfer composes with FP8 weights."""
+    from afdserve import LLM, SamplingParams
+
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16]]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=0)
+
+    def run(llm):
+        outs = [o.outputs[0] for o in llm.generate(prompts, params)]
+        return [c.token_ids for c in outs], torch.tensor([s.logprob for c in outs for s in c.logprobs])
+
+    kw = {"device": "cpu", "num_kv_blocks": 64, "block_size": 4}
+    with LLM(model=str(ckpts["fp8"]), **kw) as llm:
+        want, want_lp = run(llm)
+    with LLM(model=str(ckpts["fp32"]), **kw) as llm:
+        _, fp32_lp = run(llm)
+    with LLM(model=str(ckpts["fp32"]), afd="1A1F", quantization="fp8", micro_batches=2,
+             afd_options={"timeout_s": 20.0, "threads_per_worker": 1}, **kw) as llm:
+        got, got_lp = run(llm)
+        assert got == want
+        assert (got_lp - want_lp).abs().max() < 1e-4 < (fp32_lp - want_lp).abs().max()
+        llm.engine.executor.set_a2f("8bit")
+        got8, _ = run(llm)
+        assert llm.engine.health() is None
+    same = sum(a == b for g, w in zip(got8, want) for a, b in zip(g, w))
+    assert same >= sum(map(len, want)) // 2, (got8, want)
