@@ -14,8 +14,9 @@ replaced worker is found under its new pid).
 
 Report: requests ok / rejected (malformed, answered 4xx as they must be) / hung up (as planned) /
 failed (a good request that got an error, or a malformed one that was not rejected) / lost (no
-answer within --timeout); inter-token latency (TPOT) p50/p99 in each phase (before, during and
-after each fault; a fault's 'during' lasts until /health is 200 again, or --during-s when /health
+answer within --timeout); inter-token latency (TPOT: gaps between a stream's token chunks, each
+counted in the phase holding its midpoint) p50/p99/max in each phase (before, during and after
+each fault; a fault's 'during' lasts until /health is 200 again, or --during-s when /health
 never turned); every /health transition; AFD restarts and replays from /metrics. Exit status 0
 only when nothing failed or was lost, /health recovered after each fault, and no request was left
 running.
@@ -212,12 +213,14 @@ def phases(t_start: float, t_end: float, faults: list[Event], health: list[Event
 
 
 def phase_rows(results: list[Result], windows: list, t0: float) -> list[dict]:
-    """Per phase: inter-token gaps (TPOT) that ended in it, and the outcomes of requests that ended in it."""
+    """Per phase: the inter-token gaps (TPOT) whose midpoint falls in it (a gap stretched by a fault
+    counts in the fault's phase), and the outcomes of the requests that ended in it."""
     rows = []
     for name, lo, hi in windows:
-        gaps = [b - a for r in results for a, b in zip(r.token_times, r.token_times[1:]) if lo <= b < hi]
+        gaps = [b - a for r in results for a, b in zip(r.token_times, r.token_times[1:]) if lo <= (a + b) / 2 < hi]
         ended = [outcome(r) for r in results if lo <= r.end < hi]
         rows.append({"phase": name, "from_s": lo - t0, "to_s": hi - t0, "gaps": len(gaps), "tpot_s": _stats(gaps),
+                     "max_gap_s": max(gaps, default=None),
                      **{k: ended.count(k) for k in ("ok", "rejected", "hung up", "failed", "lost")}})
     return rows
 
@@ -305,11 +308,11 @@ def print_report(rep: dict) -> None:
                 else "not 200 again" if f["unhealthy_after_s"] is not None else "")
         print(f"  {f['fault']}: {turned}; {back}")
     print(f"{'phase':14s} {'from s':>7s} {'to s':>7s} {'gaps':>6s} {'TPOT p50 ms':>12s} {'TPOT p99 ms':>12s} "
-          f"{'ok':>5s} {'rej':>4s} {'hung':>5s} {'fail':>5s} {'lost':>5s}")
+          f"{'max gap ms':>11s} {'ok':>5s} {'rej':>4s} {'hung':>5s} {'fail':>5s} {'lost':>5s}")
     for p in rep["phases"]:
         print(f"{p['phase']:14s} {p['from_s']:7.1f} {p['to_s']:7.1f} {p['gaps']:6d} {_ms(p['tpot_s']['p50']):>12s} "
-              f"{_ms(p['tpot_s']['p99']):>12s} {p['ok']:5d} {p['rejected']:4d} {p['hung up']:5d} "
-              f"{p['failed']:5d} {p['lost']:5d}")
+              f"{_ms(p['tpot_s']['p99']):>12s} {_ms(p['max_gap_s']):>11s} {p['ok']:5d} {p['rejected']:4d} "
+              f"{p['hung up']:5d} {p['failed']:5d} {p['lost']:5d}")
     for msg, n in sorted(rep["failures"].items(), key=lambda kv: -kv[1])[:8]:
         print(f"  x{n}: {msg}")
     print(f"end: healthy {rep.get('healthy_at_end')}, requests running {rep.get('requests_running_at_end')}, "
