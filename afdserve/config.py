@@ -230,23 +230,12 @@ class Step3Config:
 
     # ------------------------------------------------------------ param counts
     def num_parameters(self) -> dict[str, int]:
-        """Total and per-token-active parameter counts, computed from the config alone."""
-        H = self.hidden_size
-        attn = (H * self.share_q_dim + 2 * H * self.kv_width + self.share_q_dim * self.q_width
-                + self.q_width * H + self.share_q_dim + 2 * H)  # + inter_norm and the two layer norms
-        dense = 3 * H * self.intermediate_size
-        expert = 3 * H * self.moe_intermediate_size
-        shared = 3 * H * self.share_expert_dim
-        router = self.moe_num_experts * H
-        n_moe = len(self.moe_layers_enum)
-        n_dense = self.num_hidden_layers - n_moe
-        embed = 2 * self.vocab_size * H + H
-        total = (self.num_hidden_layers * attn + n_dense * dense
-                 + n_moe * (self.moe_num_experts * expert + shared + router) + embed)
-        # Active: what one token's forward pass multiplies by; the embedding is a lookup, not counted.
-        active = (self.num_hidden_layers * attn + n_dense * dense
-                  + n_moe * (self.moe_top_k * expert + shared + router) + embed - self.vocab_size * H)
-        return {"total": total, "active": active}
+        """Total and per-token-active parameter counts, computed from the config alone: the cost
+        model's count (`afdserve.cost.arch`, which leaves norms out) plus the RMSNorm weights."""
+        from afdserve.cost.arch import from_hf_config
+        arch = from_hf_config(self.to_dict())
+        norms = self.num_hidden_layers * (self.share_q_dim + 2 * self.hidden_size) + self.hidden_size
+        return {"total": arch.total_params() + norms, "active": arch.active_params() + norms}
 
 
 def _parse_layers(value: Any) -> tuple[int, ...]:

@@ -13,6 +13,20 @@ def test_step3_parameter_counts_match_report():
     assert round(n["active"] / 1e9, 1) == 37.9
 
 
+def test_parameter_count_is_the_cost_models_plus_norms_and_matches_the_model():
+    """One parameter count: Step3Config's is ModelArch's (which leaves norms out) plus the norms,
+    and equals the built model's parameters."""
+    from afdserve.cost.arch import from_hf_config
+    from afdserve.model.step3 import Step3ForCausalLM
+
+    c = get_preset("tiny")
+    arch = from_hf_config(c.to_dict())
+    norms = c.num_hidden_layers * (c.share_q_dim + 2 * c.hidden_size) + c.hidden_size
+    n = c.num_parameters()
+    assert n == {"total": arch.total_params() + norms, "active": arch.active_params() + norms}
+    assert n["total"] == sum(p.numel() for p in Step3ForCausalLM(c).parameters())
+
+
 def test_small_preset_in_range():
     n = get_preset("small").num_parameters()["total"]
     assert 100e6 <= n <= 300e6

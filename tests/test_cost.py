@@ -1,5 +1,5 @@
 """The co-design cost model against the reference rows of the Step-3 report
-(/work/shared/spec/codesign.md section 4-5) and the architecture facts of section 7."""
+(sections 4-5) and the architecture facts of the models' public configs."""
 import json
 
 import pytest
@@ -19,7 +19,7 @@ def close(value, ref, rel=REL, abs_=0.0006):
     return value == pytest.approx(ref, rel=rel, abs=abs_)
 
 
-# --- spec section 4: per-token work at 8K ---
+# --- report section 4.1: per-token work at 8K ---
 WORK_8K = {
     "deepseek-v3": (2.88e8, 1.47e11, 2.28e10, 4.84e10),
     "qwen3-235b-a22b": (7.89e8, 2.52e10, 1.34e10, 2.84e10),
@@ -44,7 +44,7 @@ def test_per_token_work_32k_scales(model):
     assert (w32.linear_flops, w32.ffn_flops) == (w8.linear_flops, w8.ffn_flops)
 
 
-# --- spec section 4: cost per 1M tokens on H800 / H20 / A800 / 910B ---
+# --- report section 4.2: cost per 1M tokens on H800 / H20 / A800 / 910B ---
 COSTS = {  # attn 8K, attn 32K, FFN
     "deepseek-v3": ((0.054, 0.128, 0.114, 0.113), (0.197, 0.460, 0.409, 0.407),
                     (0.014, 0.036, 0.032, 0.032)),
@@ -142,7 +142,7 @@ def test_dense_model_sparsity_is_one(report_hw):
     assert r["sparsity"] == 1.0 and r["hardware"]["H800"]["min_active_experts"] is None
 
 
-# --- the other presets: derivations from spec section 7 ---
+# --- the other presets: derivations from their public configs ---
 def test_step3_parameter_counts():
     a = MODEL_PRESETS["step3"]
     assert a.attention_params_per_layer() == pytest.approx(169.3e6, rel=1e-3)

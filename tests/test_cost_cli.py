@@ -149,3 +149,10 @@ def test_through_afdserve_entry_point():
                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().count("\n") == 0
+
+
+def test_clean_makes_any_report_json_safe():
+    """The one JSON cleaner of the cost, simulate and bench CLIs."""
+    out = cost_cli._clean({1: float("inf"), "x": (1.5, float("nan"), Path("p")), "y": [None, True]})
+    assert out == {"1": None, "x": [1.5, None, "p"], "y": [None, True]}
+    json.dumps(out, allow_nan=False)

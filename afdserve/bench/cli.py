@@ -14,6 +14,8 @@ import time
 import traceback
 from pathlib import Path
 
+from afdserve.cost.cli import _clean, _console   # one JSON cleaner and console for all CLIs
+
 FULL = dict(batches="1,8,32,64", contexts="128,1024,4096", steps=16, attn_contexts="128,1024,4096,16384")
 QUICK = dict(batches="1,8", contexts="128", steps=4, attn_contexts="128,1024")
 
@@ -330,11 +332,6 @@ def _targets(rows: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------- printing
-def _console():
-    from rich.console import Console
-    return Console()
-
-
 def print_report(r: dict, console=None) -> None:
     from rich.table import Table
     console = console or _console()
@@ -429,14 +426,3 @@ def _argv(args) -> str:
               f"--steps {args.steps}", f"--threads {args.threads}"]
     return " ".join(parts)
 
-
-def _clean(obj):
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)

@@ -6,7 +6,7 @@ attention family and its widths, and the FFN layout. It is built from a named pr
 Hugging Face `config.json` (`from_hf_config`). Unknown config keys are ignored; a missing or
 malformed key needed by the cost model raises `ValueError` naming the field.
 
-Per-token quantities follow /work/shared/spec/codesign.md section 1 (report section 4.1).
+Per-token quantities follow the report's section 4.1 (formulas in docs/cost-model.md).
 """
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ class ModelArch:
     # ----- attention side -----
     @property
     def kv_elems_per_layer(self) -> int:
-        """Cached elements per token per softmax layer (spec section 1).
+        """Cached elements per token per softmax layer (report section 4.1).
 
         GQA/MHA/MQA/MFA: one K and one V vector per KV head, 2 * n_kv * d (MFA: n_kv = 1).
         MLA absorbed: the compressed latent plus the shared RoPE key, kv_lora_rank + rope dim.
@@ -129,7 +129,7 @@ class ModelArch:
         return 4 * self.num_q_heads * self.head_dim
 
     def attention_params_per_layer(self) -> int:
-        """Linear-projection parameters of one softmax attention layer (spec section 1).
+        """Linear-projection parameters of one softmax attention layer (report section 4.1).
 
         GQA: q, k, v, o. MFA: q_proj (H x share_q), k/v (H x d each per KV head), wq
         (share_q x n_q*d), o. MLA: q_a, q_b (or q), kv_a (H x (kv_lora + rope)), kv_b, o.
@@ -155,7 +155,7 @@ class ModelArch:
     def linear_attention_params_per_layer(self) -> int:
         """Projections of one linear-attention layer: q, k, v, gate (H -> heads*d) and o.
 
-        MiniMax-M1 lightning layers (spec section 7): 4 input projections + o at 64 x 128.
+        MiniMax-M1 lightning layers (its public config): 4 input projections + o at 64 x 128.
         """
         inner = self.linear_heads * self.linear_head_dim
         return (self.linear_num_input_projections + 1) * self.hidden_size * inner
@@ -173,7 +173,7 @@ class ModelArch:
                            full_layer_kv_bytes_per_elem: float | None = None) -> float:
         """Bytes of KV cache (and linear state) read to decode one token at `context`.
 
-        Spec section 1 / report section 4.1: full layers read `context` tokens, chunked layers
+        Report section 4.1: full layers read `context` tokens, chunked layers
         at most `chunk_size` tokens (Llama 4's 8192-token chunks, the upper bound), linear
         layers read and write their state (2 x heads x d x d x state bytes) whatever the context.
         Full layers of hybrid models use `full_layer_kv_bytes_per_elem` (arch default: BF16).
@@ -203,7 +203,7 @@ class ModelArch:
                 * self.linear_state_bytes_per_elem)
 
     def attention_flops_per_token(self, context: int) -> float:
-        """QK^T and PV FLOPs to decode one token at `context` (spec section 1).
+        """QK^T and PV FLOPs to decode one token at `context` (report section 4.1).
 
         Linear layers: state update (k^T v, 2*d*d) and readout (q S, 2*d*d) per head,
         4 * heads * d * d per layer, constant in context.
@@ -262,7 +262,7 @@ class ModelArch:
 
 
 # --------------------------------------------------------------------------------------
-# Presets: spec section 7 (the public configs of the models in the report's tables).
+# Presets: the public configs of the models in the report's tables.
 # --------------------------------------------------------------------------------------
 
 def _ids(start: int, stop: int, step: int = 1) -> tuple[int, ...]:
@@ -273,13 +273,13 @@ def _presets() -> dict[str, ModelArch]:
     mla = dict(attention="mla", head_dim=128, q_lora_rank=1536, kv_lora_rank=512,
                qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128)
     p = [
-        # Step-3 (spec step3-model.md): MFA 64 q heads x 256 over one K/V head, share_q 2048;
+        # Step-3 (its released config.json): MFA 64 q heads x 256 over one K/V head, share_q 2048;
         # layers 0-3 and 60 dense 18432; 56 MoE layers 48 x 5120 top-3 + 1 shared 5120.
         ModelArch(name="step3", num_layers=61, hidden_size=7168, vocab_size=128815,
                   attention="mfa", num_q_heads=64, num_kv_heads=1, head_dim=256,
                   share_q_dim=2048, dense_width=18432, moe_layer_ids=_ids(4, 60),
                   num_experts=48, top_k=3, expert_width=5120, num_shared_experts=1,
-                  shared_width=5120, notes="Step-3 config (report section 2, spec)"),
+                  shared_width=5120, notes="Step-3 config (report section 2)"),
         # DeepSeek-V3: MLA (absorbed in decode), layers 0-2 dense, 58 MoE 256 x 2048 top-8 + 1.
         ModelArch(name="deepseek-v3", num_layers=61, hidden_size=7168, vocab_size=129280,
                   num_q_heads=128, num_kv_heads=128, dense_width=18432,

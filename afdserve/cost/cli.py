@@ -112,14 +112,17 @@ def _compare(args: argparse.Namespace, hardware, precision) -> int:
 # ----- output -----
 
 def _clean(obj):
-    """JSON-safe: non-finite floats become null."""
+    """JSON-safe (shared by the cost, simulate and bench CLIs): non-finite floats become null,
+    keys strings, and anything JSON has no type for its str()."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {str(k): _clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_clean(v) for v in obj]
-    return obj
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
 
 
 def _emit(report: dict, as_json: bool, printer) -> int:
@@ -131,6 +134,7 @@ def _emit(report: dict, as_json: bool, printer) -> int:
 
 
 def _console():
+    """A rich console (shared by the cost, simulate and bench CLIs); 120 columns when piped."""
     from rich.console import Console
     return Console(width=None if sys.stdout.isatty() else 120)
 
@@ -159,12 +163,12 @@ def _print_report(r: dict) -> None:
     p, w = r["params"], r["per_token"]
     con.print(f"[bold]{r['model']}[/bold] at context {r['context']}: {p['total'] / 1e9:.1f}B "
               f"parameters, {p['active'] / 1e9:.1f}B active; {_precision_text(r['precision'])}")
-    t = _table("Per decoded token (spec section 1)", ["KV bytes", "attention FLOPs",
+    t = _table("Per decoded token (report section 4.1)", ["KV bytes", "attention FLOPs",
                "linear FLOPs", "FFN FLOPs", "attn FLOPs/KV byte"])
     t.add_row(_g(w["kv_bytes"]), _g(w["attention_flops"]), _g(w["linear_flops"]),
               _g(w["ffn_flops"]), f"{r['arithmetic_intensity']:.1f}")
     con.print(t)
-    t = _table("USD per 1M tokens per chip (spec section 3)",
+    t = _table("USD per 1M tokens per chip (report section 4.2)",
                ["chip", "USD/h", "ridge", "attention", "attn bound", "FFN", "total"])
     for name, c in r["hardware"].items():
         t.add_row(name, f"{c['usd_per_hour']:.2f}", f"{c['ridge']:.0f}",

@@ -1,6 +1,6 @@
 """Accelerator figures for the decoding-cost model (no torch).
 
-The four chips of the Step-3 report (Tables 4 and 5; spec codesign.md section 2) carry the
+The four chips of the Step-3 report (Tables 4 and 5) carry the
 report's own figures and prices. The others carry public vendor datasheet peaks (dense, no
 sparsity) with a rental price that is an *assumption* of this project, overridable with
 `parse_prices` / `with_price` (CLI: `--price NAME=USD_PER_HOUR`).
@@ -40,7 +40,7 @@ class Hardware:
 
     @property
     def peak_flops(self) -> float:
-        """Peak used for costing: FP8 where present, else BF16 (INT8 storage, spec section 2)."""
+        """Peak used for costing: FP8 where present, else BF16 (INT8 storage, report Tables 4-5)."""
         return self.fp8_flops if self.fp8_flops else self.bf16_flops
 
     def flops_for(self, compute: str = "fp8") -> float:
@@ -62,12 +62,12 @@ class Hardware:
 
     @property
     def usd_per_flop(self) -> float:
-        """U_flop = price / (3600 * peak) (spec section 2)."""
+        """U_flop = price / (3600 * peak) (report section 4.2)."""
         return self.usd_per_hour / (3600.0 * self.peak_flops)
 
     @property
     def usd_per_byte(self) -> float:
-        """U_byte = price / (3600 * bandwidth) (spec section 2)."""
+        """U_byte = price / (3600 * bandwidth) (report section 4.2)."""
         return self.usd_per_hour / (3600.0 * self.hbm_bytes_per_s)
 
 

@@ -9,6 +9,7 @@ No prefix caching: a block is owned by at most one request at a time.
 from __future__ import annotations
 
 from collections import deque
+from typing import Sequence
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -17,6 +18,12 @@ class NoFreeBlocksError(RuntimeError):
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def cache_slot(block_table: Sequence[int], position: int, block_size: int) -> int:
+    """Flat KV-cache slot of token ``position``: ``table[pos // bs] * bs + pos % bs`` (the one
+    definition; `AttentionMetadata.build` computes the same for whole contexts as tensors)."""
+    return block_table[position // block_size] * block_size + position % block_size
 
 
 class BlockManager:
@@ -81,9 +88,8 @@ class BlockManager:
         return list(self._tables.get(request_id, ()))
 
     def slot(self, request_id: str, position: int) -> int:
-        """Flat cache slot of token ``position``: ``table[pos // bs] * bs + pos % bs``."""
+        """Flat cache slot of token ``position`` (`cache_slot`), checked against the table."""
         table = self._tables.get(request_id, ())
-        index = position // self.block_size
-        if position < 0 or index >= len(table):
+        if position < 0 or position // self.block_size >= len(table):
             raise IndexError(f"position {position} of {request_id!r} is outside its {len(table)} blocks")
-        return table[index] * self.block_size + position % self.block_size
+        return cache_slot(table, position, self.block_size)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from afdserve.engine.block_manager import cache_slot
 from afdserve.engine.schedule import FFNBackend, LocalFFN, run_idle_layers, run_layers
 from afdserve.model.attention import AttentionMetadata, KVCache
 from afdserve.model.step3 import Step3ForCausalLM
@@ -73,7 +74,7 @@ class ModelRunner:
         for s in step.seqs:
             for p in range(s.start, s.start + len(s.token_ids)):
                 positions.append(p)
-                slots.append(s.block_table[p // bs] * bs + p % bs)
+                slots.append(cache_slot(s.block_table, p, bs))
         return AttentionMetadata.build(
             positions, slots, [len(s.token_ids) for s in step.seqs],
             [s.start + len(s.token_ids) for s in step.seqs], [s.block_table for s in step.seqs], bs,
