@@ -1,6 +1,6 @@
 """Step-3 text-model configuration: a frozen dataclass built from an HF `config.json`.
 
-Field names are the HF config keys (see `shared/spec/step3-model.md`). Both the released
+Field names are the HF config keys of the released Step-3 checkpoint. Both the released
 vision-language form (`model_type: step3_vl`, text fields under `text_config`) and the
 text-only form (`model_type: step3_text`, keys at top level) are accepted; unknown keys are
 ignored. Values discovered at start-up (KV blocks, topology) never live here.
