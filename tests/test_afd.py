@@ -31,7 +31,7 @@ from afdserve.sampling import SamplingParams
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16], [20, 21], [30, 31, 32, 33]]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-TIMEOUT_S = 20.0
+TIMEOUT_S = 8.0
 # 8-bit A->F on the tiny random model, relative to std(logits): max |diff| and rms (docs/afd.md).
 LOGIT_TOLERANCE_8BIT = 0.5
 LOGIT_TOLERANCE_8BIT_RMS = 0.06
@@ -61,7 +61,7 @@ def _tokens(llm: LLM, params: SamplingParams = GREEDY) -> list[list[int]]:
 def _start_ffn_cli(ckpt, topo: str, rank: int, port: int, log) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "afdserve.afd.cli", "worker", "--role", "ffn", "--afd", topo, "--rank", str(rank),
            "--master-addr", "127.0.0.1", "--master-port", str(port), "--model", str(ckpt), "--device", "cpu",
-           "--threads", "1", "--join-timeout", "60"]
+           "--threads", "1", "--join-timeout", "60", "--dtype", "float32"]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
 
 
@@ -76,15 +76,14 @@ class Deployments:
 
     def get(self, topo: str) -> LLM:
         if topo not in self.llms:
-            # 1A1F covers the default spawn start; the others fork from one preloaded server (faster).
-            opts = {"timeout_s": TIMEOUT_S, "threads_per_worker": 1,
-                    "start_method": "spawn" if topo == "1A1F" else "forkserver"}
+            opts = {"timeout_s": TIMEOUT_S, "threads_per_worker": 1}
             if topo == "1A2F":
                 port = free_port()
                 log = open(self.tmp / "ffn.log", "wb")
                 self.remote[topo] = [_start_ffn_cli(self.ckpt, topo, k, port, log) for k in range(2)]
                 opts.update(ffn_remote=True, master_port=port, join_timeout_s=60)
-            self.llms[topo] = LLM(model=str(self.ckpt), device="cpu", afd=topo, micro_batches=3, afd_options=opts,
+            self.llms[topo] = LLM(model=str(self.ckpt), device="cpu", dtype="float32", afd=topo, micro_batches=3,
+                                  afd_options=opts,
                                   num_kv_blocks=64, block_size=4)
         return self.llms[topo]
 
@@ -107,7 +106,7 @@ def deployments(tiny_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tiny_ckpt):
-    with LLM(model=str(tiny_ckpt), device="cpu", num_kv_blocks=64, block_size=4) as llm:
+    with LLM(model=str(tiny_ckpt), device="cpu", dtype="float32", num_kv_blocks=64, block_size=4) as llm:
         return _tokens(llm)
 
 
@@ -266,48 +265,50 @@ def test_8bit_transfer_end_to_end(deployments, reference):
 
 
 # ---------------------------------------------------------------------- faults
-def test_killed_ffn_worker_fails_requests_within_timeout(deployments):
+def test_killed_ffn_worker_is_replaced_and_the_step_replayed(deployments, reference):
     llm = deployments.get("2A1F")
     eng, ex = llm.engine, llm.engine.executor
-    pids = list(ex.pids.values())
-    eng.add_request("long", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
-    eng.step()
-    eng.step()
-    os.kill(ex.pids["FFN worker 0"], signal.SIGKILL)
-    t0 = time.monotonic()
-    outs = []
-    while eng.has_unfinished_requests() and time.monotonic() - t0 < TIMEOUT_S + 5:
-        outs += eng.step()
-    elapsed = time.monotonic() - t0
-    assert elapsed < TIMEOUT_S
-    assert outs and outs[-1].finished and "FFN worker 0" in outs[-1].error
-    assert "FFN worker 0" in eng.health()
-    with pytest.raises(EngineDeadError):
-        eng.add_request("after", PROMPTS[1])
-    llm.close()
-    assert _wait_gone(pids)
+    victim = ex.pids["FFN worker 0"]
+    ids = [f"kill-{i}" for i in range(len(PROMPTS))]
+    for rid, p in zip(ids, PROMPTS):
+        eng.add_request(rid, p, GREEDY)
+    outs = {o.request_id: o for o in eng.step()}
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while eng.has_unfinished_requests() and time.monotonic() < deadline:
+        outs.update({o.request_id: o for o in eng.step()})
+    assert [outs[r].error for r in ids] == [None] * len(ids)
+    assert [outs[r].outputs[0].token_ids for r in ids] == reference
+    assert ex.pids["FFN worker 0"] != victim and ex.replays >= 1 and ex.restarts[("ffn", "exited")] >= 1
+    assert eng.health() is None
 
 
-def test_stalled_ffn_worker_times_out(deployments):
+def test_stalled_remote_ffn_worker_not_replaced_fails_with_a_clear_error(deployments):
+    """A remote FFN worker's rank is re-opened for a replacement; when none joins within the
+    rejoin timeout, requests fail naming the worker and the engine reports it."""
     llm = deployments.get("1A2F")
     eng, ex = llm.engine, llm.engine.executor
     ffn = deployments.remote["1A2F"]
-    ex.timeout_s = 3.0
+    ex.rejoin_timeout_s = 2.0
     os.kill(ffn[1].pid, signal.SIGSTOP)
     try:
         eng.add_request("stall", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
         t0 = time.monotonic()
-        outs = eng.step()
-        elapsed = time.monotonic() - t0
-        assert 2.5 < elapsed < 3.0 + 2.0
-        assert outs and "did not complete within 3 s" in outs[0].error
-        assert "did not complete" in eng.health()
+        outs = []
+        while eng.has_unfinished_requests() and time.monotonic() - t0 < 120:
+            outs += eng.step()
+        # Generous bound (a loaded machine): the attention worker's wait times out after
+        # TIMEOUT_S, then the rank stays open for 2 s.
+        assert time.monotonic() - t0 < TIMEOUT_S + 2.0 + 60
+        assert outs and outs[-1].finished
+        assert "ffn worker 1 (rank 2) did not join within 2 s" in outs[-1].error
+        assert "ffn worker 1" in eng.health()
         pids = list(ex.pids.values())
         llm.close()
         assert _wait_gone(pids)
     finally:
         os.kill(ffn[1].pid, signal.SIGKILL)
-    assert ffn[0].wait(15) is not None      # the other FFN worker leaves once its peers are gone
+    assert ffn[0].wait(30) is not None      # the other FFN worker leaves once the deployment is gone
 
 
 def test_mismatched_checkpoint_is_refused(tiny_ckpt, tmp_path):
@@ -318,7 +319,7 @@ def test_mismatched_checkpoint_is_refused(tiny_ckpt, tmp_path):
         try:
             with pytest.raises(ExecutorError, match="different checkpoint or config"):
                 AFDExecutor(tiny_ckpt, Step3Config.from_file(tiny_ckpt), "1A1F", device="cpu", ffn_remote=True,
-                            master_port=port, join_timeout_s=60, threads_per_worker=1, start_method="forkserver")
+                            master_port=port, join_timeout_s=60, threads_per_worker=1)
             assert ffn.wait(30) == 2
         finally:
             if ffn.poll() is None:

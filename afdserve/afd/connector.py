@@ -118,7 +118,16 @@ class TorchP2PConnector:
         self.dtype, self.device = dtype, torch.device(device)
         self.f2a_dtype = f2a_dtype or dtype
         self.latency_s = link_latency_ms / 1000.0
+        self.pg = None
+        """The process group to use (`rendezvous.make_group`); None: torch.distributed's default group.
+        Replaced when the deployment forms its group again after losing a worker."""
         self.set_a2f(a2f)
+
+    def _isend(self, t: torch.Tensor, dst: int, tag: int) -> Pending:
+        return self.pg.send([t], dst, tag) if self.pg is not None else dist.isend(t, dst, tag=tag)
+
+    def _irecv(self, t: torch.Tensor, src: int, tag: int) -> Pending:
+        return self.pg.recv([t], src, tag) if self.pg is not None else dist.irecv(t, src, tag=tag)
 
     def set_a2f(self, a2f: str) -> None:
         """A->F encoding of the messages this side sends: 'model' (model dtype) or '8bit'."""
@@ -154,8 +163,8 @@ class TorchP2PConnector:
     def send_ffn_input(self, dst: int, enc: Encoded) -> list[Pending]:
         """Start sending an encoded micro-batch to global rank `dst`; returns the send handles."""
         mb = int(enc.header[2])
-        works = [dist.isend(enc.header, dst, tag=_tag(mb, SLOT_HEADER))]
-        works += [dist.isend(t, dst, tag=_tag(mb, slot)) for slot, t in enc.payload]
+        works = [self._isend(enc.header, dst, _tag(mb, SLOT_HEADER))]
+        works += [self._isend(t, dst, _tag(mb, slot)) for slot, t in enc.payload]
         return works
 
     def recv_ffn_output(self, src: int, micro_batch: int, num_tokens: int) -> tuple[Pending | None, torch.Tensor]:
@@ -163,16 +172,16 @@ class TorchP2PConnector:
         buf = torch.empty(num_tokens, self.hidden, dtype=self.f2a_dtype, device=self.device)
         if num_tokens == 0:
             return None, buf
-        return dist.irecv(buf, src, tag=_tag(micro_batch, SLOT_Y)), buf
+        return self._irecv(buf, src, _tag(micro_batch, SLOT_Y)), buf
 
     def send_stop(self, dst: int) -> Pending:
         header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.device)
         header[0] = KIND_STOP
-        return dist.isend(header, dst, tag=_tag(0, SLOT_HEADER))
+        return self._isend(header, dst, _tag(0, SLOT_HEADER))
 
     def recv_trace(self, src: int, n: int) -> tuple[Pending, torch.Tensor]:
         buf = torch.empty(n, dtype=torch.float32, device=self.device)
-        return dist.irecv(buf, src, tag=TRACE_TAG), buf
+        return self._irecv(buf, src, TRACE_TAG), buf
 
     # ------------------------------------------------------------------ FFN side
     # gloo matches a send with a receive by a rendezvous: a send whose receive is not posted yet
@@ -183,7 +192,7 @@ class TorchP2PConnector:
     def recv_ffn_input(self, src: int, micro_batch: int) -> FFNMessage:
         """Blocking receive of one attention worker's micro-batch (header, then payload), decoded."""
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-        dist.recv(header, src, tag=_tag(micro_batch, SLOT_HEADER))
+        self._irecv(header, src, _tag(micro_batch, SLOT_HEADER)).wait()
         kind, layer, mb, T, sent_us, enc, k, m = header.tolist()
         if kind == KIND_STOP:
             return FFNMessage(-1, micro_batch, 0, stop=True)
@@ -191,28 +200,30 @@ class TorchP2PConnector:
         if T == 0:
             return msg
         x, meta = self._payload_buffers(T, enc, k)
-        dist.recv(x, src, tag=_tag(mb, SLOT_X))
+        self._irecv(x, src, _tag(mb, SLOT_X)).wait()
         if meta is not None:
-            dist.recv(meta, src, tag=_tag(mb, SLOT_META))
+            self._irecv(meta, src, _tag(mb, SLOT_META)).wait()
         return self._decoded(msg, x, meta, enc, k)
 
     def post_ffn_input(self, src: int, layer: int, micro_batch: int, num_tokens: int, encoding: int,
                        top_k: int) -> "PostedInput":
         """Post the receives of a micro-batch whose sizes are known (header and payload at once)."""
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-        works = [dist.irecv(header, src, tag=_tag(micro_batch, SLOT_HEADER))]
+        works = [self._irecv(header, src, _tag(micro_batch, SLOT_HEADER))]
         x = meta = None
         if num_tokens:
             x, meta = self._payload_buffers(num_tokens, encoding, top_k)
-            works.append(dist.irecv(x, src, tag=_tag(micro_batch, SLOT_X)))
+            works.append(self._irecv(x, src, _tag(micro_batch, SLOT_X)))
             if meta is not None:
-                works.append(dist.irecv(meta, src, tag=_tag(micro_batch, SLOT_META)))
+                works.append(self._irecv(meta, src, _tag(micro_batch, SLOT_META)))
         return PostedInput(src, (KIND_DATA, layer, micro_batch, num_tokens, encoding, top_k), header, x, meta, works)
 
     def wait_ffn_input(self, posted: "PostedInput") -> FFNMessage:
         """Complete posted receives; the header must be the one the sizes were posted for."""
         posted.works[0].wait()
         kind, layer, mb, T, sent_us, enc, k, m = posted.header.tolist()
+        if kind == KIND_STOP:
+            return FFNMessage(-1, mb, 0, stop=True)
         if (kind, layer, mb, T, enc, k) != posted.expected:
             raise RuntimeError(f"protocol error: attention rank {posted.src} sent (kind, layer, micro-batch, "
                                f"tokens, encoding, top-k) = {(kind, layer, mb, T, enc, k)}, expected "
@@ -243,7 +254,7 @@ class TorchP2PConnector:
                 time.sleep(delay)
 
     def send_ffn_output(self, dst: int, micro_batch: int, y: torch.Tensor) -> Pending:
-        return dist.isend(y.to(self.f2a_dtype).contiguous(), dst, tag=_tag(micro_batch, SLOT_Y))
+        return self._isend(y.to(self.f2a_dtype).contiguous(), dst, _tag(micro_batch, SLOT_Y))
 
     def send_trace(self, dst: int, values: torch.Tensor) -> Pending:
-        return dist.isend(values.float().contiguous(), dst, tag=TRACE_TAG)
+        return self._isend(values.float().contiguous(), dst, TRACE_TAG)

@@ -1,30 +1,56 @@
 """AFDExecutor: the engine's executor for Attention-FFN Disaggregation.
 
-The engine process starts x attention workers (and, unless the FFN role is remote, y FFN workers)
-as local processes (spawn), talks to each attention worker over a pipe (`Step` -> `StepDone`),
-and never touches tensors itself, so it stays responsive. Attention and FFN workers exchange
-hidden states directly (`connector.py`). Failures (a worker that exits, an error, or no answer
-within `timeout_s`) raise ExecutorError, are reported by `health()`, and stop all local workers.
+The engine process hosts the rendezvous store (`rendezvous.py`), starts x attention workers (and,
+unless the FFN role is remote, y FFN workers) as fresh interpreters of `afdserve worker`
+(`python -m afdserve.afd.cli worker ... --control-fd FD`: nothing of the caller's main module is
+imported, so scripts without a main guard, `python -c`, the REPL and notebooks all work), talks to
+each attention worker over its control channel (`Step` -> `StepDone`), and never touches tensors
+itself, so it stays responsive.
+
+Supervision (a monitor thread, idle or busy): local workers' processes (exited, or stopped as by
+SIGSTOP) and every worker's heartbeat counter in the store (one that stops moving for
+`stale_s` counts as stalled). `health()` names the lost worker at once.
+
+Recovery:
+* FFN worker lost: a local one is killed (if still there) and started again; a remote one's
+  rank is re-opened for `afdserve worker --role ffn --rank k` to rejoin within
+  `rejoin_timeout_s`. The process group is formed again (next generation: every rank drops the
+  old group and joins the new one; attention workers keep their KV caches) and the interrupted
+  step is replayed (it rewrites the same KV slots with the same values and samples the same
+  tokens), so requests finish with exactly the tokens of an undisturbed run.
+* Attention worker lost: it is started again (empty KV cache) and the step is replayed on the
+  others; `take_lost_workers()` tells the engine which workers' requests must be recomputed (or,
+  with one attention worker, failed).
+* Bounded: a worker that fails to start `max_start_attempts` times in a row, or a step that
+  fails `max_replays` + 1 times in a row, ends in ExecutorError (reported by `health()`), after
+  which all local workers are stopped.
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing.connection as mpc
 import os
+import signal
 import socket
+import subprocess
 import sys
+import threading
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch.multiprocessing as tmp
-
+from afdserve.afd import rendezvous as rdv
 from afdserve.afd.topology import parse_topology
 from afdserve.afd.trace import TraceLog
-from afdserve.afd.worker import (Failed, HandshakeError, Ready, Step, StepDone, Stop, WorkerSpec,
-                                 attention_worker_main, ffn_worker_main)
+from afdserve.afd.worker import Failed, Ready, Reform, Step, StepDone, Stop, WorkerSpec
 from afdserve.config import Step3Config
 from afdserve.engine.executor import CacheConfig, ExecutorError, default_device
 from afdserve.engine.runner import StepInput
 from afdserve.sampling import Sample
+
+log = logging.getLogger("afdserve.afd")
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -40,21 +66,6 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _ffn_child(spec: WorkerSpec, index: int, parent_pid: int) -> None:
-    """Local FFN worker process: errors end it quietly (attention worker 0 reports them)."""
-    try:
-        code = ffn_worker_main(spec, index, parent_pid)
-    except HandshakeError as exc:
-        print(f"afdserve FFN worker {index}: {exc}", file=sys.stderr)
-        code = 1
-    except Exception as exc:
-        print(f"afdserve FFN worker {index}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-              file=sys.stderr)
-        code = 1
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def _process_state(pid: int) -> str | None:
     """'T' for a stopped process (Linux /proc), else the state letter or None."""
     try:
@@ -62,6 +73,54 @@ def _process_state(pid: int) -> str | None:
             return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
+
+
+@dataclass
+class LocalWorker:
+    """A worker process this engine started: `afdserve worker --control-fd` with its channel."""
+
+    name: str
+    role: str
+    index: int
+    rank: int
+    proc: subprocess.Popen
+    conn: mpc.Connection
+
+    def fault(self) -> str | None:
+        code = self.proc.poll()
+        if code is not None:
+            return f"{self.name} (pid {self.proc.pid}) exited with code {code}"
+        if _process_state(self.proc.pid) in ("T", "t"):
+            return f"{self.name} (pid {self.proc.pid}) is stopped"
+        return None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()          # SIGKILL also ends a SIGSTOPped worker
+        try:
+            self.proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            pass
+        self.conn.close()
+
+
+def launch_worker(spec: WorkerSpec, role: str, index: int) -> LocalWorker:
+    """Start `python -m afdserve.afd.cli worker --role R --rank I --control-fd FD` and send it its spec."""
+    ours, theirs = socket.socketpair()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "afdserve.afd.cli", "worker", "--role", role, "--rank", str(index),
+           "--control-fd", str(theirs.fileno())]
+    try:
+        proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
+    finally:
+        theirs.close()
+    conn = mpc.Connection(ours.detach())
+    conn.send(spec)
+    topo = spec.topology
+    rank = topo.attention_rank(index) if role == "attention" else topo.ffn_rank(index)
+    name = f"{'attention' if role == 'attention' else 'FFN'} worker {index}"
+    return LocalWorker(name, role, index, rank, proc, conn)
 
 
 class AFDExecutor:
@@ -72,8 +131,9 @@ class AFDExecutor:
                  timeout_s: float = 30.0, a2f: str = "model", f2a_dtype: str | None = None,
                  link_latency_ms: float = 0.0, ffn_remote: bool = False, master_addr: str = "127.0.0.1",
                  master_port: int | None = None, join_timeout_s: float = 120.0, threads_per_worker: int | None = None,
-                 trace_file: str | None = None, trace_keep: int = 256, start_method: str = "spawn"):
-        self.topology = parse_topology(topology)
+                 trace_file: str | None = None, trace_keep: int = 256, rejoin_timeout_s: float | None = None,
+                 max_start_attempts: int = 3, max_replays: int = 3, quantization: str | None = None):
+        self.topology = topo = parse_topology(topology)
         if micro_batches < 1:
             raise ValueError("micro_batches must be >= 1")
         if timeout_s <= 0:
@@ -81,54 +141,93 @@ class AFDExecutor:
         if a2f not in ("model", "8bit"):
             raise ValueError(f"a2f must be 'model' or '8bit', not {a2f!r}")
         self.timeout_s, self.micro_batches = float(timeout_s), micro_batches
+        self.join_timeout_s = join_timeout_s
+        self.rejoin_timeout_s = join_timeout_s if rejoin_timeout_s is None else rejoin_timeout_s
+        self.max_start_attempts, self.max_replays = max_start_attempts, max_replays
+        self.ffn_remote = ffn_remote
         self._error: str | None = None
         self._closed = False
         self._next_m: int | None = None
         self._next_a2f: str | None = None
         self.traces = TraceLog(trace_keep, trace_file or os.environ.get("AFD_TRACE_FILE"))
-        topo = self.topology
+        self.restarts: Counter = Counter()
+        """(role, reason) -> workers started again or rejoined (reason: exited, stopped, stalled, ...)."""
+        self.replays = 0
+        """Steps run again after the process group was re-formed."""
+        self._lost: dict[int, str] = {}
+        self._init_state()
         local = topo.num_attention + (0 if ffn_remote else topo.num_ffn)
+        port = master_port or free_port(master_addr if master_addr != "0.0.0.0" else "127.0.0.1")
+        hb = min(0.5, self.timeout_s / 10)
         self.spec = WorkerSpec(
-            topo, str(model_dir), dtype, device or default_device(), master_addr,
-            master_port or free_port(master_addr if master_addr != "0.0.0.0" else "127.0.0.1"),
-            join_timeout_s, self.timeout_s, threads_per_worker or max(1, available_cores() // local), cache,
-            {"micro_batches": micro_batches, "a2f": a2f, "f2a_dtype": f2a_dtype, "link_latency_ms": link_latency_ms})
-        self._pipes: list = []
-        self._procs: list[tuple[str, tmp.Process]] = []
+            topo, str(model_dir), dtype, device or default_device(), master_addr, port, join_timeout_s,
+            self.timeout_s, threads_per_worker or max(1, available_cores() // local), cache,
+            {"micro_batches": micro_batches, "a2f": a2f, "f2a_dtype": f2a_dtype, "link_latency_ms": link_latency_ms},
+            heartbeat_s=hb, quantization=quantization)
+        self.stale_s = max(3 * hb, 0.6 * self.timeout_s)
+        self.traces.meta.update(kind="afd", topology=str(topo), attention_workers=topo.num_attention,
+                                ffn_workers=topo.num_ffn, model_dir=str(model_dir), dtype=dtype,
+                                threads=self.spec.threads, micro_batches=micro_batches, shared_clock=not ffn_remote)
         try:
-            self._start(ffn_remote, start_method)
-            readies = self._gather(Ready, join_timeout_s + 60.0 + self.timeout_s, "start-up")
+            self._store = rdv.host_store(master_addr, port, join_timeout_s)
+            self._monitor_store = rdv.connect_store(master_addr, port, join_timeout_s, "the engine's monitor")
+        except Exception as exc:
+            raise ExecutorError(f"cannot host the AFD rendezvous on {master_addr}:{port}: {exc}") from None
+        rdv.announce_generation(self._store, 0)
+        try:
+            self._start()
         except ExecutorError:
             self.close()
             raise
-        self.num_kv_blocks = min(r.num_kv_blocks for r in readies)
+        threading.Thread(target=self._watch, daemon=True, name="afd-monitor").start()
+
+    def _init_state(self) -> None:
+        self.gen = 0
+        self.workers: dict[str, LocalWorker] = {}
+        self._lock = threading.RLock()           # held by a step or a recovery
+        self._state = threading.Lock()           # guards the fields health() reads
+        self._noted: dict[str, str] = {}
+        self._recovering: str | None = None
+        self._failed_starts: Counter = Counter()
+        self._beats: dict[int, tuple[int, float | None]] = {}
+        self._fresh: set[str] = set()
+        self._hello_pids: dict[int, int] = {}
+        self._stop_watch = threading.Event()
 
     @property
     def num_workers(self) -> int:
         return self.topology.num_attention
 
-    def _start(self, ffn_remote: bool, start_method: str) -> None:
-        # spawn: each worker imports torch afresh (seconds on a busy machine). forkserver: one
-        # server process imports it once and forks workers from that clean state (no threads).
-        if start_method not in ("spawn", "forkserver"):
-            raise ValueError(f"start_method must be 'spawn' or 'forkserver', not {start_method!r}")
-        ctx = tmp.get_context(start_method)
-        if start_method == "forkserver":
-            ctx.set_forkserver_preload(["afdserve.afd.worker"])
-        me = os.getpid()
-        for i in range(self.topology.num_attention):
-            parent_end, child_end = ctx.Pipe()
-            p = ctx.Process(target=attention_worker_main, args=(self.spec, i, child_end, me), daemon=True,
-                            name=f"afd-attention-{i}")
-            p.start()
-            child_end.close()
-            self._pipes.append(parent_end)
-            self._procs.append((f"attention worker {i}", p))
-        if not ffn_remote:
-            for k in range(self.topology.num_ffn):
-                p = ctx.Process(target=_ffn_child, args=(self.spec, k, me), daemon=True, name=f"afd-ffn-{k}")
-                p.start()
-                self._procs.append((f"FFN worker {k}", p))
+    def _start(self) -> None:
+        topo = self.topology
+        for i in range(topo.num_attention):
+            self._add(launch_worker(self.spec, "attention", i))
+        if not self.ffn_remote:
+            for k in range(topo.num_ffn):
+                self._add(launch_worker(self.spec, "ffn", k))
+        readies = self._form(self.join_timeout_s, "start-up")
+        self.num_kv_blocks = min(r.num_kv_blocks for r in readies)
+
+    def _add(self, w: LocalWorker) -> None:
+        self.workers[w.name] = w
+        self._fresh.add(w.name)          # joins the current generation by itself: no Reform for it
+        self._forget(w.name, w.rank)
+
+    def _forget(self, name: str, rank: int, starting: bool = True) -> None:
+        """A worker replaced, its rank re-opened, or seen in a new group: no fault; its heartbeat
+        is judged from now on, or, for a process still starting, from its first beat on."""
+        count = self._beats.get(rank, (0, None))[0]
+        try:
+            count = self._monitor_store.add(rdv.heartbeat_key(rank), 0)
+        except Exception:
+            pass
+        self._beats[rank] = (count, None if starting else time.monotonic())
+        with self._state:
+            self._noted.pop(name, None)
+
+    @property
+    def _attention(self) -> list[LocalWorker]:
+        return [self.workers[f"attention worker {i}"] for i in range(self.topology.num_attention)]
 
     # ------------------------------------------------------------------ serving
     def set_micro_batches(self, m: int) -> None:
@@ -144,74 +243,262 @@ class AFDExecutor:
         self._next_a2f = a2f
 
     def execute(self, steps: list[StepInput]) -> list[dict[str, Sample]]:
-        if self._error:
-            raise ExecutorError(self._error)
         if len(steps) != self.num_workers:
             raise ValueError(f"expected {self.num_workers} step inputs (one per attention worker), got {len(steps)}")
-        for i, (pipe, s) in enumerate(zip(self._pipes, steps)):
+        with self._lock:
+            steps = list(steps)
+            for attempt in range(self.max_replays + 1):
+                if self._error:
+                    raise ExecutorError(self._error)
+                done, problem = self._run_step(steps)
+                if problem is None:
+                    self._next_m = self._next_a2f = None
+                    self.traces.add([d.trace for d in done])
+                    return [d.samples for d in done]
+                lost = self._recover(problem)
+                for i in lost:                   # its requests go back to the engine: replay without them
+                    steps[i] = StepInput([])
+                self.replays += 1
+                log.warning("AFD: replaying the interrupted step (replay %d of this step): %s", attempt + 1, problem)
+            self._fail(f"AFD step failed {self.max_replays + 1} times in a row; last: {problem}")
+
+    def take_lost_workers(self) -> dict[int, str]:
+        """Attention workers restarted since the last call (index -> reason): the engine must
+        recompute (or fail) the requests they held; their results in the last step are empty."""
+        lost, self._lost = self._lost, {}
+        return lost
+
+    def _run_step(self, steps: list[StepInput]) -> tuple[list, str | None]:
+        for w, s in zip(self._attention, steps):
             try:
-                pipe.send(Step(s, self._next_m, self._next_a2f))
+                w.conn.send(Step(s, self._next_m, self._next_a2f))
             except (OSError, ValueError):
-                self._fail(f"attention worker {i} is gone (pipe closed)")
-        self._next_m = self._next_a2f = None
-        done = self._gather(StepDone, self.timeout_s, "step")
-        self.traces.add([d.trace for d in done])
-        return [d.samples for d in done]
+                pass                 # its death is found by _collect
+        return self._collect(StepDone, self.timeout_s * 2 + 5.0, "step")
 
-    def _gather(self, kind: type, timeout_s: float, what: str) -> list:
-        """One `kind` message from every attention worker within timeout_s, else ExecutorError."""
+    def _collect(self, kind: type, timeout_s: float, what: str) -> tuple[list, str | None]:
+        """One answer from every attention worker; (answers, None) when all are `kind`, else
+        (answers, the problem) once every live worker has answered (so no late answer is taken
+        for the next request's) or the deadline passed (the silent ones count as lost)."""
         deadline = time.monotonic() + timeout_s
-        out: list = [None] * len(self._pipes)
-        pending = dict(enumerate(self._pipes))
-        while pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                late = ", ".join(f"attention worker {i}" for i in pending)
-                self._fail(f"AFD {what} did not complete within {timeout_s:g} s: no answer from {late}"
-                           f"{self._process_report(' (', ')')}")
-            for conn in mpc.wait(list(pending.values()), timeout=min(remaining, 0.1)):
-                i = next(k for k, c in pending.items() if c is conn)
+        out: list = [None] * self.num_workers
+        pending = {w.conn: i for i, w in enumerate(self._attention)}
+        problems: list[str] = []
+        while pending and time.monotonic() < deadline:
+            for conn in mpc.wait(list(pending), timeout=min(0.1, max(0.0, deadline - time.monotonic()))):
+                i = pending.pop(conn)
                 try:
-                    msg = conn.recv()
+                    out[i] = conn.recv()
                 except (EOFError, OSError):
-                    self._fail(f"attention worker {i} exited during {what}{self._process_report('; ', '')}")
-                if isinstance(msg, Failed):
-                    # A peer's death usually reaches the attention worker as a transport error
-                    # before its exit is visible here: give it a moment, so the message names it.
-                    self._await_death(1.0)
-                    self._fail(self._process_report("", "; ", dead_only=True) + msg.message)
-                out[i] = msg
-                del pending[i]
-            if pending and self._dead():
-                self._fail(f"AFD worker died during {what}: {self._process_report('', '', dead_only=True)}")
-        return out
+                    out[i] = Failed(f"attention worker {i} exited during {what}")
+                if isinstance(out[i], Failed):
+                    problems.append(out[i].message)
+            faults = self._scan()
+            for conn, i in list(pending.items()):
+                if self._attention[i].proc.poll() is not None:
+                    del pending[conn]
+            for name, fault in faults.items():          # end a stopped local worker now: its peers'
+                w = self.workers.get(name)              # waits fail at once instead of timing out
+                if w is not None and "stopped" in fault:
+                    w.proc.kill()
+        for i in pending.values():
+            self._note(f"attention worker {i}", f"attention worker {i} did not answer within {timeout_s:g} s")
+        if not problems and not pending and all(isinstance(o, kind) for o in out):
+            return out, None
+        faults = self._scan()
+        return out, "; ".join(list(faults.values()) + problems) or f"AFD {what} failed"
 
-    def _await_death(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self._dead() and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-    def _dead(self) -> list[str]:
-        return [f"{name} (pid {p.pid}) exited with code {p.exitcode}" for name, p in self._procs
-                if not p.is_alive()]
-
-    def _process_report(self, prefix: str, suffix: str, dead_only: bool = False) -> str:
-        parts = self._dead()
-        if not dead_only:
-            parts += [f"{name} (pid {p.pid}) is stopped" for name, p in self._procs
-                      if p.is_alive() and _process_state(p.pid) == "T"]
-        return f"{prefix}{'; '.join(parts)}{suffix}" if parts else ""
+    def _note(self, name: str, reason: str) -> None:
+        with self._state:
+            self._noted.setdefault(name, reason)
 
     def _fail(self, message: str):
         self._error = message
+        log.error("AFD: %s", message)
         self._terminate()
         raise ExecutorError(message)
 
+    # ------------------------------------------------------------------ recovery
+    def _recover(self, problem: str) -> list[int]:
+        """Replace lost workers, re-form the group; the attention workers started again."""
+        if self._closed:
+            self._fail("the executor is closed")
+        self._await_exits(1.0)
+        faults = self._scan()
+        with self._state:
+            self._recovering = problem
+        try:
+            lost = self._replace(faults)
+            self._next_generation()
+            readies = self._form(self.rejoin_timeout_s, "re-formation")
+            self.num_kv_blocks = min(self.num_kv_blocks, *(r.num_kv_blocks for r in readies))
+        finally:
+            with self._state:
+                self._recovering = None
+        return lost
+
+    def _await_exits(self, timeout_s: float) -> None:
+        """A peer's death usually reaches the attention worker as a transport error before its
+        exit is visible here: give it a moment, so the right worker is replaced and named."""
+        deadline = time.monotonic() + timeout_s
+        while not self._scan() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def _replace(self, faults: dict[str, str]) -> list[int]:
+        lost = []
+        for name, reason in faults.items():
+            role = "attention" if name.startswith("attention") else "ffn"
+            kind = "exited" if "exited" in reason else "stopped" if "stopped" in reason else "stalled"
+            self.restarts[(role, kind)] += 1
+            w = self.workers.get(name)
+            if w is None:            # remote FFN worker: its rank is re-opened for a new process
+                self._forget(name, self.topology.ffn_rank(int(name.rsplit(" ", 1)[1])))
+                log.warning("AFD: %s; waiting up to %g s for `afdserve worker --role ffn --rank %s` to rejoin",
+                            reason, self.rejoin_timeout_s, name.rsplit(" ", 1)[1])
+                continue
+            log.warning("AFD: %s; starting it again", reason)
+            w.kill()
+            self._add(launch_worker(self.spec, w.role, w.index))
+            if role == "attention":
+                lost.append(w.index)
+                self._lost[w.index] = reason
+        return lost
+
+    def _next_generation(self) -> None:
+        self.gen += 1
+        rdv.announce_generation(self._store, self.gen)
+        for w in self._attention:
+            if w.name in self._fresh:
+                continue
+            try:
+                w.conn.send(Reform(self.gen))
+            except (OSError, ValueError):
+                pass
+
+    def _form(self, join_s: float, what: str) -> list[Ready]:
+        """Judge the current generation's hellos, due within `join_s` (restarting local workers
+        that die meanwhile), publish the verdict, and gather every attention worker's Ready
+        (loading the model may take another minute)."""
+        deadline = time.monotonic() + join_s
+        while (dead := self._await_hellos(deadline, join_s)) is not None:
+            # Everyone who already said hello moves to the next generation with the new process.
+            rdv.publish_verdict(self._store, self.gen, rdv.RETRY)
+            self.gen += 1
+            rdv.announce_generation(self._store, self.gen)
+            self._restart_failed_start(*dead)
+        verdict = rdv.judge(self._store, self.gen, self.topology)
+        rdv.publish_verdict(self._store, self.gen, verdict)
+        if verdict != "ok":
+            self._fail(verdict)
+        readies, problem = self._collect(Ready, 60.0 + self.timeout_s, what)
+        if problem:
+            self._fail(problem)
+        self._formed()
+        return readies
+
+    def _await_hellos(self, deadline: float, join_s: float) -> tuple[LocalWorker, int] | None:
+        """None once every rank said hello; a local worker that exited meanwhile and its exit
+        code; ExecutorError naming who did not join by the deadline."""
+        topo = self.topology
+        keys = rdv.hello_keys(self.gen, range(topo.world_size))
+        while not self._store.check(keys):
+            for w in list(self.workers.values()):
+                code = w.proc.poll()
+                if code is not None:
+                    return w, code
+            if time.monotonic() > deadline:
+                missing = [f"{rdv.describe(*topo.role_of(r))} (rank {r})" for r, k in enumerate(keys)
+                           if not self._store.check([k])]
+                self._fail(f"{', '.join(missing)} did not join within {join_s:g} s (rendezvous "
+                           f"{self.spec.master_addr}:{self.spec.master_port})")
+            time.sleep(0.05)
+        return None
+
+    def _formed(self) -> None:
+        """The group of this generation stands: every worker said hello in it, so none is lost;
+        count remote workers that rejoined as new processes."""
+        for rank in range(self.topology.world_size):
+            hello = rdv.read_hello(self._store, self.gen, rank)
+            old = self._hello_pids.get(rank)
+            local = any(w.rank == rank for w in self.workers.values())
+            if old is not None and old != hello["pid"] and not local:
+                self.restarts[("ffn", "rejoined")] += 1
+                log.warning("AFD: ffn worker %s rejoined (pid %s on %s)", hello["index"], hello["pid"], hello["host"])
+            self._hello_pids[rank] = hello["pid"]
+            self._forget(rdv.describe(*self.topology.role_of(rank)).replace("ffn", "FFN"), rank, starting=False)
+        self._failed_starts.clear()
+        self._fresh.clear()
+
+    def _restart_failed_start(self, w: LocalWorker, code: int) -> None:
+        self._failed_starts[w.name] += 1
+        n = self._failed_starts[w.name]
+        reason = f"{w.name} (pid {w.proc.pid}) exited with code {code} during start-up"
+        if n >= self.max_start_attempts:
+            self._fail(f"{reason}; it failed to start {n} times in a row, giving up (see its error output)")
+        log.warning("AFD: %s; starting it again (attempt %d of %d)", reason, n + 1, self.max_start_attempts)
+        self.restarts[(w.role, "failed start")] += 1
+        w.kill()
+        self._add(launch_worker(self.spec, w.role, w.index))
+
+    # ------------------------------------------------------------------ liveness
+    def _scan(self) -> dict[str, str]:
+        """Lost workers: local processes that exited or are stopped, heartbeats that stalled. A
+        worker's first reason sticks until it is replaced (killing a stopped one keeps "stopped")."""
+        found = {w.name: f for w in self.workers.values() if (f := w.fault())}
+        now, topo = time.monotonic(), self.topology
+        for rank in range(topo.world_size):
+            name = rdv.describe(*topo.role_of(rank)).replace("ffn", "FFN")
+            try:
+                count = self._monitor_store.add(rdv.heartbeat_key(rank), 0)
+            except Exception:
+                break
+            last_count, since = self._beats.get(rank, (0, None))
+            if count != last_count:
+                self._beats[rank] = (count, now)
+            elif since is not None and now - since > self.stale_s and name not in found:
+                found[name] = f"{name} (rank {rank}) sent no heartbeat for {now - since:.1f} s (stalled)"
+        with self._state:
+            for name, reason in found.items():
+                self._noted.setdefault(name, reason)
+            return dict(self._noted)
+
+    def _watch(self) -> None:
+        """Monitor thread: keeps health() current and recovers lost workers while idle."""
+        while not self._stop_watch.wait(self.spec.heartbeat_s):
+            if self._closed or self._error:
+                return
+            faults = self._scan_quietly()
+            if not faults or not self._lock.acquire(blocking=False):
+                continue
+            try:
+                if not self._closed and not self._error and self._scan_quietly():
+                    self._recover("while idle: " + "; ".join(faults.values()))
+            except ExecutorError:
+                pass                                  # recorded in self._error, reported by health()
+            finally:
+                self._lock.release()
+
+    def _scan_quietly(self) -> dict[str, str]:
+        try:
+            return self._scan()
+        except Exception:
+            return {}
+
     # ------------------------------------------------------------------ status
     def health(self) -> str | None:
-        if self._error is None and not self._closed and self._dead():
-            self._error = "AFD worker died: " + "; ".join(self._dead())
-        return self._error
+        """None when serving; else the failure, or the lost worker and the recovery under way."""
+        if self._error:
+            return self._error
+        with self._state:
+            if self._recovering:
+                return f"AFD recovering: {self._recovering}"
+            if self._noted:
+                return "AFD worker lost: " + "; ".join(self._noted.values())
+        return None
+
+    def recovery_stats(self) -> dict:
+        """Counts for /metrics: restarts by (role, reason), replayed steps."""
+        return {"restarts": dict(self.restarts), "replays": self.replays}
 
     def trace(self, n: int | None = None) -> list[dict]:
         """The most recent steps' per-layer, per-micro-batch timings (JSON-serialisable)."""
@@ -222,34 +509,40 @@ class AFDExecutor:
 
     @property
     def pids(self) -> dict[str, int]:
-        return {name: p.pid for name, p in self._procs}
+        return {name: w.proc.pid for name, w in self.workers.items()}
 
     # ------------------------------------------------------------------ shutdown
     def close(self) -> None:
-        """Stop the workers: a stop message first, then terminate and kill past a deadline."""
+        """Stop the workers: a stop message first, then SIGKILL past a deadline; close the store."""
         if self._closed:
             return
         self._closed = True
-        if self._error is None:
-            for pipe in self._pipes:
-                try:
-                    pipe.send(Stop())
-                except (OSError, ValueError):
-                    pass
-            deadline = time.monotonic() + 5.0
-            for _, p in self._procs:
-                p.join(max(0.0, deadline - time.monotonic()))
+        self.traces.close()                  # the Chrome trace file gets the last steps
+        self._stop_watch.set()
+        if self._error is None and self._lock.acquire(timeout=5.0):
+            try:
+                for w in self._attention:
+                    try:
+                        w.conn.send(Stop())
+                    except (OSError, ValueError):
+                        pass
+                deadline = time.monotonic() + 5.0
+                for w in self._attention:
+                    try:
+                        w.proc.wait(max(0.0, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        pass
+            finally:
+                self._lock.release()
         self._terminate()
+        self._store = self._monitor_store = None
 
     def _terminate(self) -> None:
-        for _, p in self._procs:
-            if p.is_alive():
-                p.kill()     # SIGKILL also ends a SIGSTOPped worker
-        deadline = time.monotonic() + 5.0
-        for _, p in self._procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for pipe in self._pipes:
-            pipe.close()
+        for w in self.workers.values():
+            if w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGKILL)
+        for w in self.workers.values():
+            w.kill()
 
     def __del__(self):
         try:

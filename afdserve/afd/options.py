@@ -11,7 +11,8 @@ def add_afd_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--micro-batches", type=int, default=3, metavar="M",
                    help="micro-batches pipelined per step in AFD mode (default 3)")
     g.add_argument("--afd-timeout", type=float, default=30.0, metavar="S",
-                   help="a step that takes longer fails with an error naming the stalled worker (default 30)")
+                   help="a worker that stops answering for this long counts as lost (/health names it; an FFN "
+                        "worker is replaced and the step replayed) (default 30)")
     g.add_argument("--afd-transfer", choices=("model", "8bit"), default="model",
                    help="A->F activation precision: the model dtype, or 8-bit (FP8 e4m3, int8 fallback) "
                         "with per-token scales (default model)")
@@ -26,6 +27,9 @@ def add_afd_arguments(parser: argparse.ArgumentParser) -> None:
                    help="rendezvous port (default: a free port; set it with --ffn-remote)")
     g.add_argument("--afd-join-timeout", type=float, default=120.0, metavar="S",
                    help="how long start-up waits for every worker to join (default 120)")
+    g.add_argument("--afd-rejoin-timeout", type=float, default=None, metavar="S",
+                   help="after losing a remote FFN worker, how long to wait for its replacement "
+                        "(`afdserve worker --role ffn --rank K`) to join (default: --afd-join-timeout)")
     g.add_argument("--afd-trace-file", default=None, metavar="PATH",
                    help="append per-step, per-layer, per-micro-batch timings as JSON lines "
                         "(also: environment variable AFD_TRACE_FILE)")
@@ -44,6 +48,7 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
         "master_addr": getattr(args, "master_addr", "127.0.0.1"),
         "master_port": getattr(args, "master_port", None),
         "join_timeout_s": getattr(args, "afd_join_timeout", 120.0),
+        "rejoin_timeout_s": getattr(args, "afd_rejoin_timeout", None),
         "trace_file": getattr(args, "afd_trace_file", None),
         "link_latency_ms": getattr(args, "afd_link_latency_ms", 0.0),
     }

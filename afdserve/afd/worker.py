@@ -2,35 +2,39 @@
 
 Attention worker (global rank 0..x-1): embedding, attention halves, its own requests' KV cache,
 router, final norm, LM head and sampling: a `ModelRunner` over a role="attention" model whose
-`FFNBackend` is `RemoteFFN`. It takes steps from the engine process over a pipe (`Step` ->
-`StepDone`/`Failed`).
+`FFNBackend` is `RemoteFFN`. It takes messages from the engine process over its control channel
+(`Step` -> `StepDone`/`Failed`, `Reform` -> `Ready`/`Failed`, `Stop`).
 FFN worker (global rank x..x+y-1): dense FFNs, experts and shared expert of its `FFNShard`. Its
 loop: for each step, layer and micro-batch, receive from every attention worker, concatenate all
 their tokens into one batch, compute, split, send each attention worker its rows back.
 
-Start-up, before serving: every rank writes a hello (role, topology, dtype, checkpoint
-fingerprint) into the rendezvous store; attention worker 0 compares them and publishes a
-verdict, so mismatched roles are refused with a message naming the difference. FFN workers adopt
-the runtime settings (micro-batches, transfer precision) of attention worker 0.
+Both are started by `afdserve worker` (`afd/cli.py`): local workers as fresh interpreters by the
+engine process, which hands them their `WorkerSpec` over the control channel; remote FFN workers
+from the command line. Start-up and re-formation go through `rendezvous.py`: claim the rank, a
+hello that attention worker 0's is compared with (mismatched roles are refused with the
+difference named), load, then the process group of the current generation. When the group
+breaks (a peer was lost), an attention worker drops it, reports `Failed(recoverable=True)` and
+keeps its KV cache for the engine's `Reform`; an FFN worker drops it and rejoins the next
+generation by itself. FFN workers adopt the runtime settings (micro-batches, transfer precision)
+of attention worker 0.
 """
 from __future__ import annotations
 
 import datetime
-import hashlib
-import json
 import os
+import sys
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from afdserve.afd import rendezvous as rdv
 from afdserve.afd.connector import TorchP2PConnector
+from afdserve.afd.rendezvous import DeploymentEnded, HandshakeError  # noqa: F401  (re-exported)
 from afdserve.afd.topology import Topology
-from afdserve.afd.trace import StepTrace
+from afdserve.afd.trace import (A2F, ATTENTION, F2A_WAIT, SpanRecorder, StepTrace, ffn_stamps_len, pack_ffn_stamps,
+                                unpack_ffn_stamps)
 from afdserve.config import Step3Config
 from afdserve.engine.executor import CacheConfig, make_kv_cache
 from afdserve.engine.runner import ModelRunner, StepInput
@@ -38,10 +42,6 @@ from afdserve.model.checkpoint import load_model, parse_dtype
 from afdserve.model.kernels import prepare_for_decode
 from afdserve.model.step3 import FFNInput
 from afdserve.sampling import Sample
-
-
-class HandshakeError(RuntimeError):
-    """Roles started with different configurations, or a role that never joined."""
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,13 @@ class WorkerSpec:
     settings: dict = field(default_factory=dict)
     """Runtime settings set by attention worker 0 and adopted by all: micro_batches, a2f,
     f2a_dtype, link_latency_ms."""
+    heartbeat_s: float = 0.5
+    """Heartbeat period (the engine counts a worker whose counter stops moving as stalled)."""
+    quantization: str | None = None
+    """Passed to `load_model` (e.g. "fp8": quantize linear weights at load)."""
 
 
-# ------------------------------------------------------------------ pipe messages
+# ------------------------------------------------------------------ control messages
 @dataclass
 class Ready:
     num_kv_blocks: int
@@ -76,6 +80,13 @@ class Step:
     """Change the micro-batch count from this step on (FFN workers follow via the header)."""
     a2f: str | None = None
     """Change the A->F encoding from this step on ('model' or '8bit'; FFN workers follow via the header)."""
+
+
+@dataclass
+class Reform:
+    """Drop the process group and join generation `generation` (the KV cache stays)."""
+
+    generation: int
 
 
 @dataclass
@@ -92,25 +103,14 @@ class StepDone:
 @dataclass
 class Failed:
     message: str
+    recoverable: bool = False
+    """The worker is alive with its KV cache and waits for `Reform` (its group broke mid-step)."""
 
 
 # ------------------------------------------------------------------ start-up
-def checkpoint_fingerprint(model_dir: str | Path, config: Step3Config) -> str:
-    """sha256 of the config and, per weight file, its name, size and first/last MiB of bytes."""
-    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
-    for p in sorted(Path(model_dir).glob("*.safetensors")):
-        size = p.stat().st_size
-        h.update(f"{p.name}:{size}".encode())
-        with open(p, "rb") as f:
-            h.update(f.read(2**20))
-            f.seek(max(0, size - 2**20))
-            h.update(f.read(2**20))
-    return h.hexdigest()
-
-
 def watch_parent(parent_pid: int | None) -> None:
     """Exit this process (without cleanup, which could block on dead peers) when the engine process
-    `parent_pid` is gone or this process was re-parented (its forkserver parent exited)."""
+    `parent_pid` is gone or this process was re-parented."""
     if not parent_pid:
         return
     first_ppid = os.getppid()
@@ -131,105 +131,46 @@ def watch_parent(parent_pid: int | None) -> None:
     threading.Thread(target=loop, daemon=True, name="afd-parent-watch").start()
 
 
-def _describe(role: str, index: int) -> str:
-    return f"{role} worker {index}"
+class Membership:
+    """One worker's place in the deployment: store connection, generation, process group."""
 
-
-def _hello(spec: WorkerSpec, role: str, index: int, config: Step3Config) -> dict:
-    return {"role": role, "index": index, "topology": str(spec.topology), "pid": os.getpid(),
-            "host": os.uname().nodename, "dtype": str(parse_dtype(spec.dtype)), "model_dir": str(spec.model_dir),
-            "checkpoint": checkpoint_fingerprint(spec.model_dir, config), "settings": spec.settings}
-
-
-def _mismatches(ref: dict, other: dict, rank: int, topology: Topology) -> list[str]:
-    who = f"{_describe(other['role'], other['index'])} (rank {rank}, pid {other['pid']} on {other['host']})"
-    out = []
-    if other["topology"] != ref["topology"]:
-        out.append(f"{who} was started for topology {other['topology']}, attention worker 0 for {ref['topology']}")
-    elif topology.role_of(rank)[0] != other["role"]:
-        out.append(f"{who} joined at a rank that topology {ref['topology']} gives a {topology.role_of(rank)[0]} worker")
-    if other["dtype"] != ref["dtype"]:
-        out.append(f"{who} uses dtype {other['dtype']}, attention worker 0 uses {ref['dtype']}")
-    if other["checkpoint"] != ref["checkpoint"]:
-        out.append(f"{who} loads a different checkpoint or config ({other['model_dir']}, fingerprint "
-                   f"{other['checkpoint'][:12]}) than attention worker 0 ({ref['model_dir']}, {ref['checkpoint'][:12]})")
-    return out
-
-
-def rendezvous(spec: WorkerSpec, role: str, index: int, config: Step3Config) -> dict:
-    """Join the deployment: store, handshake (refusing mismatched roles), process group.
-
-    Returns attention worker 0's runtime settings."""
-    topo = spec.topology
-    rank = topo.attention_rank(index) if role == "attention" else topo.ffn_rank(index)
-    join = datetime.timedelta(seconds=spec.join_timeout_s)
-    try:
-        store = dist.TCPStore(spec.master_addr, spec.master_port, None, rank == 0, timeout=join,
-                              wait_for_workers=False)
-    except Exception as exc:
-        raise HandshakeError(f"{_describe(role, index)} cannot reach the rendezvous at "
-                             f"{spec.master_addr}:{spec.master_port}: {exc}") from None
-    store.set(f"afd/hello/{rank}", json.dumps(_hello(spec, role, index, config)))
-    if rank == 0:
-        verdict = _judge(store, spec)
-        store.set("afd/verdict", verdict)
-        if verdict != "ok":
-            _await_readers(store, topo.world_size - 1)   # rank 0 hosts the store: let the others read first
-    else:
+    def __init__(self, spec: WorkerSpec, role: str, index: int):
+        topo = spec.topology
+        self.spec, self.role, self.index = spec, role, index
+        self.rank = topo.attention_rank(index) if role == "attention" else topo.ffn_rank(index)
+        self.who = rdv.describe(role, index)
+        self.where = f"{spec.master_addr}:{spec.master_port}"
+        self.store = rdv.connect_store(spec.master_addr, spec.master_port, spec.join_timeout_s, self.who)
+        rdv.start_heartbeat(spec.master_addr, spec.master_port, self.rank, spec.heartbeat_s, spec.join_timeout_s)
         try:
-            verdict = store.get("afd/verdict").decode()
-            store.add("afd/verdict_read", 1)
+            self.gen = rdv.current_generation(self.store)
         except Exception:
-            raise HandshakeError(f"{_describe(role, index)}: no verdict from attention worker 0 at "
-                                 f"{spec.master_addr}:{spec.master_port} within {spec.join_timeout_s:g} s") from None
-    if verdict != "ok":
-        raise HandshakeError(verdict)
-    ref = json.loads(store.get("afd/hello/0"))
-    backend = "nccl" if spec.device.startswith("cuda") else "gloo"
-    # Long op timeout: FFN workers block in recv while the engine is idle; stalls are detected
-    # by the attention side's own per-wait timeout and the engine's step deadline.
-    dist.init_process_group(backend, store=store, rank=rank, world_size=topo.world_size,
-                            timeout=datetime.timedelta(days=7))
-    return ref["settings"]
+            raise HandshakeError(f"{self.who}: the engine at {self.where} announced no process group within "
+                                 f"{spec.join_timeout_s:g} s") from None
+        self.hello: dict | None = None
+        self.pg = None
 
+    def enter(self, config: Step3Config) -> dict:
+        """Claim the rank and pass the handshake of the current generation; attention worker 0's settings."""
+        s = self.spec
+        if self.hello is None:
+            self.hello = rdv.make_hello(s.topology, self.role, self.index, str(parse_dtype(s.dtype)), s.model_dir,
+                                        rdv.checkpoint_fingerprint(s.model_dir, config), s.settings)
+        ref, self.gen = rdv.enter(self.store, self.gen, self.rank, self.hello, self.who, self.where, s.join_timeout_s)
+        return ref["settings"]
 
-def _await_readers(store, n: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while store.add("afd/verdict_read", 0) < n and time.monotonic() < deadline:
-        time.sleep(0.05)
+    def form(self, error: str | None, device: str):
+        """Exchange load errors (one failing role stops all), then form the generation's group."""
+        first = rdv.exchange_status(self.store, self.gen, self.rank, error, self.spec.topology)
+        if first:
+            raise HandshakeError(first)
+        self.pg = rdv.make_group(self.store, self.gen, self.rank, self.spec.topology.world_size, device)
+        return self.pg
 
-
-def _judge(store, spec: WorkerSpec) -> str:
-    topo = spec.topology
-    ref = json.loads(store.get("afd/hello/0"))
-    problems = []
-    for rank in range(1, topo.world_size):
-        role, index = topo.role_of(rank)
-        try:
-            other = json.loads(store.get(f"afd/hello/{rank}"))
-        except Exception:
-            problems.append(f"{_describe(role, index)} (rank {rank}) did not join within {spec.join_timeout_s:g} s "
-                            f"(rendezvous {spec.master_addr}:{spec.master_port})")
-            break
-        problems += _mismatches(ref, other, rank, topo)
-    if not problems:
-        return "ok"
-    return "AFD workers refused to start, configuration mismatch between roles: " + "; ".join(problems)
-
-
-def _gather_status(error: str | None, world: int) -> list[str | None]:
-    """After loading: every rank's load error (or None), so one failing role stops all at start-up."""
-    out: list = [None] * world
-    dist.all_gather_object(out, error)
-    return out
-
-
-def _first_error(statuses: list[str | None], topo: Topology) -> str | None:
-    for rank, err in enumerate(statuses):
-        if err:
-            role, index = topo.role_of(rank)
-            return f"{_describe(role, index)} failed to start: {err}"
-    return None
+    def rejoin(self, gen: int, config: Step3Config, device: str):
+        self.pg, self.gen = None, gen
+        self.enter(config)
+        return self.form(None, device)
 
 
 def _device(spec: WorkerSpec, rank: int) -> str:
@@ -243,6 +184,12 @@ def make_connector(spec: WorkerSpec, settings: dict, config: Step3Config, device
     return TorchP2PConnector(spec.topology, config.hidden_size, config.moe_top_k, parse_dtype(spec.dtype), device,
                              a2f=settings.get("a2f", "model"), f2a_dtype=parse_dtype(f2a) if f2a else None,
                              link_latency_ms=float(settings.get("link_latency_ms", 0.0)))
+
+
+def _first_line(exc: BaseException) -> str:
+    """The gist of an error: its first line, without gloo's generic advice."""
+    text = str(exc)
+    return text.splitlines()[0].split(" This is typically caused")[0] if text else type(exc).__name__
 
 
 # ------------------------------------------------------------------ attention side
@@ -261,6 +208,7 @@ class RemoteFFN:
     def begin_step(self, num_micro_batches: int) -> None:
         m = num_micro_batches
         self.trace = StepTrace(self.index, 0, m, attn_ms=self._grid(m), wait_ms=self._grid(m), rtt_ms=self._grid(m))
+        self.rec = SpanRecorder()           # stage start/end times (afdserve.afd.timeline)
         self._pending.clear()
         self._mark = time.perf_counter()
 
@@ -280,7 +228,10 @@ class RemoteFFN:
         # +11-24% tokens/s, docs/afd.md).
         for work in sends:
             self._wait(work, f"sending layer {layer}, micro-batch {micro_batch} to the FFN workers")
-        self.trace.wait_ms[layer][micro_batch] = (time.perf_counter() - now) * 1e3   # blocked sending
+        sent = time.perf_counter()
+        self.trace.wait_ms[layer][micro_batch] = (sent - now) * 1e3   # blocked sending
+        self.rec.add(ATTENTION, layer, micro_batch, self._mark, now)
+        self.rec.add(A2F, layer, micro_batch, now, sent)
         T = inp.x.shape[0]
         recvs = [self.conn.recv_ffn_output(r, micro_batch, T) for r in self.topo.ffn_ranks]
         self._pending[(layer, micro_batch)] = (recvs, now)
@@ -300,6 +251,8 @@ class RemoteFFN:
         t1 = time.perf_counter()
         self.trace.wait_ms[layer][micro_batch] += (t1 - t0) * 1e3
         self.trace.rtt_ms[layer][micro_batch] = (t1 - t_sub) * 1e3
+        if recvs[0][0] is not None:          # an empty micro-batch gets no reply to wait for
+            self.rec.add(F2A_WAIT, layer, micro_batch, t0, t1)
         self._mark = t1
         return y.to(self.dtype)
 
@@ -307,82 +260,108 @@ class RemoteFFN:
         try:
             work.wait(self.timeout)
         except RuntimeError as exc:
-            raise RuntimeError(f"attention worker {self.index} waiting for {what}: {str(exc).splitlines()[0]}") from None
+            raise RuntimeError(f"attention worker {self.index} waiting for {what}: {_first_line(exc)}") from None
 
     def end_step(self) -> None:
+        self.trace.spans = self.rec.take()
         if self.index != 0:
             return
         m = self.trace.micro_batches
         for k, r in enumerate(self.topo.ffn_ranks):
-            work, buf = self.conn.recv_trace(r, 2 * self.L * m)
+            work, buf = self.conn.recv_trace(r, ffn_stamps_len(self.L, m))
             self._wait(work, f"FFN worker {k}'s step timings")
-            t = buf.view(2, self.L, m).tolist()
-            self.trace.ffn_ms.append(t[0])
-            self.trace.recv_ms.append(t[1])
+            ffn_ms, recv_ms, spans = unpack_ffn_stamps(buf, self.L, m)
+            self.trace.ffn_ms.append(ffn_ms)
+            self.trace.recv_ms.append(recv_ms)
+            self.trace.ffn_spans.append(spans)
 
 
-def attention_worker_main(spec: WorkerSpec, index: int, pipe, parent_pid: int | None) -> None:
-    """Entry point of attention worker `index`: join, load, then serve steps from the pipe."""
+def attention_worker_main(spec: WorkerSpec, index: int, pipe, parent_pid: int | None) -> int:
+    """Entry point of attention worker `index`: join, load, then serve the control channel."""
     watch_parent(parent_pid)
     torch.set_num_threads(max(1, spec.threads))
     try:
-        runner, backend, conn = _attention_setup(spec, index)
+        worker = AttentionWorker(spec, index, pipe)
     except Exception as exc:
         pipe.send(Failed(str(exc) if isinstance(exc, HandshakeError) else
-                         f"attention worker {index} failed to start: {exc}\n{traceback.format_exc()}"))
-        os._exit(1)
-    pipe.send(Ready(runner.kv.num_blocks))
-    code = _serve_attention(runner, backend, conn, spec, index, pipe)
-    os._exit(code)
+                         f"attention worker {index} failed to start: {type(exc).__name__}: {exc}"))
+        return 1
+    pipe.send(Ready(worker.runner.kv.num_blocks))
+    return worker.serve()
 
 
-def _attention_setup(spec: WorkerSpec, index: int):
-    config = Step3Config.from_file(spec.model_dir)
-    settings = rendezvous(spec, "attention", index, config)
-    device = _device(spec, index)
-    err, runner, backend, conn = None, None, None, None
-    try:
-        dtype = parse_dtype(spec.dtype)
-        model = prepare_for_decode(load_model(spec.model_dir, dtype, role="attention", config=config, device=device))
-        kv = make_kv_cache(config, spec.cache, dtype, device)
-        conn = make_connector(spec, settings, config, device)
-        backend = RemoteFFN(conn, spec.topology, index, config.num_hidden_layers, dtype, spec.timeout_s)
-        runner = ModelRunner(model, kv, backend, int(settings.get("micro_batches", 3)))
-    except Exception as exc:
-        err = f"{type(exc).__name__}: {exc}"
-    first = _first_error(_gather_status(err, spec.topology.world_size), spec.topology)
-    if first:
-        raise HandshakeError(first)
-    return runner, backend, conn
+class AttentionWorker:
+    """A `ModelRunner` over the attention half, fed by the engine; keeps its KV cache across
+    re-formations of the process group."""
 
-
-def _serve_attention(runner: ModelRunner, backend: RemoteFFN, conn: TorchP2PConnector, spec: WorkerSpec,
-                     index: int, pipe) -> int:
-    while True:
+    def __init__(self, spec: WorkerSpec, index: int, pipe):
+        self.spec, self.index, self.pipe = spec, index, pipe
+        self.config = Step3Config.from_file(spec.model_dir)
+        self.member = Membership(spec, "attention", index)
+        settings = self.member.enter(self.config)
+        self.device = _device(spec, index)
+        err = None
         try:
-            msg = pipe.recv()
-        except (EOFError, OSError):
-            return 0
-        if isinstance(msg, Stop):
-            _stop_ffn(conn, spec.topology)
-            pipe.send(Stop())
-            return 0
+            dtype = parse_dtype(spec.dtype)
+            model = prepare_for_decode(load_model(spec.model_dir, dtype, role="attention", config=self.config,
+                                                  device=self.device, quantization=spec.quantization))
+            kv = make_kv_cache(self.config, spec.cache, dtype, self.device)
+            self.conn = make_connector(spec, settings, self.config, self.device)
+            self.backend = RemoteFFN(self.conn, spec.topology, index, self.config.num_hidden_layers, dtype,
+                                     spec.timeout_s)
+            self.runner = ModelRunner(model, kv, self.backend, int(settings.get("micro_batches", 3)))
+        except Exception as exc:
+            err = f"{type(exc).__name__}: {exc}"
+        self.conn.pg = self.member.form(err, self.device)
+
+    def serve(self) -> int:
+        while True:
+            try:
+                msg = self.pipe.recv()
+            except (EOFError, OSError):
+                return 0
+            if isinstance(msg, Stop):
+                _stop_ffn(self.conn, self.spec.topology)
+                self.pipe.send(Stop())
+                return 0
+            if isinstance(msg, Reform):
+                self.pipe.send(self._reform(msg.generation))
+            else:
+                self.pipe.send(self._step(msg))
+
+    def _step(self, msg: Step) -> StepDone | Failed:
         try:
             if msg.micro_batches:
-                runner.micro_batches = msg.micro_batches
+                self.runner.micro_batches = msg.micro_batches
             if msg.a2f:
-                conn.set_a2f(msg.a2f)
+                self.conn.set_a2f(msg.a2f)
             t0 = time.perf_counter()
-            samples = runner.execute(msg.step)
-            backend.trace.step_ms = (time.perf_counter() - t0) * 1e3
-            pipe.send(StepDone(samples, backend.trace))
+            samples = self.runner.execute(msg.step)
+            self.backend.trace.step_ms = (time.perf_counter() - t0) * 1e3
+            return StepDone(samples, self.backend.trace)
         except Exception as exc:
-            pipe.send(Failed(str(exc) if str(exc).startswith("attention worker") else
-                             f"attention worker {index}: {type(exc).__name__}: {exc}"))
-            return 1
+            # Drop the group at once: FFN workers blocked on this rank see it end and go to rejoin.
+            self._drop_group()
+            text = str(exc)
+            return Failed(text if text.startswith("attention worker") else
+                          f"attention worker {self.index}: {type(exc).__name__}: {_first_line(exc)}", recoverable=True)
+
+    def _drop_group(self) -> None:
+        self.backend._pending.clear()
+        self.conn.pg = self.member.pg = None
+
+    def _reform(self, gen: int) -> Ready | Failed:
+        self._drop_group()
+        try:
+            self.conn.pg = self.member.rejoin(gen, self.config, self.device)
+        except Exception as exc:
+            return Failed(f"attention worker {self.index} could not join the re-formed group: {_first_line(exc)}")
+        return Ready(self.runner.kv.num_blocks)
 
 
 def _stop_ffn(conn: TorchP2PConnector, topo: Topology) -> None:
+    if conn.pg is None:
+        return
     works = [conn.send_stop(r) for r in topo.ffn_ranks]
     for w in works:
         try:
@@ -393,26 +372,36 @@ def _stop_ffn(conn: TorchP2PConnector, topo: Topology) -> None:
 
 # ------------------------------------------------------------------ FFN side
 def ffn_worker_main(spec: WorkerSpec, index: int, parent_pid: int | None) -> int:
-    """Entry point of FFN worker `index` (local child or `afdserve worker --role ffn`)."""
+    """Entry point of FFN worker `index` (local child or `afdserve worker --role ffn`).
+
+    Serves until a stop message; when the group breaks it rejoins the engine's next generation
+    (DeploymentEnded when none comes within the join timeout or the engine is gone)."""
     watch_parent(parent_pid)
     torch.set_num_threads(max(1, spec.threads))
     config = Step3Config.from_file(spec.model_dir)
-    settings = rendezvous(spec, "ffn", index, config)
+    member = Membership(spec, "ffn", index)
+    settings = member.enter(config)
     device = _device(spec, spec.topology.ffn_rank(index))
     err = None
     try:
         model = prepare_for_decode(load_model(spec.model_dir, parse_dtype(spec.dtype), role="ffn",
-                                              shard=spec.topology.ffn_shard(index), config=config, device=device))
+                                              shard=spec.topology.ffn_shard(index), config=config, device=device,
+                                              quantization=spec.quantization))
         conn = make_connector(spec, settings, config, device)
     except Exception as exc:
         err = f"{type(exc).__name__}: {exc}"
-    first = _first_error(_gather_status(err, spec.topology.world_size), spec.topology)
-    if first:
-        raise HandshakeError(first)
+    conn.pg = member.form(err, device)
     with torch.inference_mode():
-        serve_ffn(model, conn, spec.topology)
-    return 0
-
+        while True:
+            try:
+                serve_ffn(model, conn, spec.topology)
+                return 0
+            except RuntimeError as exc:        # a peer was lost, or the engine re-forms the group
+                print(f"afdserve FFN worker {index}: process group lost ({_first_line(exc)}); rejoining",
+                      file=sys.stderr, flush=True)
+                conn.pg = member.pg = None
+                gen = rdv.wait_generation_after(member.store, member.gen, spec.join_timeout_s)
+                conn.pg = member.rejoin(gen, config, device)
 
 def serve_ffn(model, conn: TorchP2PConnector, topo: Topology) -> None:
     """Steps until a stop header: per layer and micro-batch, gather all attention workers' tokens.
@@ -421,7 +410,7 @@ def serve_ffn(model, conn: TorchP2PConnector, topo: Topology) -> None:
     config, L = model.config, len(model.layers)
     top_k = [config.moe_top_k if config.is_moe_layer(i) else 0 for i in range(L)]
     while True:
-        times = []                       # times[i][j] = (ffn compute ms, receive wait ms)
+        times = []                       # times[i][j] = (wait from, received, computed, replied)
         posted: dict[tuple[int, int], list] = {}     # (layer, micro-batch) -> per attention rank
         for i, layer in enumerate(model.layers):
             row, j, m = [], 0, 1
@@ -445,11 +434,10 @@ def serve_ffn(model, conn: TorchP2PConnector, topo: Topology) -> None:
                 # RemoteFFN.submit does: a send left to gloo's I/O thread waits for a CPU slice.
                 for w in works:
                     w.wait()
-                row.append(((t2 - t1) * 1e3, (t1 - t0 + time.perf_counter() - t2) * 1e3))
+                row.append((t0, t1, t2, time.perf_counter()))
                 j += 1
             times.append(row)
-        t = torch.tensor(times).permute(2, 0, 1)     # [2, L, m]
-        conn.send_trace(topo.attention_rank(0), t.flatten()).wait()
+        conn.send_trace(topo.attention_rank(0), pack_ffn_stamps(times)).wait()
 
 
 def _check_order(msgs, i: int, j: int) -> int:

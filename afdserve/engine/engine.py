@@ -15,7 +15,7 @@ from afdserve.config import Step3Config
 from afdserve.engine.block_manager import BlockManager
 from afdserve.engine.detokenizer import IncrementalDetokenizer
 from afdserve.engine.executor import CacheConfig, ColocatedExecutor, ExecutorError
-from afdserve.engine.request import FinishReason, Request
+from afdserve.engine.request import FinishReason, Request, RequestStatus
 from afdserve.engine.runner import SeqWork, StepInput
 from afdserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from afdserve.sampling import Sample, SampleRequest, SamplingParams
@@ -222,23 +222,54 @@ class LLMEngine:
         """Run one scheduling step on every attention worker; outputs of requests that progressed."""
         if self._error or not self._parents:
             return []
+        failed = self._requeue_lost(self._lost_workers())      # restarted while idle
         outs = [s.schedule() for s in self.schedulers]
         if all(o.is_empty for o in outs):
-            return []
+            return failed
         try:
             results = self.executor.execute([self._step_input(o) for o in outs])
         except ExecutorError as exc:
-            return self._fail_all(str(exc))
+            return failed + self._fail_all(str(exc))
+        lost = self._lost_workers()
         touched: dict[str, _Parent] = {}
         now = time.monotonic()
-        for sched, out, res in zip(self.schedulers, outs, results):
+        for core, (sched, out, res) in enumerate(zip(self.schedulers, outs, results)):
+            if core in lost:
+                continue
             sched.update_from_output(out, {rid: s.token_id for rid, s in res.items()})
             for chunk in out.chunks:
                 req = chunk.request
                 if req.request_id in res:
                     self._on_token(req, res[req.request_id], now)
                     touched[req.data.parent.request_id] = req.data.parent
-        return [self._output(p) for p in touched.values()]
+        return failed + [self._output(p) for p in touched.values()] + self._requeue_lost(lost)
+
+    def _lost_workers(self) -> dict[int, str]:
+        take = getattr(self.executor, "take_lost_workers", None)
+        return take() if take else {}
+
+    def _requeue_lost(self, lost: dict[int, str]) -> list[RequestOutput]:
+        """Attention workers started again with empty KV caches: their requests are recomputed on
+        the other workers (as a preemption by recompute does), or fail when there is no other."""
+        alive = [c for c in range(len(self.schedulers)) if c not in lost]
+        failed = []
+        for parent in [p for p in self._parents.values() if p.core in lost]:
+            old = self.schedulers[parent.core]
+            if not alive:
+                parent.error = (f"{lost[parent.core]}: the request was lost with the worker's KV cache "
+                                "(the worker was started again)")
+                for child in parent.children:
+                    if not child.is_finished:
+                        old.finish_request(child.request_id, FinishReason.ERROR)
+                failed.append(self._output(parent))
+                continue
+            parent.core = min(alive, key=self._load)
+            for child in parent.children:
+                if not child.is_finished:
+                    old.finish_request(child.request_id, FinishReason.ABORT)     # frees its blocks
+                    child.status, child.finish_reason, child.num_computed_tokens = RequestStatus.WAITING, None, 0
+                    self.schedulers[parent.core].add_request(child)
+        return failed
 
     def _step_input(self, out: SchedulerOutput) -> StepInput:
         seqs = []

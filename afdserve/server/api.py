@@ -152,7 +152,8 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        return Response(metrics.render(async_engine.stats(), async_engine.afd_trace_summary()),
+        return Response(metrics.render(async_engine.stats(), async_engine.afd_trace_summary(),
+                                       async_engine.afd_recovery()),
                         media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")

@@ -3,7 +3,8 @@
 The engine is not thread-safe, so exactly one background thread owns it. Everything else talks
 to that thread through a command queue (add / abort / stop); the thread hands outputs back to
 each request's asyncio queue with `loop.call_soon_threadsafe`. When there is nothing to run the
-thread sleeps on a condition variable (no busy loop). An exception in the step loop fails every
+thread sleeps on a condition variable (no busy loop; it wakes every IDLE_REFRESH_S to refresh
+the stats snapshot); /health reads the engine's health live. An exception in the step loop fails every
 in-flight request with its message and marks the engine unhealthy; the server keeps answering.
 
 Threads: torch's intra-op thread count is left at the engine's default (torch picks the number
@@ -21,6 +22,10 @@ from typing import AsyncIterator, Callable
 
 from afdserve.engine.engine import EngineDeadError, EngineStats, LLMEngine, RequestOutput
 from afdserve.sampling import SamplingParams
+
+
+IDLE_REFRESH_S = 1.0
+"""How often the idle step thread refreshes the stats snapshot."""
 
 
 class EngineStoppedError(RuntimeError):
@@ -145,10 +150,22 @@ class AsyncEngine:
         self._send(_FailAll(message), force=True)
 
     def health(self) -> str | None:
-        return self._error or self.snapshot.health
+        """Read live (the executor's health is thread-safe and never blocks), so a worker lost
+        while the engine is idle turns /health non-200 at once."""
+        if self._error:
+            return self._error
+        try:
+            return self.engine.health()
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
 
     def stats(self) -> EngineStats | None:
         return self.snapshot.stats
+
+    def afd_recovery(self) -> dict:
+        """Restarts and replayed steps of the disaggregated runtime (empty when colocated)."""
+        stats = getattr(self.engine.executor, "recovery_stats", None)
+        return stats() if stats else {}
 
     def afd_trace_summary(self) -> dict[str, float]:
         """Per-step means of the disaggregated pipeline's stages (empty when colocated)."""
@@ -176,8 +193,8 @@ class AsyncEngine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._commands and not self._stopping and not self._has_work():
-                    self._cond.wait()
+                if not self._commands and not self._stopping and not self._has_work():
+                    self._cond.wait(IDLE_REFRESH_S)      # idle: refresh the snapshot now and then
                 commands = list(self._commands)
                 self._commands.clear()
                 stopping = self._stopping

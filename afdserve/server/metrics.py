@@ -46,6 +46,12 @@ class ServerMetrics:
                                 labels + ["finished_reason"], registry=r)
         self.http_errors = Counter("afdserve_request_errors", "Requests answered with an error, by status",
                                    labels + ["status"], registry=r)
+        self.afd_restarts = Counter("afdserve_afd_worker_restarts", "AFD workers started again or rejoined after "
+                                    "a loss, by role and reason (exited, stopped, stalled, failed start)",
+                                    labels + ["role", "reason"], registry=r)
+        self.afd_replays = Counter("afdserve_afd_step_replays", "AFD steps run again after the process group "
+                                   "was re-formed", labels, registry=r)
+        self._recovery_seen: dict = {}
         self._last_seen: dict[str, float] = {}
         self._lock = threading.Lock()
         self._totals = (0, 0)
@@ -81,9 +87,12 @@ class ServerMetrics:
         self.http_errors.labels(self.model_name, str(status)).inc()
 
     # ------------------------------------------------------------------ scraping
-    def render(self, stats: EngineStats | None, afd: dict[str, float] | None = None) -> bytes:
+    def render(self, stats: EngineStats | None, afd: dict[str, float] | None = None,
+               recovery: dict | None = None) -> bytes:
         if stats is not None:
             self._set_gauges(stats)
+        if recovery:
+            self._count_recovery(recovery)
         for key, value in (afd or {}).items():
             self.afd_pipeline.labels(self.model_name, key.removeprefix("afd_")).set(value)
         return generate_latest(self.registry)
@@ -102,3 +111,18 @@ class ServerMetrics:
             if s.generation_tokens_total > gen:
                 self.generation_tokens.labels(name).inc(s.generation_tokens_total - gen)
             self._totals = (max(prompt, s.prompt_tokens_total), max(gen, s.generation_tokens_total))
+
+    def _count_recovery(self, recovery: dict) -> None:
+        """Advance the counters to the executor's totals (`AFDExecutor.recovery_stats`)."""
+        totals = {("restart",) + tuple(k): v for k, v in recovery.get("restarts", {}).items()}
+        totals[("replay",)] = recovery.get("replays", 0)
+        with self._lock:
+            for key, total in totals.items():
+                delta = total - self._recovery_seen.get(key, 0)
+                if delta <= 0:
+                    continue
+                if key[0] == "restart":
+                    self.afd_restarts.labels(self.model_name, key[1], key[2]).inc(delta)
+                else:
+                    self.afd_replays.labels(self.model_name).inc(delta)
+                self._recovery_seen[key] = total
