@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,21 +43,21 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("server_e2e")
+def _launch(tmp, *extra: str, entry: tuple[str, ...] = ("-m", "afdserve")) -> Server:
+    """`afdserve serve` (run as `python *entry serve ...`) on a free port over a fresh tiny
+    checkpoint in `tmp`, healthy; the caller stops it with _stop(server.proc)."""
     ckpt = make_text_checkpoint(tmp / "model")
     port = free_port()
     log_path = tmp / "server.log"
-    cmd = [sys.executable, "-m", "afdserve", "serve", "--model", str(ckpt), "--port", str(port),
+    cmd = [sys.executable, *entry, "serve", "--model", str(ckpt), "--port", str(port),
            "--served-model-name", MODEL, "--api-key", KEY, "--num-kv-blocks", "64", "--max-num-seqs", "16",
-           "--no-access-log", "--log-level", "warning", "--shutdown-timeout", "1"]
+           "--no-access-log", "--log-level", "warning", "--shutdown-timeout", "1", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
         while True:
             assert proc.poll() is None, f"server exited early:\n{log_path.read_text()}"
             assert time.monotonic() < deadline, f"server did not become healthy:\n{log_path.read_text()}"
@@ -66,9 +67,19 @@ def server(tmp_path_factory):
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        yield Server(proc, url, log_path)
-    finally:
+    except BaseException:
         _stop(proc)
+        raise
+    return Server(proc, url, log_path)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = _launch(tmp_path_factory.mktemp("server_e2e"))
+    try:
+        yield s
+    finally:
+        _stop(s.proc)
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +165,18 @@ def _wait_all_free(server) -> None:
 
 
 def test_disconnect_non_streaming_aborts(server):
-    body = {"model": MODEL, "prompt": "hello world", "max_tokens": 600, "ignore_eos": True}
+    """A client that goes away while its non-streaming request runs: the request is aborted. The
+    client closes its socket once /metrics shows the request running, however fast the server."""
+    body = json.dumps({"model": MODEL, "prompt": "hello world", "max_tokens": 1000, "ignore_eos": True}).encode()
+    port = int(server.url.rsplit(":", 1)[1])
     before = _aborted(server)
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
-                   timeout=httpx.Timeout(30, read=0.5))
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 30
+        while _metric(server, "afdserve_num_requests_running") < 1:
+            assert time.monotonic() < deadline, "the request never showed as running"
+            time.sleep(0.01)
     _wait_all_free(server)
     assert _aborted(server) == before + 1
 
@@ -167,6 +185,54 @@ def _aborted(server) -> float:
     text = httpx.get(f"{server.url}/metrics", timeout=5).text
     m = re.search(r'^afdserve_request_success_total\{[^}]*finished_reason="abort"[^}]*\} (\S+)$', text, re.M)
     return float(m.group(1)) if m else 0.0
+
+
+# `afdserve serve` whose engine step raises once the file named by AFDSERVE_TEST_FAIL exists.
+_FAILING_SERVE = """
+import os, sys
+from afdserve.engine import engine
+step = engine.LLMEngine.step
+def failing_step(self):
+    if os.path.exists(os.environ["AFDSERVE_TEST_FAIL"]):
+        raise RuntimeError("injected engine failure")
+    return step(self)
+engine.LLMEngine.step = failing_step
+from afdserve.cli import main
+sys.argv[0] = "afdserve"
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_engine_failure_mid_stream_ends_the_stream_and_server_stays_up(tmp_path, monkeypatch):
+    """The engine's step fails after the 200 and the first tokens were sent: the stream ends with
+    an SSE error event and [DONE], and the server process keeps answering (health says why)."""
+    trigger = tmp_path / "fail-now"
+    monkeypatch.setenv("AFDSERVE_TEST_FAIL", str(trigger))
+    srv = _launch(tmp_path, entry=("-c", _FAILING_SERVE))
+    try:
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 1000, "stream": True, "ignore_eos": True}
+        auth = {"Authorization": f"Bearer {KEY}"}
+        with httpx.Client(timeout=60) as c:
+            with c.stream("POST", f"{srv.url}/v1/completions", json=body, headers=auth) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()
+                got = 0
+                while got < 2:
+                    got += next(lines).startswith("data: ")
+                trigger.touch()                                      # the next engine step raises
+                tail = [ln for ln in lines if ln.startswith("data: ")]
+            assert tail[-1] == "data: [DONE]", tail[-3:]
+            err = json.loads(tail[-2][6:])["error"]
+            assert err["type"] == "server_error" and "injected engine failure" in err["message"], err
+            assert all("choices" in json.loads(ln[6:]) for ln in tail[:-2])   # tokens, then the error
+            assert srv.proc.poll() is None, srv.log()                         # still up
+            health = c.get(f"{srv.url}/health")
+            assert health.status_code == 503 and "injected engine failure" in health.text
+            assert c.get(f"{srv.url}/v1/models", headers=auth).status_code == 200
+            again = c.post(f"{srv.url}/v1/completions", headers=auth, json={"model": MODEL, "prompt": "hi"})
+            assert again.status_code == 503 and again.json()["error"]["type"] == "server_error"
+    finally:
+        _stop(srv.proc)
 
 
 def test_sigterm_shuts_down_cleanly(server):
@@ -180,14 +246,16 @@ def test_sigterm_shuts_down_cleanly(server):
                 pass
             t0 = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
+            rest, broken = [], None
             try:
-                rest = list(lines)
-            except httpx.HTTPError:
-                rest = []   # the connection was closed mid-stream: also an end
+                for line in lines:
+                    rest.append(line)
+            except httpx.HTTPError as exc:      # kept apart: the stream must still have ended cleanly
+                broken = exc
     code = server.proc.wait(15)
     assert code == 0, server.log()
     assert time.monotonic() - t0 < 10
     tail = [ln for ln in rest if ln.startswith("data: ")]
-    assert tail[-1] == "data: [DONE]"
+    assert tail and tail[-1] == "data: [DONE]", f"no [DONE] (connection error: {broken!r}); last lines {rest[-3:]}"
     assert "shutting down" in json.loads(tail[-2][6:])["error"]["message"]
     assert "stopped" in server.log()
