@@ -49,7 +49,10 @@ class TracedExecutor:
         self.inner = inner
         self.ffn = TracedLocalFFN(inner.runner.model)
         inner.runner.ffn = self.ffn
-        self.traces = TraceLog(keep, path, meta={"kind": "colocated", "topology": "colocated", **(meta or {})})
+        import torch
+        self.traces = TraceLog(keep, path, meta={"kind": "colocated", "topology": "colocated", "micro_batches": 1,
+                                                 "threads": torch.get_num_threads(), "shared_clock": True,
+                                                 **(meta or {})})
 
     def execute(self, steps):
         t0 = time.perf_counter()

@@ -211,7 +211,7 @@ def trace_steps(doc: dict) -> list[int]:
 
 def step_rows(doc: dict, step: int | None = None) -> tuple[int, dict[str, list[tuple]]]:
     """(step, {track: [(stage, layer, micro-batch, start ms, duration ms)]}) of one step (default:
-    the last one with tokens), times relative to the step's first span."""
+    the last one with tokens), times relative to the step's start (`_relative`)."""
     steps = trace_steps(doc)
     if not steps:
         raise ValueError("the trace holds no steps")
@@ -222,14 +222,28 @@ def step_rows(doc: dict, step: int | None = None) -> tuple[int, dict[str, list[t
         raise ValueError(f"step {step} is not in the trace (it holds steps {steps[0]}..{steps[-1]})")
     names = {e["tid"]: e["args"]["name"] for e in doc["traceEvents"]
              if e.get("ph") == "M" and e["name"] == "thread_name"}
-    rows: dict[str, list[tuple]] = defaultdict(list)
+    rows: dict[str, list] = defaultdict(list)
     for e in doc["traceEvents"]:
         if e.get("ph") == "X" and e.get("cat") in STAGES and e["args"].get("step") == step:
             a = e["args"]
             rows[names.get(e["tid"], str(e["tid"]))].append((e["cat"], a["layer"], a["micro_batch"], e["ts"], e["dur"]))
-    t0 = min(s[3] for spans in rows.values() for s in spans)
-    return step, {tr: [(st, i, j, (ts - t0) / 1e3, d / 1e3) for st, i, j, ts, d in sorted(spans, key=lambda s: s[3])]
-                  for tr, spans in sorted(rows.items(), key=lambda kv: _sort_key(kv[0]))}
+    return step, _relative(rows)
+
+
+def _relative(tracks: dict[str, list]) -> dict[str, list[tuple]]:
+    """Spans in ms from the step's first span that is not an FFN worker's wait for input (which
+    starts when the previous step ended: idle time between steps, clipped off)."""
+    starts = [s[3] for spans in tracks.values() for s in spans if s[0] != A2F_WAIT]
+    t0 = min(starts or [s[3] for spans in tracks.values() for s in spans])
+    out = {}
+    for tr, spans in sorted(tracks.items(), key=lambda kv: _sort_key(kv[0])):
+        rows = []
+        for st, i, j, ts, d in sorted(spans, key=lambda s: s[3]):
+            if ts < t0:
+                d, ts = max(0.0, ts + d - t0), t0
+            rows.append((st, i, j, (ts - t0) / 1e3, d / 1e3))
+        out[tr] = rows
+    return out
 
 
 def latest_step_rows(steps: list[StepTrace], clock: dict | None = None) -> tuple[int, dict[str, list[tuple]]] | None:
@@ -239,12 +253,9 @@ def latest_step_rows(steps: list[StepTrace], clock: dict | None = None) -> tuple
         return None
     last = max(busy)
     tracks = _track_spans([t for t in steps if t.step == last], clock).get(last, {})
-    spans = [s for sp in tracks.values() for s in sp]
-    if not spans:
+    if not any(tracks.values()):
         return None
-    t0 = min(s[3] for s in spans)
-    return last, {tr: [(st, i, j, (ts - t0) / 1e3, d / 1e3) for st, i, j, ts, d in sorted(sp, key=lambda s: s[3])]
-                  for tr, sp in sorted(tracks.items(), key=lambda kv: _sort_key(kv[0]))}
+    return last, _relative(tracks)
 
 
 def _sort_key(track: str) -> tuple:

@@ -143,12 +143,15 @@ class ClockAligner:
     """Every worker's clock offset from attention worker 0's, from the A<->F exchanges themselves.
 
     Each layer x micro-batch is a round trip between attention worker w and FFN worker k, timed
-    on both clocks: A sends at a0 (start of its `a2f` span), F has it at f1 (end of `a2f_wait`),
-    F replies at f2 (start of `f2a`), A has the reply at a3 (end of `f2a_wait`). As in NTP,
-    offset = ((f1 - a0) + (f2 - a3)) / 2 and delay = (a3 - a0) - (f2 - f1); the true offset lies
-    within +- delay / 2 of the estimate, so the sample with the smallest delay is kept per pair
-    (queueing only ever adds delay). The first traced step already gives L x m samples per pair.
-    Attention workers w > 0 are placed through the FFN worker that links them to worker 0 best.
+    on both clocks: A starts sending at a0 (start of its `a2f` span), F has the message at f1
+    (end of `a2f_wait`, i.e. F's compute starts), A has F's reply at a3 (end of `f2a_wait`). F
+    received after a0 and replied after f1, so the offset (F clock - A clock) lies in
+    [f1 - a3, f1 - a0]: estimate its middle, uncertainty half its width (a3 - a0) / 2. (F's
+    reply is started inside its compute span, so the start of `f2a` is not a safe send time: a
+    descheduled FFN process stamps it after the reply has arrived.) Per pair the sample with the
+    shortest round trip is kept; queueing only widens the interval. The first traced step already
+    gives L x m samples per pair. Attention workers w > 0 are placed through the FFN worker that
+    links them to worker 0 best. Micro-batches without tokens get no reply and give no sample.
     """
 
     def __init__(self):
@@ -169,17 +172,15 @@ class ClockAligner:
                 if stage != A2F or back is None:
                     continue
                 for k, fi in enumerate(f_idx):
-                    recv, reply = fi.get((A2F_WAIT, i, j)), fi.get((F2A, i, j))
-                    if recv is not None and reply is not None:
-                        self._sample(t.worker, k, a[3], recv[3] + recv[4], reply[3], back[3] + back[4])
+                    recv = fi.get((A2F_WAIT, i, j))
+                    if recv is not None and (F2A, i, j) in fi:
+                        self._sample(t.worker, k, a[3], recv[3] + recv[4], back[3] + back[4])
 
-    def _sample(self, w: int, k: int, a0: float, f1: float, f2: float, a3: float) -> None:
-        delay = (a3 - a0) - (f2 - f1)
-        if delay < 0:
-            return
+    def _sample(self, w: int, k: int, a0: float, f1: float, a3: float) -> None:
+        delay = a3 - a0
         old = self.best.get((w, k))
         if old is None or delay < old[0]:
-            self.best[(w, k)] = (delay, ((f1 - a0) + (f2 - a3)) / 2)
+            self.best[(w, k)] = (delay, f1 - (a0 + a3) / 2)
 
     def table(self) -> dict[str, tuple[float, float]]:
         """Track name -> (offset us, uncertainty us): reference time = local time - offset."""
@@ -236,12 +237,22 @@ class TraceLog:
             return
         from afdserve.afd.timeline import chrome_trace
         with self._lock:
-            doc = chrome_trace(list(self.steps), clock=self.aligner.table(), meta=self.meta)
+            meta = {**self.meta, "clock_estimate": {k: list(v) for k, v in self.aligner.table().items()}}
+            doc = chrome_trace(list(self.steps), clock=self.clock(), meta=meta)
             tmp = f"{self.path}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump(doc, f, separators=(",", ":"))
             os.replace(tmp, self.path)
             self._dirty, self._last_write = False, time.monotonic()
+
+    def clock(self) -> dict[str, tuple[float, float]]:
+        """Track -> (offset us, uncertainty us) applied to the spans: zero when every worker runs
+        on this host (`meta["shared_clock"]`: one monotonic clock for all processes), else the
+        `ClockAligner` estimate (always also written, as otherData.clock_estimate)."""
+        table = self.aligner.table()
+        if self.meta.get("shared_clock"):
+            return {k: (0.0, 0.0) for k in table}
+        return table
 
     def close(self) -> None:
         self.flush()
