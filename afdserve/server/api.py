@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from afdserve.engine.engine import EngineDeadError, RequestOutput
 from afdserve.sampling import Sample
+from afdserve.server import dashboard
 from afdserve.server import protocol as P
 from afdserve.server.async_engine import AsyncEngine, EngineStoppedError, RequestStream
 from afdserve.server.chat import ChatTemplateError, render_chat, template_messages
@@ -125,6 +126,7 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
     app = FastAPI(title="afdserve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.openapi = lambda: P.openapi_document(app, served_model_name)
     app.state.server = srv
+    dashboard.install(app, async_engine)   # /dashboard and /dashboard/data
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
