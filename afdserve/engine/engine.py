@@ -6,6 +6,7 @@ sequences (ids `"{id}#{i}"`) that are scheduled independently and reported toget
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ class EngineArgs:
     progress: bool = False
     afd_options: dict = field(default_factory=dict)
     """Extra options for the disaggregated runtime (timeouts, transfer precision, threads)."""
+    afd_trace_file: str | None = None
+    """Pipeline trace of every step (Chrome trace-event JSON; a .jsonl name: JSON lines), AFD or
+    colocated; also afd_options["trace_file"] or $AFD_TRACE_FILE (docs/trace.md)."""
 
 
 @dataclass
@@ -153,11 +157,16 @@ class LLMEngine:
 
     def _make_executor(self, cache: CacheConfig):
         a = self.args
+        trace = a.afd_trace_file or a.afd_options.get("trace_file") or os.environ.get("AFD_TRACE_FILE")
         if a.afd:
             from afdserve.afd.executor import AFDExecutor
             return AFDExecutor(self.model_dir, self.config, topology=a.afd, dtype=a.dtype, cache=cache,
-                               micro_batches=a.micro_batches, device=a.device, **a.afd_options)
-        return ColocatedExecutor(self.model_dir, self.config, a.dtype, cache, a.device, a.progress, a.quantization)
+                               micro_batches=a.micro_batches, device=a.device, **{**a.afd_options, "trace_file": trace})
+        ex = ColocatedExecutor(self.model_dir, self.config, a.dtype, cache, a.device, a.progress, a.quantization)
+        if trace:
+            from afdserve.afd.local_trace import traced
+            return traced(ex, trace, meta={"model_dir": str(self.model_dir), "dtype": str(a.dtype)})
+        return ex
 
     # ----------------------------------------------------------------- requests
     def tokenize(self, prompt: str | list[int]) -> list[int]:
