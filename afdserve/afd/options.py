@@ -31,8 +31,11 @@ def add_afd_arguments(parser: argparse.ArgumentParser) -> None:
                    help="after losing a remote FFN worker, how long to wait for its replacement "
                         "(`afdserve worker --role ffn --rank K`) to join (default: --afd-join-timeout)")
     g.add_argument("--afd-trace-file", default=None, metavar="PATH",
-                   help="append per-step, per-layer, per-micro-batch timings as JSON lines "
-                        "(also: environment variable AFD_TRACE_FILE)")
+                   help="write the pipeline trace of the last 256 steps as Chrome trace-event JSON (Perfetto, "
+                        "chrome://tracing, `afdserve trace plot/compare`; a worker per track, a slice per "
+                        "stage x layer x micro-batch, transfer arrows); a name ending in .jsonl appends "
+                        "per-step timings as JSON lines instead. Colocated runs are traced too "
+                        "(also: environment variable AFD_TRACE_FILE; docs/trace.md)")
     g.add_argument("--afd-link-latency-ms", type=float, default=0.0, metavar="MS",
                    help="benchmarking only: emulate this much A<->F link latency per message")
 
