@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill", choices=("synthetic", "real"), default="synthetic",
                    help="synthetic: skip the prefill model work, KV stays zero (default); real: run it")
     p.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
+    p.add_argument("--vllm", action="store_true", help="also time vLLM's CPU build on the same checkpoint, threads "
+                   "and dtype (own venv, installed on first use; skipped with a note where it cannot run)")
     p.add_argument("--no-attention", action="store_true", help="skip the attention-design comparison")
     p.add_argument("--no-afd", action="store_true", help="skip colocated vs AFD")
     p.add_argument("--no-profile", action="store_true", help="skip the decode-step profile")
@@ -201,6 +203,9 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
                         row["peer"] = {"error": f"{type(exc).__name__}: {exc}"}
         result["decode"] = rows
         del peer_model
+        if getattr(args, "vllm", False):
+            from afdserve.bench import vllm_peer
+            result["vllm"] = vllm_peer.bench_rows(model_dir, rows, args.dtype, args.threads, args.steps, args.warmup, log)
         result["targets"] = _targets(rows)
 
         # ------------------------------------------------------------------------ profile
@@ -363,6 +368,10 @@ def print_report(r: dict, console=None) -> None:
                       + ("[green]met[/green]" if v["met"] else "[red]not met[/red]"))
     if r.get("peer", {}).get("note"):
         console.print(f"  peer: {r['peer']['note']}")
+    if r.get("vllm"):
+        from afdserve.bench.vllm_peer import summary_lines
+        for line in summary_lines(r.get("decode", []), r["vllm"]):
+            console.print(f"  {line}")
     for kind, p in r.get("profile", {}).items():
         console.print(f"  profile ({kind}): {p.get('file') or p.get('error')}")
     attn = r.get("attention", {}).get("rows")
