@@ -166,18 +166,24 @@ class _Quantizing8bitFFN(LocalFFN):
         super().submit(layer, micro_batch, FFNInput(dequantize_8bit(codes, scale, inp.x.dtype), inp.weights, inp.ids))
 
 
-def test_8bit_logit_tolerance(tiny_ckpt):
-    config = Step3Config.from_file(tiny_ckpt)
-    model = load_model(tiny_ckpt, torch.float32, config=config)
-    step = StepInput([SeqWork(str(i), p, 0, [i * 4 + b for b in range(4)], None) for i, p in enumerate(PROMPTS)])
+def _full_logits(ckpt, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits at every position of `seqs` (<= 16 tokens each), in process: with fp32 A->F and
+    with 8-bit A->F (the FFN input quantized and dequantized as the connector does)."""
+    config = Step3Config.from_file(ckpt)
+    model = load_model(ckpt, torch.float32, config=config)
+    step = StepInput([SeqWork(str(i), p, 0, [i * 4 + b for b in range(4)], None) for i, p in enumerate(seqs)])
     logits = []
     for ffn in (LocalFFN(model), _Quantizing8bitFFN(model)):
         kv = make_kv_cache(config, CacheConfig(block_size=4, num_blocks=32), torch.float32)
         runner = ModelRunner(model, kv, ffn, micro_batches=2)
         with torch.inference_mode():
-            ids = torch.tensor([t for p in PROMPTS for t in p])
+            ids = torch.tensor([t for p in seqs for t in p])
             logits.append(model.logits(runner.forward(ids, runner._metadata(step))))
-    ref, q = logits
+    return logits[0], logits[1]
+
+
+def test_8bit_logit_tolerance(tiny_ckpt):
+    ref, q = _full_logits(tiny_ckpt, PROMPTS)
     rel = ((q - ref).abs().max() / ref.std()).item()
     rms = ((q - ref).pow(2).mean().sqrt() / ref.std()).item()
     agree = (q.argmax(-1) == ref.argmax(-1)).float().mean().item()
@@ -268,9 +274,20 @@ def test_8bit_transfer_end_to_end(deployments, reference):
         ex.set_a2f("model")
     got = [o.outputs[0].token_ids for o in out]
     same = sum(a == b for g, r in zip(got, reference) for a, b in zip(g, r))
-    total = sum(len(r) for r in reference)
-    print(f"8-bit A->F greedy agreement with fp32 colocated: {same}/{total} tokens")
-    assert same >= total // 2
+    print(f"8-bit A->F greedy agreement with fp32 colocated: {same}/{sum(map(len, reference))} tokens")
+    # Instead of a share of agreeing tokens (the random tiny model's top-2 margins are mostly below
+    # the 8-bit perturbation, so agreement says little): 8-bit A->F moves every logit by at most
+    # LOGIT_TOLERANCE_8BIT x std (test_8bit_logit_tolerance), so a greedy token of the 8-bit run
+    # must have, teacher-forced in fp32, a logit within twice that of fp32's best at its position.
+    seqs = [p + g for p, g in zip(PROMPTS, got)]
+    ref, _ = _full_logits(deployments.ckpt, seqs)
+    bound = 2 * LOGIT_TOLERANCE_8BIT * ref.std().item()
+    start = 0
+    for p, g in zip(PROMPTS, got):
+        rows = ref[start + len(p) - 1: start + len(p) - 1 + len(g)]
+        gap = rows.max(-1).values - rows[torch.arange(len(g)), torch.tensor(g)]
+        assert (gap <= bound).all(), (gap, bound)
+        start += len(p) + len(g)
     assert _tokens(llm) == reference                           # back to full precision
 
 
