@@ -114,14 +114,14 @@ def test_row_and_column_slices_keep_the_block_grid():
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16, 17, 40])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fp8_gemm_equals_dequantize_then_linear(rows, dtype):
+@pytest.mark.parametrize("dtype,col0", [(torch.float32, 70), (torch.bfloat16, 70), (torch.bfloat16, 0)])
+def test_fp8_gemm_equals_dequantize_then_linear(rows, dtype, col0):
     """Both products see the same dequantized numbers; they differ by fp32 summation order only:
     |error| <= 2 K eps32 (|x| @ |W|^T). In bf16 add the rounding of the result and, on the many-row
     path (a bf16 tile of W for torch's matmul), of the weights: 2^-8 |y| + 2^-8 (|x| @ |W|^T)."""
     torch.manual_seed(rows)
     K = 333
-    q = quantize(torch.randn(259, 600)).rows(3, 259).cols(70, 70 + K)        # offsets on both axes
+    q = quantize(torch.randn(259, 600)).rows(3, 259).cols(col0, col0 + K)    # offsets on both axes
     x = torch.randn(rows, K).to(dtype)
     W = q.dequantize()
     ref = F.linear(x.float(), W)
@@ -133,6 +133,19 @@ def test_fp8_gemm_equals_dequantize_then_linear(rows, dtype):
     assert ((y.float() - ref).abs() <= bound + 1e-30).all()
     assert torch.equal(F.linear(x, q), y)                                      # torch's F.linear lands here too
     assert torch.equal(q.linear(x.unsqueeze(0))[0], y)
+
+
+@pytest.mark.skipif(not fp8.NATIVE_BF16, reason="no AVX512-BF16 + VBMI on this CPU")
+def test_bf16_kernel_equals_the_avx2_kernel_to_summation_order(monkeypatch):
+    """bf16 activations: the AVX512-BF16 kernel (codes widened to bf16, exact) and the AVX2 one
+    (codes widened to fp32) multiply the same numbers; K = 700 has a 60-column scalar tail."""
+    torch.manual_seed(6)
+    q, x = quantize(torch.randn(300, 700)).rows(5, 300), torch.randn(3, 700).bfloat16()
+    fast = q.linear(x).float()
+    monkeypatch.setattr(fp8, "NATIVE_BF16", False)
+    avx2 = q.linear(x).float()
+    bound = 2 * 700 * EPS32 * F.linear(x.float().abs(), q.dequantize().abs()) + 2.0 ** -8 * avx2.abs()
+    assert ((fast - avx2).abs() <= bound).all()
 
 
 def test_without_native_kernel_the_torch_path_gives_the_same_products(monkeypatch):

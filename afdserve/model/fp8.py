@@ -36,6 +36,8 @@ def _native():
 
 
 _NATIVE = _native()
+# bf16 activations: the AVX512-BF16 kernel (weights widened to bf16, vdpbf16ps), where the CPU has it.
+NATIVE_BF16 = _NATIVE is not None and _NATIVE.bf16_available()
 
 
 def e4m3_values() -> torch.Tensor:
@@ -233,7 +235,9 @@ class Fp8Weight(QuantizedLinearWeight):
 
 
 def native_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
-    """x [M, in] (CPU) @ w^T with the native kernel; fp32 inside, result in x's dtype."""
+    """x [M, in] (CPU) @ w^T with the native kernel; fp32 accumulation, result in x's dtype."""
+    if NATIVE_BF16 and x.dtype is torch.bfloat16 and w.col_offset == 0:
+        return _native_linear_bf16(x, w)
     xf = x.float()
     if xf.stride(-1) != 1 or (xf.shape[0] > 1 and xf.stride(0) < xf.shape[1]):
         xf = xf.contiguous()
@@ -247,6 +251,17 @@ def native_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
     else:
         y.zero_()
     return y if x.dtype is torch.float32 else y.to(x.dtype)
+
+
+def _native_linear_bf16(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
+    if x.stride(-1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):
+        x = x.contiguous()
+    (M, K), N = x.shape, w.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    _NATIVE.gemm_bf16(x.data_ptr(), x.stride(0) if M > 1 else K, w.codes.data_ptr(), w.codes.stride(0) if N > 1 else K,
+                      w.scale.data_ptr(), w.scale.stride(0) if w.scale.shape[0] > 1 else w.scale.shape[1],
+                      w.row_block, w.row_offset, y.data_ptr(), N, M, N, K)
+    return y.to(torch.bfloat16)
 
 
 def dequantize_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:

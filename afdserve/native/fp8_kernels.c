@@ -41,6 +41,9 @@ static int thread_id(void) { return 0; }
 #define PAR_MIN (1 << 18)
 
 static float LUT[256];          /* e4m3fn code -> value (NaN for 0x7f / 0xff), for the K tails */
+/* High and low byte of the bf16 number equal to e4m3 magnitude code c (0..127): every e4m3 value,
+   subnormals included, is a normal bf16 number (at most 4 significant bits, exponents 2^-9..2^8). */
+static uint8_t BF16_HI[128], BF16_LO[128];
 
 static void build_lut(void)
 {
@@ -48,6 +51,11 @@ static void build_lut(void)
         int e = (i >> 3) & 15, m = i & 7;
         float v = (i & 0x7f) == 0x7f ? NAN : (e ? ldexpf((float)(8 + m), e - 10) : ldexpf((float)m, -9));
         LUT[i] = (i & 0x80) ? -v : v;
+    }
+    for (int c = 0; c < 128; c++) {
+        union { float f; uint32_t u; } b = {LUT[c]};
+        BF16_HI[c] = (uint8_t)(b.u >> 24);
+        BF16_LO[c] = (uint8_t)(b.u >> 16);
     }
 }
 
@@ -172,6 +180,117 @@ TGT static void dequant(const uint8_t *w, ptrdiff_t ldw, const float *S, ptrdiff
     }
 }
 
+/* ---- AVX512-BF16 + VBMI (bf16 runs): 64 codes -> 64 bf16 by two 128-entry byte lookups (vpermi2b),
+   multiplied with bf16 x by vdpbf16ps (fp32 accumulation; products of two bf16 numbers are exact).
+   unpacklo/hi interleave the bytes lane by lane, so x is stored in the same order (`permute_x`):
+   per 64 columns, the 32 "lo" columns (16L + 0..7 of each 128-bit lane L), then the 32 "hi" ones. */
+#define TGT512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")))
+
+typedef struct {
+    __m512i hi0, hi1, lo0, lo1, sign;
+} bf16_tables;
+
+TGT512 static INL void widen64_bf16(const uint8_t *p, const bf16_tables *t, __m512i *a, __m512i *b)
+{
+    __m512i c = _mm512_loadu_si512((const void *)p);
+    __m512i hi = _mm512_permutex2var_epi8(t->hi0, c, t->hi1), lo = _mm512_permutex2var_epi8(t->lo0, c, t->lo1);
+    hi = _mm512_ternarylogic_epi32(hi, c, t->sign, 0xF8);          /* hi | (c & 0x80): the sign */
+    *a = _mm512_unpacklo_epi8(lo, hi);
+    *b = _mm512_unpackhi_epi8(lo, hi);
+}
+
+static void permute_x(const uint16_t *x, ptrdiff_t ldx, ptrdiff_t M, ptrdiff_t K64, uint16_t *xp)
+{
+    for (ptrdiff_t m = 0; m < M; m++)
+        for (ptrdiff_t k0 = 0; k0 < K64; k0 += 64)
+            for (int L = 0; L < 4; L++)
+                for (int i = 0; i < 8; i++) {
+                    xp[m * K64 + k0 + 8 * L + i] = x[m * ldx + k0 + 16 * L + i];
+                    xp[m * K64 + k0 + 32 + 8 * L + i] = x[m * ldx + k0 + 16 * L + 8 + i];
+                }
+}
+
+static INL float bf16_to_f32(uint16_t h)
+{
+    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+    return v.f;
+}
+
+/* NR weight rows (scale rows s[r]) x MG rows of x; column blocks of 128 start at column 0. */
+TGT512 static INL void dot_tile_bf16(const uint16_t *xp, ptrdiff_t K64, const uint16_t *x, ptrdiff_t ldx,
+                                     ptrdiff_t K, const uint8_t *w, ptrdiff_t ldw, const float *const *s,
+                                     const bf16_tables *t, float *y, ptrdiff_t ldy, const int NR, const int MG)
+{
+    __m512 tot[4][4];
+    UNROLL for (int r = 0; r < NR; r++)
+        UNROLL for (int m = 0; m < MG; m++) tot[r][m] = _mm512_setzero_ps();
+    for (ptrdiff_t k0 = 0; k0 < K64; k0 += 128) {
+        __m512 acc[4][4];
+        UNROLL for (int r = 0; r < NR; r++)
+            UNROLL for (int m = 0; m < MG; m++) acc[r][m] = _mm512_setzero_ps();
+        for (ptrdiff_t k = k0; k < k0 + 128 && k < K64; k += 64) {
+            __m512i a[4], b[4];
+            UNROLL for (int r = 0; r < NR; r++) widen64_bf16(w + r * ldw + k, t, &a[r], &b[r]);
+            UNROLL for (int m = 0; m < MG; m++) {
+                __m512bh xa = (__m512bh)_mm512_loadu_si512((const void *)(xp + m * K64 + k));
+                __m512bh xb = (__m512bh)_mm512_loadu_si512((const void *)(xp + m * K64 + k + 32));
+                UNROLL for (int r = 0; r < NR; r++)
+                    acc[r][m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][m], (__m512bh)a[r], xa), (__m512bh)b[r], xb);
+            }
+        }
+        UNROLL for (int r = 0; r < NR; r++) {
+            __m512 sv = _mm512_set1_ps(s[r][k0 >> 7]);
+            UNROLL for (int m = 0; m < MG; m++) tot[r][m] = _mm512_fmadd_ps(acc[r][m], sv, tot[r][m]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int m = 0; m < MG; m++) {
+            float v = _mm512_reduce_add_ps(tot[r][m]);
+            for (ptrdiff_t k = K64; k < K; k++)
+                v += LUT[w[r * ldw + k]] * s[r][k >> 7] * bf16_to_f32(x[m * ldx + k]);
+            y[m * ldy + r] = v;
+        }
+}
+
+TGT512 static void fp8_gemm_bf16(const uint16_t *x, ptrdiff_t ldx, const uint8_t *w, ptrdiff_t ldw, const float *S,
+                                 ptrdiff_t lds, ptrdiff_t row_block, ptrdiff_t row_off, float *y, ptrdiff_t ldy,
+                                 ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, uint16_t *xp)
+{
+    const ptrdiff_t K64 = K / 64 * 64;
+    bf16_tables t = {_mm512_loadu_si512(BF16_HI), _mm512_loadu_si512(BF16_HI + 64), _mm512_loadu_si512(BF16_LO),
+                     _mm512_loadu_si512(BF16_LO + 64), _mm512_set1_epi8((char)0x80)};
+    permute_x(x, ldx, M, K64, xp);
+    const ptrdiff_t ntiles = (N + 3) / 4;
+#pragma omp parallel for schedule(static) if (N * K >= PAR_MIN && ntiles > 1)
+    for (ptrdiff_t tile = 0; tile < ntiles; tile++) {
+        ptrdiff_t n0 = tile * 4, nr = N - n0 < 4 ? N - n0 : 4;
+        const float *s[4];
+        for (ptrdiff_t r = 0; r < nr; r++) s[r] = S + (n0 + r + row_off) / row_block * lds;
+        for (ptrdiff_t m0 = 0; m0 < M; m0 += 2) {
+            const uint16_t *xm = xp + m0 * K64, *xr = x + m0 * ldx;
+            const uint8_t *wt = w + n0 * ldw;
+            float *yt = y + m0 * ldy + n0;
+            if (M - m0 >= 2) {
+                if (nr == 4) dot_tile_bf16(xm, K64, xr, ldx, K, wt, ldw, s, &t, yt, ldy, 4, 2);
+                else for (ptrdiff_t r = 0; r < nr; r++)
+                    dot_tile_bf16(xm, K64, xr, ldx, K, wt + r * ldw, ldw, s + r, &t, yt + r, ldy, 1, 2);
+            } else {
+                if (nr == 4) dot_tile_bf16(xm, K64, xr, ldx, K, wt, ldw, s, &t, yt, ldy, 4, 1);
+                else for (ptrdiff_t r = 0; r < nr; r++)
+                    dot_tile_bf16(xm, K64, xr, ldx, K, wt + r * ldw, ldw, s + r, &t, yt + r, ldy, 1, 1);
+            }
+        }
+    }
+}
+
+static int cpu_bf16(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
+           __builtin_cpu_supports("avx512bf16");
+}
+
 static int cpu_ok(void)
 {
     __builtin_cpu_init();
@@ -179,6 +298,7 @@ static int cpu_ok(void)
 }
 #else
 static int cpu_ok(void) { return 0; }
+static int cpu_bf16(void) { return 0; }
 #endif
 
 PyDoc_STRVAR(available_doc, "available() -> bool: the kernels can run on this CPU (x86-64 with AVX2, FMA, F16C).");
@@ -232,6 +352,51 @@ static PyObject *gemm(PyObject *self, PyObject *args)
 #endif
 }
 
+PyDoc_STRVAR(bf16_available_doc, "bf16_available() -> bool: gemm_bf16 can run here (AVX512-BF16 and VBMI).");
+
+static PyObject *bf16_available(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    return PyBool_FromLong(cpu_ok() && cpu_bf16());
+}
+
+PyDoc_STRVAR(gemm_bf16_doc,
+             "gemm_bf16(x, ldx, w, ldw, s, lds, row_block, row_off, y, ldy, m, n, k) -> None\n\n"
+             "`gemm` for bf16 x (fp32 y, column offset 0) with AVX512-BF16: the weights are widened to\n"
+             "bf16 (exact) and multiplied with x by vdpbf16ps, fp32 accumulation, one scale per block.");
+
+static PyObject *gemm_bf16(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_ssize_t px, ldx, pw, ldw, ps, lds, rb, roff, py, ldy, M, N, K;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnnnnn", &px, &ldx, &pw, &ldw, &ps, &lds, &rb, &roff, &py, &ldy, &M, &N, &K))
+        return NULL;
+    if (M < 0 || N < 0 || K < 0 || ldx < K || ldy < N || ldw < K || rb < 1 || roff < 0 || roff >= rb ||
+        lds < (K + 127) / 128 || !px || !pw || !ps || !py) {
+        PyErr_SetString(PyExc_ValueError, "fp8 gemm_bf16: negative size, bad block offset, leading dimension "
+                                          "too small or null buffer");
+        return NULL;
+    }
+    if (!cpu_ok() || !cpu_bf16()) {
+        PyErr_SetString(PyExc_RuntimeError, "fp8 gemm_bf16: this CPU lacks AVX512-BF16/VBMI");
+        return NULL;
+    }
+#ifdef AFD_X86
+    if (M == 0 || N == 0)
+        Py_RETURN_NONE;
+    uint16_t *xp = malloc(sizeof(uint16_t) * (size_t)(M * (K / 64 * 64) + 1));
+    if (!xp)
+        return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    fp8_gemm_bf16((const uint16_t *)px, ldx, (const uint8_t *)pw, ldw, (const float *)ps, lds, rb, roff, (float *)py,
+                  ldy, M, N, K, xp);
+    Py_END_ALLOW_THREADS
+    free(xp);
+#endif
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(dequantize_doc,
              "dequantize(w, ldw, s, lds, row_block, row_off, col_off, out, ldo, n, k) -> None\n\n"
              "out[n, k] (fp32, leading dimension ldo) = the e4m3 weight W of `gemm`, dequantized.\n"
@@ -267,6 +432,8 @@ static PyObject *dequantize(PyObject *self, PyObject *args)
 static PyMethodDef methods[] = {
     {"available", available, METH_NOARGS, available_doc},
     {"gemm", gemm, METH_VARARGS, gemm_doc},
+    {"bf16_available", bf16_available, METH_NOARGS, bf16_available_doc},
+    {"gemm_bf16", gemm_bf16, METH_VARARGS, gemm_bf16_doc},
     {"dequantize", dequantize, METH_VARARGS, dequantize_doc},
     {NULL, NULL, 0, NULL},
 };
