@@ -181,7 +181,7 @@ def test_afd_runs_on_equal_threads(tmp_path, monkeypatch):
     monkeypatch.setattr(decode, "measure_decode", fake)
     args = _args(tmp_path, "--threads", "4", "--afd-topology", "1A1F", "--micro-batches", "1,2")
     res = cli._afd(args, tmp_path, log=lambda m: None)
-    assert res["threads_per_worker"] == 2 and "2 thread(s) each" in res["note"]
+    assert res["threads_per_worker"] == 2 and "2 thread(s) each" in res["note"] and "same total cores" in res["note"]
     assert [(a, t) for a, t, _ in seen] == [(None, 4), (None, 2), ("1A1F", 2), ("1A1F", 2)]
     assert all(o["timeout_s"] == args.afd_timeout for a, _, o in seen if a)
     rows = res["rows"]
@@ -190,6 +190,8 @@ def test_afd_runs_on_equal_threads(tmp_path, monkeypatch):
         assert r["vs_colocated"] == pytest.approx(0.5 / 0.8) and r["vs_colocated_share"] == pytest.approx(1 / 0.8)
     assert cli._threads_per_worker("2A1F", 8) == 2 and cli._threads_per_worker("1A1F", 1) == 1
     assert cli._threads_per_worker("bad", 3) == 3
+    args = _args(tmp_path, "--threads", "1", "--afd-topology", "1A1F", "--micro-batches", "1")
+    assert "AFD uses 2 in all: more cores" in cli._afd(args, tmp_path, log=lambda m: None)["note"]
 
 
 class _FakeCache:

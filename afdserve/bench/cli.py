@@ -272,10 +272,12 @@ def _afd(args, model_dir: Path, log) -> dict:
                 r["vs_colocated"] = r["tokens_per_s"] / full
             if part:
                 r["vs_colocated_share"] = r["tokens_per_s"] / part
-    return {"rows": rows, "threads": args.threads, "threads_per_worker": share,
-            "note": f"AFD workers get {share} thread(s) each ({args.threads} // local workers); vs colocated: "
-                    f"against colocated with {args.threads} thread(s) (same total cores); vs share: against "
-                    f"colocated with {share} thread(s), the kernels each worker runs"}
+    total = share * _local_workers(args.afd_topology)
+    note = (f"AFD workers get {share} thread(s) each ({args.threads} // local workers); vs colocated: against "
+            f"colocated with {args.threads} thread(s)" + (" (same total cores)" if total <= args.threads
+                                                          else f" (AFD uses {total} in all: more cores)")
+            + f"; vs share: against colocated with {share} thread(s), the kernels each worker runs")
+    return {"rows": rows, "threads": args.threads, "threads_per_worker": share, "note": note}
 
 
 def _afd_row(args, model_dir: Path, log, b: int, c: int, name: str, topo: str | None, m: int, threads: int) -> dict:
@@ -302,14 +304,19 @@ def _afd_row(args, model_dir: Path, log, b: int, c: int, name: str, topo: str | 
     return row
 
 
-def _threads_per_worker(topology: str, threads: int) -> int:
-    """The run's threads divided among the topology's local worker processes (at least 1)."""
+def _local_workers(topology: str) -> int:
+    """Worker processes the topology starts on this machine (1 for a topology that does not parse)."""
     from afdserve.afd.topology import TopologyError, parse_topology
     try:
         t = parse_topology(topology)
     except TopologyError:
-        return threads
-    return max(1, threads // (t.num_attention + t.num_ffn))
+        return 1
+    return t.num_attention + t.num_ffn
+
+
+def _threads_per_worker(topology: str, threads: int) -> int:
+    """The run's threads divided among the topology's local worker processes (at least 1)."""
+    return max(1, threads // _local_workers(topology))
 
 
 def kernel_policy(threads: int) -> str:
