@@ -45,7 +45,7 @@ def decode_path(request, monkeypatch):
         torch.set_num_threads(1)
         request.addfinalizer(lambda: torch.set_num_threads(old))
     else:
-        monkeypatch.setattr(kernels, "NATIVE", False)
+        monkeypatch.setattr(kernels, "_policy", kernels.decide_policy("torch"))
     return request.param
 
 
@@ -143,7 +143,7 @@ def test_native_decode_attention_refuses_tables_outside_the_cache():
 
 def test_decode_gather_reuses_its_buffer_and_stays_exact_across_sizes(monkeypatch):
     from afdserve.model import attention, kernels
-    monkeypatch.setattr(kernels, "NATIVE", False)             # the gather path
+    monkeypatch.setattr(kernels, "_policy", kernels.decide_policy("torch"))  # the gather path
     ptrs = []
     for ctx_lens in ([5, 9, 3], [30, 2, 17, 8], [4, 4], [30, 2, 17, 8]):
         kv, meta, _ = _paged_setup(ctx_lens, [1] * len(ctx_lens), 1, 8)
@@ -168,6 +168,20 @@ def test_rmsnorm_fp32_then_cast():
     yb = nb(x.bfloat16())
     assert yb.dtype == torch.bfloat16                       # cast back to the input dtype
     torch.testing.assert_close(yb.float(), n(x), rtol=1e-2, atol=1e-2)
+    # bf16 inputs that are not round numbers: normalised in fp32, then two bf16 roundings (the
+    # cast, then the product with the weight), each within u = 2^-8 relative (half of bf16's ulp
+    # at 8 significant bits): |yb - y| <= ((1 + u)^2 - 1) |y| ~ 2u |y| against the fp32 result.
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 64, generator=g) * 3).bfloat16()
+    w = (torch.rand(64, generator=g) + 0.5).bfloat16()
+    n, nb = RMSNorm(64, 1e-5), RMSNorm(64, 1e-5).to(torch.bfloat16)
+    n.weight.data, nb.weight.data = w.float(), w
+    y, yb = n(x.float()), nb(x).float()
+    u = 2.0 ** -8
+    assert ((yb - y).abs() <= ((1 + u) ** 2 - 1) * y.abs() + 1e-7).all()
+    # and exactly the fp32 normalisation cast once, times the weight in bf16 (not bf16 arithmetic)
+    xf = x.float()
+    assert torch.equal(nb(x), (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16() * w)
 
 
 def test_moe_hand_set_weights_known_answer():
