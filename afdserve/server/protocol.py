@@ -42,8 +42,9 @@ class _Request(BaseModel):
         return self
 
 
-def _range(kind: type, lo=None, hi=None, **kw):
-    return Annotated[kind, Field(ge=lo, le=hi, **kw)]
+def _range(kind: type, lo=None, hi=None):
+    """`kind` within [lo, hi] (in the JSON schema too)."""
+    return Annotated[kind, Field(ge=lo, le=hi)]
 
 
 _TYPE_MISMATCH = frozenset({"string_type", "list_type", "int_type", "float_type", "bool_type", "dict_type",
@@ -291,7 +292,7 @@ class ChatCompletionRequest(_SamplingRequest):
     def unsupported(self):
         if self.tools:
             return "tools", "tools are not supported"
-        if self.tool_choice not in (None, "none", "auto"):
+        if self.tool_choice not in (None, "none"):
             return "tool_choice", "tool_choice is not supported (no tools)"
         if self.response_format and self.response_format.type != "text":
             return "response_format", "only response_format type 'text' is supported"
