@@ -108,7 +108,9 @@ class QuantizedLinearWeight:
         """Rebind to `other` (a view of fused storage, as `prepare_for_decode` does with parameters)."""
         if type(other) is not type(self):
             raise TypeError(f"cannot rebind a {type(self).__name__} to {type(other).__name__}")
-        self.__dict__.update(other.__dict__)
+        if other is not self:
+            self.__dict__.clear()
+            self.__dict__.update(other.__dict__)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -173,7 +175,11 @@ class Fp8Weight(QuantizedLinearWeight):
 
     def __getitem__(self, index) -> "Fp8Weight":
         if isinstance(index, int) and self.codes.dim() > 2:
-            return Fp8Weight(self.codes[index], self.scale[index], self.row_block, self.row_offset, self.col_offset)
+            experts = self.__dict__.setdefault("_experts", {})     # one view per expert, made once
+            if index not in experts:
+                experts[index] = Fp8Weight(self.codes[index], self.scale[index], self.row_block, self.row_offset,
+                                           self.col_offset)
+            return experts[index]
         if isinstance(index, tuple) and len(index) == 3 and index[0] is Ellipsis and index[2] == slice(None) \
                 and isinstance(index[1], slice) and index[1].step in (None, 1):
             a, b, _ = index[1].indices(self.shape[-2])
