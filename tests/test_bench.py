@@ -40,6 +40,7 @@ def test_bench_run_writes_json_with_expected_keys(tmp_path):
     assert {"torch.sum", "torch copy", "numpy sum"} <= set(m["bandwidth"]["kernels"])
     for row in m["weight_streaming"]["rows"].values():               # BLAS and afdserve's kernels
         assert 0 < row["bytes_per_s"] <= bw and 0 < row["engine_bytes_per_s"] <= bw
+        assert row["flops_per_s"] <= m["matmul"]["flops_per_s"] >= row["engine_flops_per_s"]
     assert [(d["batch"], d["context"]) for d in r["decode"]] == [(1, 16), (2, 16)]
     for d in r["decode"]:
         assert d["steps_timed"] == 2 and d["tokens_per_s"] == pytest.approx(d["batch"] / d["step_s"])
@@ -154,8 +155,14 @@ def test_bandwidth_limit_is_the_fastest_read_kernel():
     assert ("afdserve native GEMV" in r["kernels"]) == kernels.NATIVE
     # a decode GEMM that streamed faster raises the limit, and says so
     fast = 2 * r["bytes_per_s"]
-    machine.raise_to_streaming(r, {"rows": {"8": {"bytes_per_s": 1.0, "engine_bytes_per_s": fast}}})
+    mm = {"flops_per_s": 1e9, "method": "best of 5"}
+    rows = {"8": {"bytes_per_s": 1.0, "engine_bytes_per_s": fast, "flops_per_s": 3e9, "engine_flops_per_s": 2e9}}
+    machine.raise_limits(r, {"rows": rows}, mm)
     assert r["bytes_per_s"] == fast and r["kernel"] == "decode GEMM M=8 (afdserve)" and "raised" in r["method"]
+    assert mm["flops_per_s"] == 3e9 and mm["kernel"] == "decode GEMM M=8 (BLAS)" and "raised" in mm["method"]
+    slow = {"flops_per_s": 1e12, "method": "best of 5"}
+    machine.raise_limits(r, {"rows": rows}, slow)
+    assert slow == {"flops_per_s": 1e12, "method": "best of 5"}        # not raised: nothing faster
 
 
 def test_limits_lines_name_method_and_denominators():
