@@ -165,6 +165,21 @@ def test_bandwidth_limit_is_the_fastest_read_kernel():
     assert slow == {"flops_per_s": 1e12, "method": "best of 5"}        # not raised: nothing faster
 
 
+def test_limits_measured_twice_keep_each_kernels_best():
+    def limits(sum_rate, gemm_rate, flops):
+        return {"bandwidth": {"bytes_per_s": max(sum_rate, gemm_rate), "method": "best of 5; raised",
+                              "kernels": {"torch.sum": sum_rate, "decode GEMM M=1 (afdserve)": gemm_rate}},
+                "matmul": {"flops_per_s": flops, "method": "best of 5 runs of torch.mm"},
+                "weight_streaming": {"rows": {"1": {"bytes_per_s": 1.0, "engine_bytes_per_s": gemm_rate}}}}
+    m = limits(10.0, 12.0, 100.0)
+    machine.merge_limits(m, limits(14.0, 11.0, 90.0))
+    assert m["bandwidth"]["kernels"] == {"torch.sum": 14.0, "decode GEMM M=1 (afdserve)": 12.0}
+    assert m["bandwidth"]["bytes_per_s"] == 14.0 and m["bandwidth"]["kernel"] == "torch.sum"
+    assert "before and after the decode grid" in m["bandwidth"]["method"]
+    assert m["matmul"]["flops_per_s"] == 100.0 and "before and after" in m["matmul"]["method"]
+    assert m["weight_streaming"]["rows"]["1"]["engine_bytes_per_s"] == 12.0
+
+
 def test_limits_lines_name_method_and_denominators():
     m = {"bandwidth": {"bytes_per_s": 2e10, "method": "best of 5", "kernels": {"torch.sum": 2e10}},
          "matmul": {"flops_per_s": 3e11, "method": "best of 5 runs of torch.mm", "dtype": "float32", "n": 64,

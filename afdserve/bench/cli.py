@@ -134,10 +134,10 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
     if load > 0.5 * (os.cpu_count() or 1) and args.device == "cpu":
         log(f"warning: load average {load:.1f} on {os.cpu_count()} cores: other work is running, timings "
             "will be noisy (and multi-threaded torch may stall; try --threads 1)")
-    m = machine.measure(args.device, dtype, quick=args.quick,
-                        size_bytes=args.bandwidth_mib << 20 if args.bandwidth_mib else None, n=args.matmul_n)
-    result["machine"] = m
-    bw, mm = m["bandwidth"]["bytes_per_s"], m["matmul"]["flops_per_s"]
+    limits = lambda: machine.measure(args.device, dtype, quick=args.quick,  # noqa: E731
+                                     size_bytes=args.bandwidth_mib << 20 if args.bandwidth_mib else None,
+                                     n=args.matmul_n)
+    result["machine"] = m = limits()
 
     tmp = None
     if args.model:
@@ -190,7 +190,6 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
                     r = decode.measure_decode(model_dir, b, c, args.steps, args.warmup, args.device, args.dtype,
                                               prefill=args.prefill)
                     row.update(r)
-                    row["roofline"] = decode.roofline(cfg, r, bw, mm, elem)
                 except Exception as exc:
                     row["error"] = f"{type(exc).__name__}: {exc}"
                     continue
@@ -201,6 +200,14 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
                         row["ratio_vs_peer"] = row["tokens_per_s"] / p["tokens_per_s"]
                     except Exception as exc:
                         row["peer"] = {"error": f"{type(exc).__name__}: {exc}"}
+        # The limits again after the grid, keeping each kernel's best: a machine whose speed moves
+        # during the run (shared, throttled) must not leave a limit below what the grid reached.
+        log("measuring the machine again after the decode grid")
+        machine.merge_limits(m, limits())
+        bw, mm = m["bandwidth"]["bytes_per_s"], m["matmul"]["flops_per_s"]
+        for row in rows:
+            if "step_s" in row:
+                row["roofline"] = decode.roofline(cfg, row, bw, mm, elem)
         result["decode"] = rows
         del peer_model
         if getattr(args, "vllm", False):
