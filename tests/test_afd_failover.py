@@ -8,6 +8,7 @@ makes it unloadable); the tests run in file order on it.
 from __future__ import annotations
 
 import itertools
+import re
 import os
 import shutil
 import signal
@@ -227,3 +228,80 @@ def test_remote_ffn_slot_is_reopened_and_a_new_worker_rejoins(ckpt, reference, t
                 p.wait()
         log.close()
     assert procs[0].returncode == 0 and procs[2].returncode == 0, (tmp_path / "ffn.log").read_text()
+
+
+def test_attention_worker_lost_with_two_requeues_its_requests(ckpt, reference):
+    """2A1F: the lost worker's requests are recomputed on the other attention worker; none fails."""
+    with _llm(ckpt, "2A1F") as llm:
+        ex = llm.engine.executor
+        pid = ex.pids["attention worker 1"]
+        outs = _generate_with_fault(llm, lambda: os.kill(pid, signal.SIGKILL))
+        assert [o.error for o in outs] == [None] * len(outs)
+        assert [len(o.outputs[0].token_ids) for o in outs] == [GREEDY.max_tokens] * len(outs)
+        # Recompute is a prefill of prompt + tokens so far: equal to the undisturbed run up to
+        # float rounding, which on this random model has no near-ties at these positions.
+        assert [o.outputs[0].token_ids for o in outs] == reference
+        assert ex.pids["attention worker 1"] != pid and llm.engine.health() is None
+        assert ex.restarts[("attention", "exited")] == 1
+
+
+def _child_pids(parent: int, needle: str) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and needle in cmd:
+            out.append(int(d))
+    return out
+
+
+def test_server_health_names_a_stalled_idle_ffn_worker_then_recovers(ckpt, tmp_path):
+    """`afdserve serve --afd 1A1F`: an FFN worker stopped while the server is idle turns /health
+    503 naming it within --afd-timeout; it is replaced, /health is 200 again, /metrics counts it."""
+    httpx = pytest.importorskip("httpx")
+    port = free_port()
+    cmd = [sys.executable, "-m", "afdserve", "serve", "--model", str(ckpt), "--port", str(port), "--afd", "1A1F",
+           "--afd-timeout", str(TIMEOUT_S), "--dtype", "float32", "--num-kv-blocks", "64", "--log-level", "warning",
+           "--no-access-log", "--shutdown-timeout", "1"]
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "server.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def health():
+        try:
+            r = httpx.get(f"{url}/health", timeout=2)
+            return r.status_code, r.text
+        except httpx.HTTPError as exc:
+            return None, str(exc)
+    try:
+        deadline = time.monotonic() + 180
+        while health()[0] != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(0.2)
+        [ffn] = _child_pids(proc.pid, "--role ffn")
+        os.kill(ffn, signal.SIGSTOP)
+        t0 = time.monotonic()
+        while (h := health())[0] == 200 and time.monotonic() - t0 < TIMEOUT_S:
+            time.sleep(0.05)
+        assert h[0] == 503 and "FFN worker 0" in h[1] and time.monotonic() - t0 < TIMEOUT_S, h
+        while (h := health())[0] != 200 and time.monotonic() - t0 < 120:
+            time.sleep(0.1)
+        assert h[0] == 200, h
+        metrics = httpx.get(f"{url}/metrics", timeout=5).text
+        assert re.search(r'afdserve_afd_worker_restarts_total\{[^}]*reason="stopped",role="ffn"\} 1\.0', metrics)
+        r = httpx.post(f"{url}/v1/completions", json={"model": ckpt.name, "prompt": [1, 2, 3], "max_tokens": 4,
+                                                      "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)

@@ -179,7 +179,8 @@ class AFDExecutor:
         except ExecutorError:
             self.close()
             raise
-        threading.Thread(target=self._watch, daemon=True, name="afd-monitor").start()
+        self._monitor = threading.Thread(target=self._watch, daemon=True, name="afd-monitor")
+        self._monitor.start()
 
     def _init_state(self) -> None:
         self.gen = 0
@@ -193,6 +194,8 @@ class AFDExecutor:
         self._fresh: set[str] = set()
         self._hello_pids: dict[int, int] = {}
         self._stop_watch = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._scan_lock = threading.Lock()       # the step thread and the monitor both scan
 
     @property
     def num_workers(self) -> int:
@@ -201,12 +204,17 @@ class AFDExecutor:
     def _start(self) -> None:
         topo = self.topology
         for i in range(topo.num_attention):
-            self._add(launch_worker(self.spec, "attention", i))
+            self._launch("attention", i)
         if not self.ffn_remote:
             for k in range(topo.num_ffn):
-                self._add(launch_worker(self.spec, "ffn", k))
+                self._launch("ffn", k)
         readies = self._form(self.join_timeout_s, "start-up")
         self.num_kv_blocks = min(r.num_kv_blocks for r in readies)
+
+    def _launch(self, role: str, index: int) -> None:
+        if self._closed:
+            self._fail("the executor was closed")
+        self._add(launch_worker(self.spec, role, index))
 
     def _add(self, w: LocalWorker) -> None:
         self.workers[w.name] = w
@@ -216,12 +224,13 @@ class AFDExecutor:
     def _forget(self, name: str, rank: int, starting: bool = True) -> None:
         """A worker replaced, its rank re-opened, or seen in a new group: no fault; its heartbeat
         is judged from now on, or, for a process still starting, from its first beat on."""
-        count = self._beats.get(rank, (0, None))[0]
-        try:
-            count = self._monitor_store.add(rdv.heartbeat_key(rank), 0)
-        except Exception:
-            pass
-        self._beats[rank] = (count, None if starting else time.monotonic())
+        with self._scan_lock:
+            count = self._beats.get(rank, (0, None))[0]
+            try:
+                count = self._monitor_store.add(rdv.heartbeat_key(rank), 0)
+            except Exception:
+                pass
+            self._beats[rank] = (count, None if starting else time.monotonic())
         with self._state:
             self._noted.pop(name, None)
 
@@ -358,7 +367,7 @@ class AFDExecutor:
                 continue
             log.warning("AFD: %s; starting it again", reason)
             w.kill()
-            self._add(launch_worker(self.spec, w.role, w.index))
+            self._launch(w.role, w.index)
             if role == "attention":
                 lost.append(w.index)
                 self._lost[w.index] = reason
@@ -438,12 +447,22 @@ class AFDExecutor:
         log.warning("AFD: %s; starting it again (attempt %d of %d)", reason, n + 1, self.max_start_attempts)
         self.restarts[(w.role, "failed start")] += 1
         w.kill()
-        self._add(launch_worker(self.spec, w.role, w.index))
+        self._launch(w.role, w.index)
 
     # ------------------------------------------------------------------ liveness
     def _scan(self) -> dict[str, str]:
         """Lost workers: local processes that exited or are stopped, heartbeats that stalled. A
         worker's first reason sticks until it is replaced (killing a stopped one keeps "stopped")."""
+        with self._scan_lock:
+            if self._monitor_store is None:
+                return dict(self._noted)
+            found = self._find_faults()
+        with self._state:
+            for name, reason in found.items():
+                self._noted.setdefault(name, reason)
+            return dict(self._noted)
+
+    def _find_faults(self) -> dict[str, str]:
         found = {w.name: f for w in self.workers.values() if (f := w.fault())}
         now, topo = time.monotonic(), self.topology
         for rank in range(topo.world_size):
@@ -457,10 +476,7 @@ class AFDExecutor:
                 self._beats[rank] = (count, now)
             elif since is not None and now - since > self.stale_s and name not in found:
                 found[name] = f"{name} (rank {rank}) sent no heartbeat for {now - since:.1f} s (stalled)"
-        with self._state:
-            for name, reason in found.items():
-                self._noted.setdefault(name, reason)
-            return dict(self._noted)
+        return found
 
     def _watch(self) -> None:
         """Monitor thread: keeps health() current and recovers lost workers while idle."""
@@ -535,7 +551,11 @@ class AFDExecutor:
             finally:
                 self._lock.release()
         self._terminate()
-        self._store = self._monitor_store = None
+        if self._monitor is not None:
+            self._monitor.join(10.0)
+        with self._scan_lock:            # no store call in flight while the stores go
+            if self._monitor is None or not self._monitor.is_alive():
+                self._store = self._monitor_store = None
 
     def _terminate(self) -> None:
         for w in self.workers.values():
