@@ -15,8 +15,8 @@ replaced worker is found under its new pid).
 Report: requests ok / rejected (malformed, answered 4xx as they must be) / hung up (as planned) /
 failed (a good request that got an error, or a malformed one that was not rejected) / lost (no
 answer within --timeout); inter-token latency (TPOT: gaps between a stream's token chunks, each
-counted in the phase holding its midpoint) p50/p99/max in each phase (before, during and after
-each fault; a fault's 'during' lasts until /health is 200 again, or --during-s when /health
+counted in the phase holding its midpoint) p50/p99/max and TTFT p99 in each phase (before,
+during and after each fault; a fault's 'during' lasts until /health is 200 again, or --during-s when /health
 never turned); every /health transition; AFD restarts and replays from /metrics. Exit status 0
 only when nothing failed or was lost, /health recovered after each fault, and no request was left
 running.
@@ -214,13 +214,16 @@ def phases(t_start: float, t_end: float, faults: list[Event], health: list[Event
 
 def phase_rows(results: list[Result], windows: list, t0: float) -> list[dict]:
     """Per phase: the inter-token gaps (TPOT) whose midpoint falls in it (a gap stretched by a fault
-    counts in the fault's phase), and the outcomes of the requests that ended in it."""
+    counts in the fault's phase), TTFT of the first tokens that arrived in it (a fault that hits
+    between two cohorts of requests shows there, not in the gaps), and the outcomes of the
+    requests that ended in it."""
     rows = []
     for name, lo, hi in windows:
         gaps = [b - a for r in results for a, b in zip(r.token_times, r.token_times[1:]) if lo <= (a + b) / 2 < hi]
+        ttfts = [r.token_times[0] - r.start for r in results if r.token_times and lo <= r.token_times[0] < hi]
         ended = [outcome(r) for r in results if lo <= r.end < hi]
         rows.append({"phase": name, "from_s": lo - t0, "to_s": hi - t0, "gaps": len(gaps), "tpot_s": _stats(gaps),
-                     "max_gap_s": max(gaps, default=None),
+                     "max_gap_s": max(gaps, default=None), "ttft_s": _stats(ttfts),
                      **{k: ended.count(k) for k in ("ok", "rejected", "hung up", "failed", "lost")}})
     return rows
 
@@ -308,10 +311,11 @@ def print_report(rep: dict) -> None:
                 else "not 200 again" if f["unhealthy_after_s"] is not None else "")
         print(f"  {f['fault']}: {turned}; {back}")
     print(f"{'phase':14s} {'from s':>7s} {'to s':>7s} {'gaps':>6s} {'TPOT p50 ms':>12s} {'TPOT p99 ms':>12s} "
-          f"{'max gap ms':>11s} {'ok':>5s} {'rej':>4s} {'hung':>5s} {'fail':>5s} {'lost':>5s}")
+          f"{'max gap ms':>11s} {'TTFT p99 ms':>12s} {'ok':>5s} {'rej':>4s} {'hung':>5s} {'fail':>5s} {'lost':>5s}")
     for p in rep["phases"]:
         print(f"{p['phase']:14s} {p['from_s']:7.1f} {p['to_s']:7.1f} {p['gaps']:6d} {_ms(p['tpot_s']['p50']):>12s} "
-              f"{_ms(p['tpot_s']['p99']):>12s} {_ms(p['max_gap_s']):>11s} {p['ok']:5d} {p['rejected']:4d} "
+              f"{_ms(p['tpot_s']['p99']):>12s} {_ms(p['max_gap_s']):>11s} {_ms(p['ttft_s']['p99']):>12s} "
+              f"{p['ok']:5d} {p['rejected']:4d} "
               f"{p['hung up']:5d} {p['failed']:5d} {p['lost']:5d}")
     for msg, n in sorted(rep["failures"].items(), key=lambda kv: -kv[1])[:8]:
         print(f"  x{n}: {msg}")
