@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
+import os
 import platform
 import shutil
 
@@ -11,7 +14,7 @@ import torch.nn.functional as F
 
 from afdserve.config import get_preset
 from afdserve.model import kernels
-from afdserve.model.attention import AttentionMetadata, KVCache
+from afdserve.model.attention import AttentionMetadata, KVCache, naive_attention
 from afdserve.model.checkpoint import init_random
 from afdserve.model.kernels import is_transposed, linear, prepack, prepare_for_decode
 from afdserve.model.step3 import FFNShard, Step3ForCausalLM
@@ -19,26 +22,40 @@ from afdserve.model.step3 import FFNShard, Step3ForCausalLM
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
 def torch_threads(request):
-    """Run under 1 torch thread (OpenBLAS eligible) and 2 (MKL / oneDNN only); restore after."""
-    old = torch.get_num_threads()
+    """Run under 1 torch thread (OpenBLAS eligible) and 2 (MKL / oneDNN, native kernels on 2
+    OpenMP threads), with the policy decided for that count; restore both after."""
+    old, policy = torch.get_num_threads(), kernels.current_policy()
     torch.set_num_threads(request.param)
+    kernels.use_policy(kernels.decide_policy(policy.mode))
     yield request.param
     torch.set_num_threads(old)
+    kernels.use_policy(policy)
 
 
-@pytest.fixture(params=["native", "blas"])
-def kernel_set(request, monkeypatch):
-    """With the native kernels (where built) and with the BLAS libraries only."""
+@pytest.fixture
+def policy_restored():
+    """Tests that install their own policy get the previous one back."""
+    policy = kernels.current_policy()
+    yield
+    kernels.use_policy(policy)
+
+
+@pytest.fixture(params=["native", "torch"])
+def kernel_set(request, torch_threads):
+    """With the native kernels (where built) and with torch's kernels only."""
     if request.param == "native" and not kernels.NATIVE:
         pytest.skip("afdserve._native is not built on this machine")
-    if request.param == "blas":
-        monkeypatch.setattr(kernels, "NATIVE", False)
+    kernels.use_policy(kernels.decide_policy("auto" if request.param == "native" else "torch"))
     return request.param
+
+
+def _without_native(policy: kernels.KernelPolicy) -> kernels.KernelPolicy:
+    return dataclasses.replace(policy, native_rows={}, attention=frozenset())
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8, 9, 33])
 @pytest.mark.parametrize("shape", [(96, 40), (40, 96)])
-def test_linear_equals_f_linear_for_every_layout(rows, shape, torch_threads, kernel_set):
+def test_linear_equals_f_linear_for_every_layout(rows, shape, kernel_set):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(*shape, generator=g)
     x = torch.randn(rows, shape[1], generator=g)
@@ -59,7 +76,7 @@ def test_linear_equals_f_linear_for_every_layout(rows, shape, torch_threads, ker
 def test_linear_dispatch_openblas_only_with_one_thread_and_no_grad_needed(torch_threads, monkeypatch):
     if not kernels.OPENBLAS:
         pytest.skip("numpy's OpenBLAS not found")
-    monkeypatch.setattr(kernels, "NATIVE", False)
+    kernels.use_policy(_without_native(kernels.current_policy()))
     calls = []
     real = kernels._openblas_linear
     monkeypatch.setattr(kernels, "_openblas_linear", lambda x, w: calls.append(x.shape[0]) or real(x, w))
@@ -86,6 +103,8 @@ def test_linear_dispatch_openblas_only_with_one_thread_and_no_grad_needed(torch_
 def test_linear_dispatch_native_by_rows_and_layout(torch_threads, monkeypatch):
     if not kernels.NATIVE:
         pytest.skip("afdserve._native is not built on this machine")
+    policy = kernels.current_policy()
+    assert policy.threads == torch_threads
     native, blas = [], []
     real_native, real_blas = kernels._native_call, kernels._openblas_linear
     monkeypatch.setattr(kernels, "_native_call", lambda x, w, *a: native.append(x.shape[0]) or real_native(x, w, *a))
@@ -93,15 +112,16 @@ def test_linear_dispatch_native_by_rows_and_layout(torch_threads, monkeypatch):
     wt = torch.randn(64, 32).t().contiguous().t()          # transposed storage
     w = torch.randn(32, 64)                                 # checkpoint layout
     sliced = torch.randn(40, 64)[4:36]                      # rows of a fused matrix: still eligible
-    for rows in (1, 2, 8, 9, 32, 33):
-        linear(torch.randn(rows, 32), wt)
-        linear(torch.randn(rows, 64), w)
-        linear(torch.randn(rows, 64), sliced)
-    if torch_threads == 1:
-        assert native == [1, 1, 1, 2, 2, 2, 8, 8, 8, 9, 9, 32, 32]
-        assert blas == ([9, 32, 33, 33, 33] if kernels.OPENBLAS else [])
-    else:
-        assert native == [] and blas == []
+    rows = (1, 2, 8, 9, 32, 33)
+    for r in rows:
+        linear(torch.randn(r, 32), wt)
+        linear(torch.randn(r, 64), w)
+        linear(torch.randn(r, 64), sliced)
+    lim_t, lim = policy.native_max_rows(torch.float32, True), policy.native_max_rows(torch.float32, False)
+    assert lim_t >= 1 and lim >= 8                          # the measured choice: native for decode rows
+    assert native == [r for r in rows for n in (lim_t, lim, lim) if r <= n]
+    blas_rows = [r for r in rows for n in (lim_t, lim, lim) if r > n and (r == 1 or r >= 4)]
+    assert blas == (blas_rows if policy.openblas else [])
     native.clear()
     wg = wt.detach().clone().requires_grad_(True)           # autograd needed: F.linear
     linear(torch.randn(2, 32), wg).sum().backward()
@@ -180,13 +200,13 @@ def _storages(model):
     return {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
 
 
-def _run(model, ids, positions, kv_seed=0):
+def _run(model, ids, positions, kv_seed=0, dtype=torch.float32):
     c = model.config
     S = len(ids)
-    kv = KVCache(c.num_hidden_layers, 4 * S + 1, 4, c.num_attention_groups, c.head_dim, torch.float32)
+    kv = KVCache(c.num_hidden_layers, 4 * S + 1, 4, c.num_attention_groups, c.head_dim, dtype)
     gen = torch.Generator().manual_seed(kv_seed)
-    kv.k.copy_(torch.randn(kv.k.shape, generator=gen))
-    kv.v.copy_(torch.randn(kv.v.shape, generator=gen))
+    kv.k.copy_(torch.randn(kv.k.shape, generator=gen).to(dtype))
+    kv.v.copy_(torch.randn(kv.v.shape, generator=gen).to(dtype))
     tables = [[1 + 4 * s + j for j in range(4)] for s in range(S)]
     meta = AttentionMetadata.build(positions, [tables[s][p // 4] * 4 + p % 4 for s, p in enumerate(positions)],
                                    [1] * S, [p + 1 for p in positions], tables, 4)
@@ -265,3 +285,258 @@ def test_rmsnorm_fp32_fast_path_equals_the_formula():
     x = torch.randn(5, 24)
     want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
     torch.testing.assert_close(norm(x), want)
+
+
+# ----------------------------------------------------------------------------- bf16 kernels
+#
+# Tolerances from bf16's unit roundoff. A bf16 value has an 8-bit significand (7 stored bits), so
+# rounding to bf16 is off by at most u16 = 2^-8 relative; fp32 accumulation adds at most
+# u32 = 2^-24 relative per operation. The kernels widen the bf16 inputs exactly (or, with
+# vdpbf16ps, form exact bf16 x bf16 products: 8 x 8 significand bits fit in fp32's 24), sum the K
+# products in fp32 in some order (a sum of K terms in any order errs by at most
+# (K - 1) u32 sum|x_k w_k| to first order; the final horizontal sums add at most 4 more
+# operations) and round once to bf16. Against the exact product of the same bf16 inputs (fp64
+# here: its own error is negligible) each output y therefore satisfies
+#     |y - y_exact| <= u16 |y_exact| + (1 + u16) (K + 4) u32 sum_k |x_k w_k|.
+U16, U32 = 2.0 ** -8, 2.0 ** -24
+
+
+def _bf16_gemm_bound(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exact x @ w^T of the bf16 inputs, the bound above per output)."""
+    xd, wd = x.double(), w.double()
+    exact = xd @ wd.t()
+    k = x.shape[1]
+    return exact, U16 * exact.abs() + (1 + U16) * (k + 4) * U32 * (xd.abs() @ wd.abs().t())
+
+
+def _bf16_isas() -> list[int]:
+    return [kernels.ISA_AVX2] + ([kernels.ISA_AVX512BF16] if kernels.FEATURES.get("avx512bf16") else [])
+
+
+needs_native = pytest.mark.skipif(not kernels.NATIVE, reason="afdserve._native is not built on this machine")
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 32])
+@pytest.mark.parametrize("shape", [(37, 29), (29, 37), (8, 8), (3, 100), (1, 17), (130, 7), (64, 768)])
+def test_native_bf16_gemms_within_the_bf16_bound_of_the_exact_product(rows, shape):
+    """Both layouts, both instruction sets, tails of every block size (8-wide vectors, 32-wide
+    vdpbf16ps steps with masked loads, 3/4/8 weight rows, 4-row groups), slices of fused matrices."""
+    out, inp = shape
+    g = torch.Generator().manual_seed(rows * 1000 + out)
+    w = torch.randn(out + 5, inp + 3, generator=g).bfloat16()[2:2 + out, 1:1 + inp]
+    wt = torch.randn(inp, out + 6, generator=g).bfloat16()[:, 3:3 + out].t()
+    x = torch.randn(rows, inp + 4, generator=g).bfloat16()[:, 4:]
+    exact, bound = _bf16_gemm_bound(x, w)
+    for isa in _bf16_isas():
+        got = kernels._native_linear(x, w, 1, isa)
+        assert got.dtype is torch.bfloat16 and got.shape == (rows, out)
+        err = (got.double() - exact).abs()
+        assert (err <= bound).all(), f"isa {isa}: worst excess {(err - bound).max().item():.3g}"
+    exact_t, bound_t = _bf16_gemm_bound(x, wt)
+    got = kernels._native_linear(x, wt, 1)
+    assert ((got.double() - exact_t).abs() <= bound_t).all()
+    # the bound is not vacuous: torch's own bf16 product meets it too, and fp32 outputs rounded
+    # to bf16 do not all equal the exact ones (so the u16 term is what the test measures)
+    assert ((F.linear(x, w).double() - exact).abs() <= bound).all()
+    from afdserve import _native
+    with pytest.raises(ValueError, match="AVX512-BF16"):          # vdpbf16ps cannot read [in, out]
+        _native.bgemm(x.data_ptr(), x.stride(0), wt.data_ptr(), wt.stride(1), got.data_ptr(), out, rows, out, inp,
+                      True, 1, kernels.ISA_AVX512BF16)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8, 32])
+def test_native_gemms_are_bitwise_equal_on_any_thread_count(dtype, rows):
+    """Outputs are split over threads on multiples of 8 columns, each computed by the same
+    instructions in the same order, so 1, 2, 3 and 8 threads give identical bits."""
+    g = torch.Generator().manual_seed(rows)
+    for out, inp in ((4099, 257), (300, 1024)):               # enough work for several threads
+        w = torch.randn(out, inp, generator=g).to(dtype)
+        x = torch.randn(rows, inp, generator=g).to(dtype)
+        for weight in (w, w.t().contiguous().t()):
+            isas = _bf16_isas() if dtype is torch.bfloat16 and not kernels.is_transposed(weight) else [None]
+            for isa in isas:
+                one = kernels._native_linear(x, weight, 1, isa)
+                for threads in (2, 3, 8):
+                    assert torch.equal(kernels._native_linear(x, weight, threads, isa), one), (threads, isa)
+
+
+def _paged(S, ctx_lens, nq, g, d, bs, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    nblocks = sum(-(-c // bs) for c in ctx_lens) + 3
+    k = torch.randn(nblocks * bs, g, d, generator=gen).to(dtype)
+    v = torch.randn(nblocks * bs, g, d, generator=gen).to(dtype)
+    q = torch.randn(S, nq, d, generator=gen).to(dtype)
+    perm = torch.randperm(nblocks, generator=gen).tolist()
+    width = max(-(-c // bs) for c in ctx_lens)
+    tables, used = torch.zeros(S, width, dtype=torch.int64), 0
+    for s, c in enumerate(ctx_lens):
+        n = -(-c // bs)
+        tables[s, :n] = torch.tensor(perm[used:used + n])
+        used += n
+    return q, k, v, tables
+
+
+@needs_native
+@pytest.mark.parametrize("ctx_lens, nq, g, d", [([5], 16, 1, 128), ([70, 3, 130], 8, 2, 24), ([200, 17], 12, 1, 40)])
+def test_native_bf16_decode_attention_within_the_bf16_bound(ctx_lens, nq, g, d, policy_restored):
+    """bf16 q / K / V cache, fp32 math inside, output rounded once. The keys and values are
+    widened exactly, scores and softmax run in fp32 (relative error a few hundred u32 at these
+    sizes, plus the exp polynomial's 2e-7), and the weighted sum of values errs by at most that
+    times max|v|; the final rounding adds u16 |o|. Bound per output:
+        |o - o_exact| <= u16 |o_exact| + 1e-4 max|v|    (1e-4 >> (ctx + d + 64) u32 + 2e-7)."""
+    S, bs = len(ctx_lens), 16
+    q, k, v, tables = _paged(S, ctx_lens, nq, g, d, bs, torch.bfloat16, seed=sum(ctx_lens))
+    kernels.use_policy(kernels.decide_policy("auto", threads=1))
+    with torch.inference_mode():
+        got = kernels.native_decode_attention(q, k, v, tables, ctx_lens, bs, 0.125)
+    assert got is not None and got.dtype is torch.bfloat16
+    for s, c in enumerate(ctx_lens):
+        slots = (tables[s, :, None] * bs + torch.arange(bs)).reshape(-1)[:c]
+        exact = naive_attention(q[s:s + 1].double(), k[slots].double(), v[slots].double(), 0.125)
+        err = (got[s:s + 1].double() - exact).abs()
+        bound = U16 * exact.abs() + 1e-4 * v[slots].double().abs().max()
+        assert (err <= bound).all(), f"sequence {s}: worst excess {(err - bound).max().item():.3g}"
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ctx_lens", [[300], [40, 7, 129, 64]])
+def test_native_decode_attention_is_bitwise_equal_on_any_thread_count(dtype, ctx_lens, policy_restored):
+    """Sequences x KV heads (and, with fewer of those than threads, blocks of 8 heads) are split
+    over the threads; every head runs the same instructions as with one thread."""
+    q, k, v, tables = _paged(len(ctx_lens), ctx_lens, 32, 1, 64, 16, dtype, seed=len(ctx_lens))
+    outs = []
+    for threads in (1, 2, 3, 8):
+        kernels.use_policy(kernels.decide_policy("auto", threads=threads))
+        with torch.inference_mode():
+            outs.append(kernels.native_decode_attention(q, k, v, tables, ctx_lens, 16, 0.2))
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+# ----------------------------------------------------------------------------- the policy
+def test_policy_modes_and_the_environment(monkeypatch, policy_restored):
+    torch_only = kernels.decide_policy("torch", threads=2)
+    assert torch_only.mode == "torch" and torch_only.threads == 2
+    assert not torch_only.native_rows and not torch_only.attention and not torch_only.openblas
+    auto = kernels.decide_policy("auto", threads=3)
+    assert auto.threads == (3 if kernels.NATIVE and kernels.FEATURES["openmp"] else auto.threads)
+    if kernels.NATIVE:
+        assert auto.native_max_rows(torch.bfloat16, False) >= 1 and torch.bfloat16 in auto.attention
+        forced = kernels.decide_policy("native", threads=1)
+        assert forced.native_max_rows(torch.float32, True) == kernels.FORCED_NATIVE_ROWS
+        assert forced.bf16_isa == (kernels.ISA_AVX512BF16 if kernels.FEATURES["avx512bf16"] else kernels.ISA_AVX2)
+    else:
+        with pytest.raises(ValueError, match="not built"):
+            kernels.decide_policy("native")
+    with pytest.raises(ValueError, match="unknown kernel mode 'fast'"):
+        kernels.decide_policy("fast")
+    monkeypatch.setenv(kernels.KERNELS_ENV, "torch")
+    assert kernels.decide_policy().mode == "torch"
+    monkeypatch.setenv(kernels.KERNELS_ENV, "Auto ")
+    assert kernels.decide_policy().mode == "auto"
+    assert "decode attention" in auto.describe() and "OpenMP runtime" in auto.describe()
+
+
+def test_linear_and_attention_read_the_policy_not_the_thread_count(monkeypatch, policy_restored):
+    """The choice is made once: a call consults neither torch's thread count nor the CPU."""
+    kernels.use_policy(kernels.decide_policy("auto", threads=1))
+
+    def forbidden(*_):
+        raise AssertionError("re-derived per call")
+    monkeypatch.setattr(torch, "get_num_threads", forbidden)
+    monkeypatch.setattr(kernels, "decide_policy", forbidden)
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(48, 32).to(dtype)
+        for rows in (1, 4, 40):
+            linear(torch.randn(rows, 32).to(dtype), w)
+        q, k, v, tables = _paged(2, [9, 20], 4, 1, 16, 4, dtype, seed=1)
+        with torch.inference_mode():
+            kernels.native_decode_attention(q, k, v, tables, [9, 20], 4, 0.3)
+
+
+def test_torch_policy_never_calls_the_native_kernels(monkeypatch, policy_restored):
+    kernels.use_policy(kernels.decide_policy("torch"))
+    monkeypatch.setattr(kernels, "_native_call", lambda *a: pytest.fail("native kernel called"))
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(48, 32).to(dtype)
+        torch.testing.assert_close(linear(torch.randn(2, 32).to(dtype), w).float().shape, torch.Size([2, 48]))
+        q, k, v, tables = _paged(1, [9], 4, 1, 16, 4, dtype, seed=2)
+        assert kernels.native_decode_attention(q, k, v, tables, [9], 4, 0.3) is None
+
+
+def test_prepare_for_decode_decides_the_policy_for_the_workers_thread_count(policy_restored):
+    """A worker sets its threads, then loads: the policy follows (native kernels on that many
+    OpenMP threads where built with OpenMP)."""
+    old = torch.get_num_threads()
+    multi = kernels.NATIVE and kernels.FEATURES["openmp"]
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            prepare_for_decode(init_random(Step3ForCausalLM(get_preset("tiny")), seed=0))
+            assert kernels.current_policy().threads == (threads if multi else 1)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.skipif(not (kernels.NATIVE and kernels.FEATURES.get("openmp")), reason="built without OpenMP")
+def test_one_openmp_runtime_in_the_process_and_it_is_torchs():
+    """The extension links libgomp.so.1; torch's wheel ships one under that soname and is loaded
+    first, so the loader binds both to it: one runtime, one thread pool."""
+    runtimes = kernels.openmp_runtimes()
+    torch_libs = os.path.dirname(torch.__file__)
+    assert len(runtimes) == 1, runtimes
+    if any(os.path.exists(os.path.join(torch_libs, "lib", n)) for n in ("libgomp.so.1",)):
+        assert runtimes[0].startswith(torch_libs)
+
+
+# ----------------------------------------------------------------------------- dtype auto
+def test_dtype_auto_resolution(monkeypatch):
+    resolve = kernels.resolve_dtype
+    assert resolve("float32", "bfloat16", "cpu") == "float32" and resolve("bfloat16", "float32", "cpu") == "bfloat16"
+    assert resolve("auto", "float32", "cuda") == "bfloat16"
+    for has_bf16 in (True, False):
+        monkeypatch.setattr(kernels, "cpu_has_bf16_arithmetic", lambda: has_bf16)
+        assert resolve("auto", "bfloat16", "cpu") == "bfloat16"      # bf16 checkpoint: always bf16
+        assert resolve("auto", "float16", "cpu") == "bfloat16"
+        assert resolve("auto", "float32", "cpu") == ("bfloat16" if has_bf16 else "float32")
+    assert kernels.cpu_has_bf16_arithmetic() in (True, False)
+
+
+def test_engine_and_llm_default_to_auto(tiny_ckpt, monkeypatch):
+    import inspect
+
+    from afdserve.engine.engine import EngineArgs, LLMEngine
+    from afdserve.engine.llm import LLM
+    assert EngineArgs().dtype == "auto" and inspect.signature(LLM).parameters["dtype"].default == "auto"
+    for has_bf16, want in ((True, torch.bfloat16), (False, torch.float32)):   # tiny_ckpt is an fp32 checkpoint
+        monkeypatch.setattr(kernels, "cpu_has_bf16_arithmetic", lambda: has_bf16)
+        engine = LLMEngine(EngineArgs(model=tiny_ckpt, device="cpu", num_kv_blocks=8, block_size=4))
+        assert engine.dtype == str(want).removeprefix("torch.")
+        assert engine.executor.runner.model.lm_head.weight.dtype is want
+
+
+@pytest.mark.parametrize("batch", [1, 6])
+def test_bf16_model_logits_close_to_fp32(batch, policy_restored):
+    """The tiny model in bf16 (weights, activations, KV; native kernels where built) against fp32
+    and against bf16 through torch's kernels. Every matmul output and the residual stream are
+    rounded to bf16 (2^-8 relative), over 4 layers of random weights: the logits of either bf16
+    run move by up to ~10% of their scale from fp32 (measured 8% at batch 1, the same for both
+    kernel sets), while the two bf16 runs differ only by their summation order and rounding
+    points (measured <= 2.5%)."""
+    config = get_preset("tiny")
+    fp32 = init_random(Step3ForCausalLM(config), seed=4)
+    fp32.init_rope()
+    bf16 = prepare_for_decode(copy.deepcopy(fp32).to(torch.bfloat16))
+    bf16.init_rope()
+    ids, positions = [(11 * s + 5) % config.vocab_size for s in range(batch)], [3 + 2 * s for s in range(batch)]
+    ref = _run(prepare_for_decode(fp32), ids, positions)
+    got = _run(bf16, ids, positions, dtype=torch.bfloat16)
+    kernels.use_policy(kernels.decide_policy("torch"))
+    via_torch = _run(bf16, ids, positions, dtype=torch.bfloat16)
+    scale = ref.abs().max()
+    assert got.dtype is torch.float32
+    assert (got - via_torch).abs().max() <= 0.05 * scale
+    assert (got - ref).abs().max() <= 0.15 * scale and (via_torch - ref).abs().max() <= 0.15 * scale

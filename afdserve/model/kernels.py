@@ -1,51 +1,69 @@
-"""Weight layouts and the linear / attention kernel choice for decoding.
+"""Weight layouts, the kernel policy, and the linear / attention kernels of decoding.
 
 A decode step multiplies a few rows (one per sequence, or per token an expert receives) by every
 weight matrix, so its GEMMs read weights rather than compute, and which kernel reads a matrix
-fastest depends on the row count and on how the matrix is laid out. Measured with one thread on
-the 2-core CPU the benchmarks run on (`python benchmarks/kernel_bench.py`, figures in
-benchmarks/README.md):
+fastest depends on the dtype, the row count, the layout and the thread count. That choice is made
+ONCE per process, when a model is prepared (`prepare_for_decode`, after the worker has set its
+thread count): `decide_policy()` returns a frozen `KernelPolicy` (logged on the `afdserve.kernels`
+logger), `use_policy` installs it, and `linear` / `native_decode_attention` read its fields without
+re-deriving anything per call. `--kernels auto|native|torch` (or AFDSERVE_KERNELS) selects:
 
-* afdserve's own kernels (`afdserve._native`, afdserve/native/decode_kernels.c, compiled at
-  install time where a C compiler is present; x86-64 with AVX2/FMA) read each weight byte once
-  for any row count: over the checkpoint layout [out, in] they match or beat every BLAS on that
-  layout up to 32 rows (1.05-1.8x the best BLAS candidate of any layout at 2-8 rows), over
-  transposed storage [in, out] up to 8 rows (at 1 row within 10% of OpenBLAS's GEMV); beyond
-  that numpy's OpenBLAS (threadpoolctl holds it to one thread) is as fast or faster. They are
-  used with one torch thread: they are single-threaded, and with more threads torch's BLAS uses
-  the cores.
-* Without them, with one thread: numpy's OpenBLAS for 1 and 4+ rows (1.0-1.4x MKL/oneDNN), MKL
-  for 2-3 rows, over transposed storage except for strongly narrow matrices (in >= 2 out), whose
-  one-row GEMV is faster in the checkpoint layout.
-* With more threads: MKL over transposed storage for 1-3 rows of wide matrices (1.3-1.7x the
-  checkpoint layout), oneDNN's inner product over transposed storage for 4+ rows, and for the
-  LM head (32000 outputs) a oneDNN-prepacked copy (2-2.5x MKL at 8-64 rows; the only matrix kept
-  twice). OpenBLAS is not used then: its thread pool and torch's fight for the cores.
+* auto: the measured choice below (docs/kernels.md has the tables);
+* native: afdserve's own kernels for every few-row GEMM (<= FORCED_NATIVE_ROWS rows) and decode
+  attention they can run (an error where they are not built);
+* torch: torch's kernels only (MKL / oneDNN GEMMs, gather + SDPA attention), the reference.
 
-`prepare_for_decode(model)` applies this once after loading:
-  1. fuses projections that read the same input: q_proj/k_proj/v_proj into one matrix, and
-     gate_proj/up_proj of every dense FFN, shared expert and routed expert into one [2W, H]
-     matrix (one GEMM instead of two or three). The checkpoint parameters become views into the
-     fused storage, so the state dict, the memory used and the reference code paths are unchanged;
-  2. on CPU in fp32: stores matrices transposed as `stored_transposed` says (the wide ones: fused
-     gate/up projections, wq, the experts' down projections when hidden > width, the LM head) and
-     prepacks the LM head for oneDNN.
+Shape classes and kernels (auto):
+* few-row GEMM, checkpoint layout [out, in] and transposed storage [in, out]: afdserve._native
+  (afdserve/native/decode_kernels.c fp32, gemm_bf16.c bf16; x86-64 with AVX2/FMA, compiled at
+  install where a C compiler is present). They read every weight byte once at any row count and
+  split the outputs over torch's thread count with OpenMP in torch's own libgomp (one runtime and
+  one thread pool in the process; checked at load, `openmp_runtimes`). bf16 weights are read at
+  half the bytes: widened by a shift on AVX2, or multiplied in pairs by `vdpbf16ps` where the CPU
+  has AVX512-BF16 (chosen at run time). Up to `native_rows[(dtype, transposed)]` rows;
+* many-row GEMM (prefill, large batches): torch: oneDNN / MKL (bf16 through oneDNN, which uses
+  AMX or AVX512-BF16 where present), a oneDNN-prepacked LM head in fp32, and with one fp32
+  thread numpy's OpenBLAS where it measured faster;
+* decode attention over the paged cache: the native kernel (fp32 or bf16 cache, read in place,
+  sequences x heads over the threads), else gather + SDPA.
 
-`linear(x, w)` picks the kernel from the row count, the weight's layout and the thread count; it
-equals `F.linear(x, w)` up to floating-point summation order (tests/test_kernels.py).
-`native_decode_attention` is the decode attention that reads K/V in place from the paged cache
-(afdserve/model/attention.py uses it with one thread and falls back to gather + SDPA).
+`prepare_for_decode(model)` also fuses projections that read the same input (q/k/v; gate/up of
+every FFN and expert: the parameters become views of the fused storage, same memory) and, in fp32,
+stores the wide matrices transposed as `stored_transposed` says, and prepacks the LM head.
+`linear(x, w)` equals `F.linear(x, w)` up to floating-point summation order (tests/test_kernels.py).
 """
 from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Up to these many rows MKL (over transposed storage) beats oneDNN; from PACKED_ROWS on a prepacked
-# copy wins (benchmarks/kernel_bench.py).
+log = logging.getLogger("afdserve.kernels")
+
+KERNEL_MODES = ("auto", "native", "torch")
+KERNELS_ENV = "AFDSERVE_KERNELS"
+FORCED_NATIVE_ROWS = 64          # `native` mode: few-row GEMMs up to this many rows
+# fp32 with torch's kernels: up to MKL_MAX_ROWS rows MKL (over transposed storage) beats oneDNN;
+# from PACKED_ROWS on the prepacked LM head wins; OpenBLAS (one thread) for 1 and 4+ rows.
 MKL_MAX_ROWS = 3
 PACKED_ROWS = 3
+OPENBLAS_MIN_ROWS = 4
+ISA_AVX2, ISA_AVX512BF16 = 1, 2  # afdserve._native.bgemm's `isa`
+# auto: rows up to which the native kernels beat torch's, per (dtype, transposed storage) and
+# one thread / more (benchmarks/kernel_bench.py; docs/kernels.md).
+AUTO_NATIVE_ROWS = {
+    1: {(torch.float32, False): 32, (torch.float32, True): 8,
+        (torch.bfloat16, False): 8, (torch.bfloat16, True): 4},
+    2: {(torch.float32, False): 32, (torch.float32, True): 8,
+        (torch.bfloat16, False): 8, (torch.bfloat16, True): 4},
+}
+
+# bf16 over the checkpoint layout: vdpbf16ps up to this many rows, the AVX2 kernel above it.
+AUTO_BF16DP_ROWS = 4
 
 
 def _onednn_available() -> bool:
@@ -53,11 +71,6 @@ def _onednn_available() -> bool:
         return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     except (AttributeError, RuntimeError):
         return False
-
-
-ONEDNN = _onednn_available()
-# OpenBLAS is used for 1 row and from this many rows on (2-3 rows: MKL is faster).
-OPENBLAS_MIN_ROWS = 4
 
 
 def _openblas_available() -> bool:
@@ -76,32 +89,179 @@ def _openblas_available() -> bool:
         return False
 
 
-OPENBLAS = _openblas_available()
-
-
-def _native_available() -> bool:
-    """afdserve's own decode GEMMs (afdserve/native/decode_kernels.c), built at install time where a C
-    compiler is present, and runnable on this CPU (x86-64 with AVX2 + FMA)."""
+def _native_features() -> dict:
+    """afdserve._native's {avx2, avx512bf16, openmp} on this CPU; {} where it is not built or
+    cannot run (x86-64 with AVX2 + FMA)."""
     try:
         from afdserve import _native
-        return bool(_native.available())
+        return dict(_native.features()) if _native.available() else {}
     except Exception:                                  # not built, or another platform
-        return False
+        return {}
 
 
-NATIVE = _native_available()
+ONEDNN = _onednn_available()
+OPENBLAS = _openblas_available()
+FEATURES = _native_features()
+NATIVE = bool(FEATURES)
 if NATIVE:
+    from afdserve._native import bgemm as _bgemm
     from afdserve._native import decode_attention as _attention_kernel
     from afdserve._native import sgemm as _sgemm
-# Rows up to which the native kernels beat the BLAS libraries, per layout (benchmarks/kernel_bench.py).
-NATIVE_MAX_ROWS = 32          # checkpoint layout [out, in]
-NATIVE_MAX_ROWS_T = 8         # transposed storage [in, out]
+
+
+def openmp_runtimes() -> list[str]:
+    """The OpenMP runtime libraries mapped into this process (one expected: torch's libgomp)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/lib" in line}
+    except OSError:                                    # not Linux: nothing to check
+        return []
+    return sorted(p for p in paths if any(n in os.path.basename(p) for n in ("libgomp", "libiomp", "libomp")))
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_bf16_arithmetic() -> bool:
+    """AVX512-BF16 or AMX-BF16: bf16 products at the rate of fp32 ones or faster."""
+    return bool(FEATURES.get("avx512bf16")) or bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(name: str, checkpoint_dtype: str | None = None, device: str | None = None) -> str:
+    """The run's dtype name for `name`; 'auto' (the default of generate / serve / demo / LLM):
+    bfloat16 on CUDA; on the CPU bfloat16 when the checkpoint is stored in bf16 / fp16 (bf16
+    halves the bytes every decode step streams, and fp32 would not add precision the weights do
+    not have) or when the CPU has bf16 arithmetic (AVX512-BF16, AMX), float32 otherwise (an fp32
+    checkpoint on a CPU without bf16 arithmetic: torch's bf16 paths there emulate the products,
+    which loses more in prefill than the half bytes win in decode; docs/kernels.md). Explicit
+    names pass through (checked by checkpoint.parse_dtype where they are used)."""
+    if name != "auto":
+        return name
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        return "bfloat16"
+    if checkpoint_dtype in ("bfloat16", "float16", "bf16", "fp16") or cpu_has_bf16_arithmetic():
+        return "bfloat16"
+    return "float32"
+
+
+def apply_kernels_argument(args) -> None:
+    """Install the `--kernels` choice (afdserve/commands.py) for this process and the workers it starts (they inherit
+    the environment, and decide their own policy for their thread count at load)."""
+    mode = getattr(args, "kernels", None)
+    if mode:
+        os.environ[KERNELS_ENV] = kernel_mode(mode)
+        use_policy(decide_policy(mode))
+
+
+@dataclass(frozen=True)
+class KernelPolicy:
+    """Which kernel runs each shape class, decided once per process (`decide_policy`)."""
+
+    mode: str = "torch"
+    threads: int = 1
+    native_rows: dict = field(default_factory=dict)  # (dtype, transposed) -> most rows for native GEMMs
+    bf16_isa: int = 0                                # ISA_AVX2 / ISA_AVX512BF16 for bf16 [out, in] GEMMs
+    bf16dp_rows: int = 0                             # ... ISA_AVX512BF16 up to this many rows, AVX2 above
+    attention: frozenset = frozenset()               # dtypes of the native decode attention
+    openblas: bool = False                           # numpy's OpenBLAS for fp32 (one thread only)
+    onednn: bool = False                             # oneDNN inner products / prepacked LM head (fp32)
+    omp_runtimes: tuple = ()
+
+    def native_max_rows(self, dtype: torch.dtype, transposed: bool) -> int:
+        return self.native_rows.get((dtype, transposed), 0)
+
+    def describe(self) -> str:
+        def rows(dt):
+            r = [self.native_max_rows(dt, t) for t in (False, True)]
+            return f"native <= {r[0]} rows [out,in], <= {r[1]} [in,out]" if any(r) else "torch"
+        isa = {ISA_AVX2: "AVX2 shift-widened",
+               ISA_AVX512BF16: f"AVX512-BF16 vdpbf16ps <= {self.bf16dp_rows} rows, AVX2 above"}.get(self.bf16_isa, "-")
+        fp32_rest = "OpenBLAS (1 thread)" if self.openblas else ("oneDNN/MKL" if self.onednn else "MKL")
+        attn = "native " + "/".join(sorted(str(d).removeprefix("torch.") for d in self.attention)) \
+            if self.attention else "gather + SDPA"
+        omp = ", ".join(os.path.basename(p) for p in self.omp_runtimes) or "none"
+        return (f"kernels {self.mode}, {self.threads} thread(s): fp32 GEMM {rows(torch.float32)}, else {fp32_rest}; "
+                f"bf16 GEMM {rows(torch.bfloat16)} ({isa}), else torch/oneDNN; many rows: torch; "
+                f"decode attention: {attn}; OpenMP runtime: {omp}")
+
+
+def kernel_mode(mode: str | None = None) -> str:
+    """`mode`, else $AFDSERVE_KERNELS, else 'auto'; a clear error for anything else."""
+    mode = (mode or os.environ.get(KERNELS_ENV) or "auto").strip().lower()
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"unknown kernel mode {mode!r} (--kernels / {KERNELS_ENV}); choose from "
+                         f"{', '.join(KERNEL_MODES)}")
+    return mode
+
+
+def decide_policy(mode: str | None = None, threads: int | None = None) -> KernelPolicy:
+    """The policy for this process: `mode` (see `kernel_mode`) at `threads` (default: torch's)."""
+    mode = kernel_mode(mode)
+    threads = max(1, threads or torch.get_num_threads())
+    if mode == "native" and not NATIVE:
+        raise ValueError("--kernels native: afdserve._native is not built or this CPU lacks AVX2/FMA "
+                         "(reinstall with a C compiler, or use --kernels auto)")
+    omp = tuple(openmp_runtimes())
+    if mode == "torch" or not NATIVE:
+        return KernelPolicy(mode, threads, openblas=mode == "auto" and OPENBLAS and threads == 1,
+                            onednn=ONEDNN, omp_runtimes=omp)
+    # the native kernels use `threads` only with OpenMP in one runtime, torch's; else one thread
+    shared = FEATURES.get("openmp") and len(omp) <= 1
+    if threads > 1 and not shared:
+        log.warning("afdserve._native: %s; its kernels run single-threaded", "built without OpenMP"
+                    if not FEATURES.get("openmp") else f"{len(omp)} OpenMP runtimes loaded ({', '.join(omp)})")
+    if mode == "native":
+        rows = {(dt, t): FORCED_NATIVE_ROWS for dt in (torch.float32, torch.bfloat16) for t in (False, True)}
+    elif threads > 1 and not shared:
+        rows = {}
+    else:
+        rows = dict(AUTO_NATIVE_ROWS[min(threads, 2)])
+    isa = ISA_AVX512BF16 if FEATURES.get("avx512bf16") else ISA_AVX2
+    return KernelPolicy(mode, threads if shared else 1, rows, isa,
+                        FORCED_NATIVE_ROWS if mode == "native" else AUTO_BF16DP_ROWS,
+                        frozenset({torch.float32, torch.bfloat16}) if rows else frozenset(),
+                        openblas=mode == "auto" and OPENBLAS and threads == 1, onednn=ONEDNN, omp_runtimes=omp)
+
+
+_policy: KernelPolicy = decide_policy()
+
+
+def current_policy() -> KernelPolicy:
+    return _policy
+
+
+def use_policy(policy: KernelPolicy) -> KernelPolicy:
+    """Install `policy` for every later `linear` / attention call; logs it when it changes."""
+    global _policy
+    if policy != _policy:
+        log.info("%s", policy.describe())
+    _policy = policy
+    return policy
+
+
+def ensure_policy() -> KernelPolicy:
+    """At model load: re-decide the current policy's mode for torch's thread count if that changed
+    since (a worker sets its threads before loading), else keep it."""
+    if _policy.threads != max(1, torch.get_num_threads()):
+        return use_policy(decide_policy(_policy.mode))
+    return _policy
 
 
 def one_thread_mode() -> bool:
-    """True where `linear` uses its one-thread kernels (native, OpenBLAS) for CPU rows: one of them
-    is present and torch runs one thread. The weight layouts follow (`stored_transposed`)."""
-    return (NATIVE or OPENBLAS) and torch.get_num_threads() == 1
+    """True where the current policy uses OpenBLAS for fp32 rows (one thread): the fp32 layouts
+    follow (`stored_transposed`)."""
+    return _policy.openblas
 
 
 def _openblas_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -122,40 +282,105 @@ def _native_layout(w: torch.Tensor) -> tuple[int, bool] | None:
     return None
 
 
-def _native_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _native_linear(x: torch.Tensor, w: torch.Tensor, threads: int = 1, isa: int | None = None) -> torch.Tensor:
     """x [M, in] @ w^T with the native kernel; w [out, in] in a layout `_native_layout` accepts,
-    fp32 on the CPU."""
+    fp32 or bf16 (x's dtype) on the CPU. bf16: `isa` (default: AVX512-BF16 where the CPU has it
+    and the layout allows, else AVX2)."""
     layout = _native_layout(w)
     if layout is None:
         raise ValueError(f"the native kernels cannot read a weight with strides {w.stride()}")
-    return _native_call(x, w, *layout)
+    if x.dtype is torch.bfloat16 and isa is None:
+        isa = ISA_AVX512BF16 if FEATURES.get("avx512bf16") and not layout[1] else ISA_AVX2
+    return _native_call(x, w, *layout, threads, isa or ISA_AVX2)
 
 
-def _native_call(x: torch.Tensor, w: torch.Tensor, ldw: int, transposed: bool) -> torch.Tensor:
+def _native_call(x: torch.Tensor, w: torch.Tensor, ldw: int, transposed: bool, threads: int,
+                 isa: int = ISA_AVX2) -> torch.Tensor:
     rows, k = x.shape
-    if w.shape[1] != k or not (rows and k and w.shape[0]):
-        return F.linear(x, w)                          # torch's shape error, or an empty product
+    if w.shape[1] != k or not (rows and k and w.shape[0]) or w.dtype is not x.dtype:
+        return F.linear(x, w)                          # torch's shape / dtype error, or an empty product
     xs0, xs1 = x.stride()
     if xs1 != 1 or (rows > 1 and xs0 < k):
         x, xs0 = x.contiguous(), k
     n = w.shape[0]
-    y = torch.empty(rows, n, dtype=torch.float32)
-    _sgemm(x.data_ptr(), xs0 if rows > 1 else k, w.data_ptr(), ldw, y.data_ptr(), n, rows, n, k, transposed)
+    y = torch.empty(rows, n, dtype=x.dtype)
+    args = (x.data_ptr(), xs0 if rows > 1 else k, w.data_ptr(), ldw, y.data_ptr(), n, rows, n, k, transposed, threads)
+    if x.dtype is torch.float32:
+        _sgemm(*args)
+    else:
+        _bgemm(*args, ISA_AVX2 if transposed else isa)
     return y
+
+
+def _onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, None, "none", [], "")
+
+
+def is_transposed(w: torch.Tensor) -> bool:
+    """True for a 2-D [out, in] weight whose memory is [in, out] row-major."""
+    return w.dim() == 2 and w.stride(0) == 1 and w.stride(1) != 1
+
+
+def _native_or_none(p: KernelPolicy, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """The native product where the policy sends x's rows and w's layout there, else None."""
+    if w.dim() != 2 or not w.is_cpu or w.dtype is not x.dtype:
+        return None
+    layout = _native_layout(w)
+    if layout is None or x.shape[0] > p.native_rows.get((x.dtype, layout[1]), 0):
+        return None
+    return _native_call(x, w, *layout, p.threads, p.bf16_isa if x.shape[0] <= p.bf16dp_rows else ISA_AVX2)
+
+
+def _linear_fp32(p: KernelPolicy, x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
+    y = _native_or_none(p, x, w)
+    if y is not None:
+        return y
+    rows = x.shape[0]
+    if p.openblas and (rows == 1 or rows >= OPENBLAS_MIN_ROWS) and w.dim() == 2 and \
+            (is_transposed(w) or w.is_contiguous()) and w.dtype is torch.float32:
+        return _openblas_linear(x, w)
+    if p.onednn and packed is not None and rows >= PACKED_ROWS:
+        return _onednn_linear(x, packed)
+    if p.onednn and rows > MKL_MAX_ROWS and is_transposed(w) and w.dtype is torch.float32:
+        return _onednn_linear(x, w)
+    return F.linear(x, w)
+
+
+def _linear_bf16(p: KernelPolicy, x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
+    y = _native_or_none(p, x, w)
+    return F.linear(x, w) if y is None else y
+
+
+# CPU activations' dtype -> the kernel choice for it (other dtypes and devices: F.linear)
+_CPU_LINEAR = {torch.float32: _linear_fp32, torch.bfloat16: _linear_bf16}
+
+
+def linear(x: torch.Tensor, w, packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, in] @ w[out, in]^T with the kernel the current policy picks for x's dtype, M and w's
+    layout. `packed` is an optional oneDNN-prepacked copy of w (see `prepack`). A weight that is
+    not a tensor (a quantized weight, afdserve/model/fp8.py) computes its own product."""
+    if not isinstance(w, torch.Tensor):
+        return w.linear(x)
+    kernel = _CPU_LINEAR.get(x.dtype)
+    if kernel is None or not x.is_cpu or x.dim() != 2 or \
+            (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):   # no autograd below
+        return F.linear(x, w)
+    return kernel(_policy, x, w, packed)
 
 
 def native_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, context_lens: list[int], block_size: int,
                             scale: float) -> torch.Tensor | None:
     """Decode attention (one new token per sequence) straight from the paged cache with the native
-    kernel, or None where it does not apply (not built, more than one torch thread, not fp32 on
-    the CPU, autograd needed). q [S, n_q, d]; k_cache, v_cache [slots, g, d]; block_tables
-    [S, max_blocks]; context_lens [S] (new token included). No K/V is copied: each block's keys
-    and values are read where they lie."""
-    if not NATIVE or torch.get_num_threads() != 1 or q.dim() != 3 or k_cache.dim() != 3:
+    kernel, or None where the policy does not send it there (not built, `--kernels torch`, a dtype
+    other than fp32 / bf16 or mixed, not on the CPU, autograd needed). q [S, n_q, d]; k_cache,
+    v_cache [slots, g, d]; block_tables [S, max_blocks]; context_lens [S] (new token included).
+    No K/V is copied: each block's keys and values are read where they lie."""
+    p = _policy
+    if q.dtype not in p.attention or q.dim() != 3 or k_cache.dim() != 3:
         return None
     tensors = (q, k_cache, v_cache)
-    if any(not t.is_cpu or t.dtype is not torch.float32 for t in tensors) or \
+    if any(not t.is_cpu or t.dtype is not q.dtype for t in tensors) or \
             (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or \
             not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.shape != v_cache.shape:
         return None
@@ -171,50 +396,14 @@ def native_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     lens = torch.tensor(context_lens, dtype=torch.int64)
     out = torch.empty_like(q)
     _attention_kernel(q.data_ptr(), S, nq, d, k_cache.data_ptr(), v_cache.data_ptr(), slots // block_size,
-                      g, block_size, tables.data_ptr(), tables.shape[1], lens.data_ptr(), float(scale), out.data_ptr())
+                      g, block_size, tables.data_ptr(), tables.shape[1], lens.data_ptr(), float(scale), out.data_ptr(),
+                      p.threads, q.dtype is torch.bfloat16)
     return out
-
-
-def _onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, None, "none", [], "")
-
-
-def is_transposed(w: torch.Tensor) -> bool:
-    """True for a 2-D [out, in] weight whose memory is [in, out] row-major."""
-    return w.dim() == 2 and w.stride(0) == 1 and w.stride(1) != 1
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, in] @ w[out, in]^T with the fastest kernel for M and w's layout.
-
-    `packed` is an optional oneDNN-prepacked copy of w (see `prepack`), used from PACKED_ROWS rows.
-    A weight that is not a tensor (a quantized weight, afdserve/model/fp8.py) computes its own product.
-    """
-    if not isinstance(w, torch.Tensor):
-        return w.linear(x)
-    if x.is_cpu and x.dtype is torch.float32 and x.dim() == 2 and \
-            not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):   # no autograd below
-        rows = x.shape[0]
-        if NATIVE and rows and w.dtype is torch.float32 and w.is_cpu and w.dim() == 2 and \
-                torch.get_num_threads() == 1:
-            layout = _native_layout(w)
-            if layout is not None and rows <= (NATIVE_MAX_ROWS_T if layout[1] else NATIVE_MAX_ROWS):
-                return _native_call(x, w, *layout)
-        if OPENBLAS and (rows == 1 or rows >= OPENBLAS_MIN_ROWS) and w.dim() == 2 and \
-                (is_transposed(w) or w.is_contiguous()) and torch.get_num_threads() == 1:
-            return _openblas_linear(x, w)
-        if not ONEDNN:
-            return F.linear(x, w)
-        if packed is not None and rows >= PACKED_ROWS:
-            return _onednn_linear(x, packed)
-        if rows > MKL_MAX_ROWS and is_transposed(w):
-            return _onednn_linear(x, w)
-    return F.linear(x, w)
 
 
 def prepack(w: torch.Tensor, rows_hint: int = 8) -> torch.Tensor | None:
     """A oneDNN-prepacked copy of a CPU fp32 weight [out, in], or None where oneDNN is absent."""
-    if not ONEDNN or w.device.type != "cpu" or w.dtype != torch.float32:
+    if not ONEDNN or not isinstance(w, torch.Tensor) or w.device.type != "cpu" or w.dtype != torch.float32:
         return None
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows_hint)
 
@@ -234,18 +423,19 @@ def _fuse_rows(params: list[nn.Parameter], transpose: bool) -> torch.Tensor:
     return fused
 
 
-def _cpu_fp32(p: torch.Tensor) -> bool:
-    return p.device.type == "cpu" and p.dtype == torch.float32
+def _cpu_fp32(p) -> bool:
+    return isinstance(p, torch.Tensor) and p.device.type == "cpu" and p.dtype == torch.float32
 
 
 def stored_transposed(out: int, inp: int) -> bool:
-    """Whether `prepare_for_decode` stores a CPU fp32 [out, inp] matrix transposed, with the
-    current thread count and kernels: the wide ones (out > inp), which every kernel streams faster
+    """Whether `prepare_for_decode` stores a CPU fp32 [out, inp] matrix transposed under the
+    current policy: the wide ones (out > inp), which every kernel streams faster
     transposed at few rows; with one thread and OpenBLAS but no native kernels, also every matrix
     but the strongly narrow ones (inp >= 2 out, e.g. o_proj and dense down projections), because
     OpenBLAS's small-M sgemm is faster over transposed storage while its one-row GEMV is faster
     over the checkpoint layout for those (benchmarks/kernel_bench.py)."""
-    return out > inp or (one_thread_mode() and not NATIVE and inp < 2 * out)
+    p = _policy
+    return out > inp or (p.openblas and not p.native_rows and inp < 2 * out)
 
 
 @torch.no_grad()
@@ -254,6 +444,7 @@ def prepare_for_decode(model: nn.Module) -> nn.Module:
     from afdserve.model.attention import MFAttention
     from afdserve.model.layers import MoE, SwiGLU
 
+    ensure_policy()
     def transpose(p: torch.Tensor, out: int | None = None) -> bool:
         """Store p ([.., out, in]; `out` overrides its row count, for fused matrices) transposed?"""
         return _cpu_fp32(p) and stored_transposed(p.shape[-2] if out is None else out, p.shape[-1])

@@ -26,25 +26,11 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
-#include <stddef.h>
-#include <stdint.h>
 #include <stdlib.h>
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define AFD_X86 1
-#include <immintrin.h>
-#define TGT __attribute__((target("avx2,fma")))
+#include "afd_native.h"
 
-TGT static inline float hsum8(__m256 v)
-{
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    __m128 sh = _mm_movehdup_ps(lo);
-    __m128 s = _mm_add_ps(lo, sh);
-    sh = _mm_movehl_ps(sh, s);
-    s = _mm_add_ss(s, sh);
-    return _mm_cvtss_f32(s);
-}
+#ifdef AFD_X86
 
 /* ---- [N, K] layout: y[m, n] = dot(x[m, :], w[n, :]) ------------------------------------------ */
 
@@ -69,7 +55,7 @@ TGT static inline float hsum8(__m256 v)
         }                                                                                           \
         for (int m = 0; m < MR; m++)                                                                \
             for (int n = 0; n < NR; n++) {                                                          \
-                float s = hsum8(acc[m][n]);                                                         \
+                float s = afd_hsum8(acc[m][n]);                                                     \
                 for (ptrdiff_t kk = k; kk < K; kk++) s += x[m * ldx + kk] * w[n * ldw + kk];        \
                 y[m * ldy + n] = s;                                                                 \
             }                                                                                       \
@@ -335,67 +321,177 @@ TGT static void column_softmax(float *st, ptrdiff_t n, ptrdiff_t HP, float *inv)
 }
 
 #define VALUE_CHUNK_BYTES (16 * 1024)   /* values of this many bytes are used from L1 by every head block */
+#define KEY_CHUNK 64                    /* bf16 keys widened to fp32 at a time */
 
-/* One new token per sequence. q, out: [S, nq, d]; k, v: [slots, g, d] with slot = block * bs + i;
-   tables: [S, max_blocks] block ids; lens: [S] context lengths (new token included). The nq / g
-   query heads of a KV head attend together: their queries, scaled and transposed to [d, HP] (HP =
-   heads rounded up to 8), meet every key once (key_scores, scores laid out [ctx, HP]), the softmax
-   runs down the columns, and the values are read once per chunk for all heads (weighted_values).
-   Blocks whose ids follow each other are one contiguous run of slots. `work` holds
-   (max_ctx + d) * HP + HP floats. */
-TGT static void attend(const float *q, ptrdiff_t S, ptrdiff_t nq, ptrdiff_t d, const float *k, const float *v,
-                       ptrdiff_t g, ptrdiff_t bs, const int64_t *tables, ptrdiff_t max_blocks,
-                       const int64_t *lens, float scale, float *out, float *work, ptrdiff_t max_ctx)
+/* What every (sequence, KV head, head range) item of one decode attention call shares. */
+typedef struct {
+    const void *q, *k, *v;   /* fp32 or bf16 (`bf16`), as `out` */
+    void *out;
+    ptrdiff_t nq, d, g, bs, max_blocks, max_ctx;
+    const int64_t *tables, *lens;
+    float scale;
+    int bf16;
+} attn_args;
+
+/* dst[t, 0:d] = fp32 of the bf16 rows src[t * ld, 0:d] for t < n (exact). */
+TGT static void widen_rows(const uint16_t *src, ptrdiff_t ld, ptrdiff_t n, ptrdiff_t d, float *dst)
 {
-    const ptrdiff_t hpg = nq / g, ld = g * d, HP = (hpg + 7) / 8 * 8;
-    float *st = work, *qt = work + max_ctx * HP, *inv = qt + d * HP;
-    ptrdiff_t chunk = VALUE_CHUNK_BYTES / (ptrdiff_t)sizeof(float) / d;
-    if (chunk < 4) chunk = 4;
-    for (ptrdiff_t s = 0; s < S; s++) {
-        const ptrdiff_t ctx = lens[s], nb = (ctx + bs - 1) / bs;
-        const int64_t *table = tables + s * max_blocks;
-        for (ptrdiff_t gi = 0; gi < g; gi++) {
-            const float *qs = q + (s * nq + gi * hpg) * d;
-            float *os = out + (s * nq + gi * hpg) * d;
-            for (ptrdiff_t i = 0; i < d; i++) {
-                for (ptrdiff_t h = 0; h < hpg; h++) qt[i * HP + h] = qs[h * d + i] * scale;
-                for (ptrdiff_t h = hpg; h < HP; h++) qt[i * HP + h] = 0.f;
-            }
-            for (ptrdiff_t b = 0; b < nb;) {
-                ptrdiff_t e = b + 1;
-                while (e < nb && table[e] == table[e - 1] + 1) e++;
-                ptrdiff_t t0 = b * bs, nt = (e * bs < ctx ? e * bs : ctx) - t0;
-                key_scores(k + (table[b] * bs * g + gi) * d, ld, nt, qt, HP, d, st + t0 * HP);
-                b = e;
-            }
-            column_softmax(st, ctx, HP, inv);
-            for (ptrdiff_t b = 0; b < nb;) {
-                ptrdiff_t e = b + 1;
-                while (e < nb && table[e] == table[e - 1] + 1) e++;
-                ptrdiff_t t0 = b * bs, nt = (e * bs < ctx ? e * bs : ctx) - t0;
-                const float *vr = v + (table[b] * bs * g + gi) * d;
-                for (ptrdiff_t c0 = 0; c0 < nt; c0 += chunk)
-                {
-                    ptrdiff_t n = nt - c0 < chunk ? nt - c0 : chunk, rest = nt - c0 - n;
-                    weighted_values(st + (t0 + c0) * HP, HP, hpg, vr + c0 * ld, ld, n, d, os, t0 + c0 == 0,
-                                    rest < n ? rest : n);
-                }
-                b = e;
-            }
-            for (ptrdiff_t h = 0; h < hpg; h++)
-                for (ptrdiff_t i = 0; i < d; i++) os[h * d + i] *= inv[h];
-        }
+    for (ptrdiff_t t = 0; t < n; t++) {
+        ptrdiff_t i = 0;
+        for (; i + 8 <= d; i += 8) _mm256_storeu_ps(dst + t * d + i, afd_bf16x8_to_ps(src + t * ld + i));
+        for (; i < d; i++) dst[t * d + i] = afd_bf16_to_f32(src[t * ld + i]);
     }
 }
 
+static ptrdiff_t value_chunk(ptrdiff_t d)
+{
+    ptrdiff_t chunk = VALUE_CHUNK_BYTES / (ptrdiff_t)sizeof(float) / d;
+    return chunk < 4 ? 4 : chunk;
+}
+
+/* Floats of one thread's workspace for items of up to `heads` heads. */
+static size_t attn_work_floats(const attn_args *a, ptrdiff_t heads)
+{
+    const size_t HP = (size_t)(heads + 7) / 8 * 8, d = (size_t)a->d;
+    size_t conv = (size_t)(value_chunk(a->d) > KEY_CHUNK ? value_chunk(a->d) : KEY_CHUNK) * d;
+    return ((size_t)a->max_ctx + d) * HP + HP + (a->bf16 ? conv + (size_t)heads * d : 0);
+}
+
+/* End (exclusive) of the run of blocks from b whose ids follow each other: contiguous slots. */
+static ptrdiff_t run_end(const int64_t *table, ptrdiff_t b, ptrdiff_t nb)
+{
+    ptrdiff_t e = b + 1;
+    while (e < nb && table[e] == table[e - 1] + 1) e++;
+    return e;
+}
+
+/* Scores st[0:ctx, 0:HP] of sequence s's keys of KV head gi against the queries qt [d, HP]. */
+TGT static void item_scores(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, const float *qt, ptrdiff_t HP,
+                            float *st, float *conv)
+{
+    const ptrdiff_t d = a->d, ld = a->g * d, bs = a->bs, ctx = a->lens[s], nb = (ctx + bs - 1) / bs;
+    const int64_t *table = a->tables + s * a->max_blocks;
+    for (ptrdiff_t b = 0; b < nb;) {
+        ptrdiff_t e = run_end(table, b, nb), t0 = b * bs, nt = (e * bs < ctx ? e * bs : ctx) - t0;
+        ptrdiff_t base = (table[b] * bs * a->g + gi) * d;
+        if (!a->bf16)
+            key_scores((const float *)a->k + base, ld, nt, qt, HP, d, st + t0 * HP);
+        else
+            for (ptrdiff_t c0 = 0; c0 < nt; c0 += KEY_CHUNK) {
+                ptrdiff_t n = nt - c0 < KEY_CHUNK ? nt - c0 : KEY_CHUNK;
+                widen_rows((const uint16_t *)a->k + base + c0 * ld, ld, n, d, conv);
+                key_scores(conv, d, n, qt, HP, d, st + (t0 + c0) * HP);
+            }
+        b = e;
+    }
+}
+
+/* os[0:nh, 0:d] = sum over the context of p[t, h] * v[t, :] (p = softmaxed st, unnormalised). */
+TGT static void item_values(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, const float *st, ptrdiff_t HP,
+                            ptrdiff_t nh, float *os, float *conv)
+{
+    const ptrdiff_t d = a->d, ld = a->g * d, bs = a->bs, ctx = a->lens[s], nb = (ctx + bs - 1) / bs;
+    const ptrdiff_t chunk = value_chunk(d);
+    const int64_t *table = a->tables + s * a->max_blocks;
+    for (ptrdiff_t b = 0; b < nb;) {
+        ptrdiff_t e = run_end(table, b, nb), t0 = b * bs, nt = (e * bs < ctx ? e * bs : ctx) - t0;
+        ptrdiff_t base = (table[b] * bs * a->g + gi) * d;
+        for (ptrdiff_t c0 = 0; c0 < nt; c0 += chunk) {
+            ptrdiff_t n = nt - c0 < chunk ? nt - c0 : chunk, rest = nt - c0 - n;
+            const float *p = st + (t0 + c0) * HP;
+            if (!a->bf16) {
+                weighted_values(p, HP, nh, (const float *)a->v + base + c0 * ld, ld, n, d, os, t0 + c0 == 0,
+                                rest < n ? rest : n);
+            } else {
+                widen_rows((const uint16_t *)a->v + base + c0 * ld, ld, n, d, conv);
+                weighted_values(p, HP, nh, conv, d, n, d, os, t0 + c0 == 0, 0);
+            }
+        }
+        b = e;
+    }
+}
+
+/* Query heads [h0, h1) of KV head gi of sequence s (one new token). Those heads attend together:
+   their queries, scaled and transposed to [d, HP] (HP = heads rounded up to 8), meet every key once
+   (key_scores, scores laid out [ctx, HP]), the softmax runs down the columns, and the values are
+   read once per chunk for all heads (weighted_values). bf16 keys and values are widened to fp32 a
+   chunk at a time (exact) and everything after that is the fp32 code; the output is rounded once.
+   `work` holds attn_work_floats(a, h1 - h0) floats. */
+TGT static void attend_item(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, ptrdiff_t h0, ptrdiff_t h1, float *work)
+{
+    const ptrdiff_t d = a->d, nh = h1 - h0, HP = (nh + 7) / 8 * 8;
+    const ptrdiff_t qoff = (s * a->nq + gi * (a->nq / a->g) + h0) * d;
+    float *st = work, *qt = work + a->max_ctx * HP, *inv = qt + d * HP, *conv = inv + HP;
+    float *os = a->bf16 ? conv + (value_chunk(d) > KEY_CHUNK ? value_chunk(d) : KEY_CHUNK) * d
+                        : (float *)a->out + qoff;
+    for (ptrdiff_t i = 0; i < d; i++) {
+        for (ptrdiff_t h = 0; h < nh; h++)
+            qt[i * HP + h] = (a->bf16 ? afd_bf16_to_f32(((const uint16_t *)a->q)[qoff + h * d + i])
+                                      : ((const float *)a->q)[qoff + h * d + i]) * a->scale;
+        for (ptrdiff_t h = nh; h < HP; h++) qt[i * HP + h] = 0.f;
+    }
+    item_scores(a, s, gi, qt, HP, st, conv);
+    column_softmax(st, a->lens[s], HP, inv);
+    item_values(a, s, gi, st, HP, nh, os, conv);
+    for (ptrdiff_t h = 0; h < nh; h++)
+        for (ptrdiff_t i = 0; i < d; i++) {
+            float o = os[h * d + i] * inv[h];
+            if (a->bf16)
+                ((uint16_t *)a->out)[qoff + h * d + i] = afd_f32_to_bf16(o);
+            else
+                os[h * d + i] = o;
+        }
+}
+
+/* Every sequence x KV head x head block, over `nthreads` OpenMP threads (head blocks only when there
+   are fewer sequence x KV head items than threads; their boundaries are multiples of 8 heads, so
+   each head runs the same instructions as in one block and results are bitwise those of one
+   thread). Returns 0, or -1 when a workspace could not be allocated. */
+static int attend(const attn_args *a, ptrdiff_t S, ptrdiff_t total_ctx, int nthreads)
+{
+    const ptrdiff_t hpg = a->nq / a->g, items0 = S * a->g;
+    int nt = afd_threads_for(total_ctx * a->g * a->d * 2, nthreads);
+    ptrdiff_t nhb = 1;
+    if (items0 < nt) {
+        nhb = (nt + items0 - 1) / items0;
+        if (nhb > (hpg + 7) / 8) nhb = (hpg + 7) / 8;
+    }
+    const ptrdiff_t items = items0 * nhb, most = nhb > 1 ? 8 * ((hpg + 7) / 8 / nhb + 1) : hpg;
+    if (nt > items) nt = (int)items;
+    int failed = 0;
+#pragma omp parallel num_threads(nt) reduction(| : failed) if (nt > 1)
+    {
+        float *work = malloc(sizeof(float) * attn_work_floats(a, most < hpg ? most : hpg));
+        failed |= work == NULL;
+#pragma omp for schedule(dynamic, 1)
+        for (ptrdiff_t it = 0; it < items; it++) {
+            ptrdiff_t h0, h1;
+            afd_split(hpg, (int)nhb, (int)(it % nhb), 8, &h0, &h1);
+            if (work && h0 < h1) attend_item(a, it / nhb / a->g, it / nhb % a->g, h0, h1, work);
+        }
+        free(work);
+    }
+    return failed ? -1 : 0;
+}
+#endif
+
 static int cpu_ok(void)
 {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
+#ifdef AFD_X86
+    return afd_cpu_avx2();
 #else
-static int cpu_ok(void) { return 0; }
+    return 0;
 #endif
+}
+
+static int parse_threads(int nthreads)
+{
+    if (nthreads < 1) {
+        PyErr_SetString(PyExc_ValueError, "nthreads must be >= 1");
+        return 0;
+    }
+    return 1;
+}
 
 PyDoc_STRVAR(available_doc, "available() -> bool: the kernels can run on this CPU (x86-64 with AVX2 and FMA).");
 
@@ -406,71 +502,148 @@ static PyObject *available(PyObject *self, PyObject *args)
     return PyBool_FromLong(cpu_ok());
 }
 
+PyDoc_STRVAR(features_doc,
+             "features() -> dict: what this build and CPU offer: avx2 (AVX2 + FMA), avx512bf16\n"
+             "(vdpbf16ps), openmp (built with OpenMP: the kernels split work over threads).");
+
+static PyObject *features(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+#ifdef _OPENMP
+    const int omp = 1;
+#else
+    const int omp = 0;
+#endif
+    return Py_BuildValue("{s:O,s:O,s:O}", "avx2", cpu_ok() ? Py_True : Py_False,
+                         "avx512bf16", afd_cpu_avx512bf16() ? Py_True : Py_False,
+                         "openmp", omp ? Py_True : Py_False);
+}
+
+/* Checks shared by sgemm and bgemm; 0 with an exception set when they fail. */
+static int gemm_args_ok(const char *name, Py_ssize_t px, Py_ssize_t ldx, Py_ssize_t pw, Py_ssize_t ldw,
+                        Py_ssize_t py, Py_ssize_t ldy, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int transposed,
+                        int nthreads)
+{
+    if (M < 0 || N < 0 || K < 0 || ldx < K || ldy < N || ldw < (transposed ? N : K) || !px || !pw || !py) {
+        PyErr_Format(PyExc_ValueError, "%s: negative size, leading dimension too small or null buffer", name);
+        return 0;
+    }
+    if (!parse_threads(nthreads)) return 0;
+    if (!cpu_ok()) {
+        PyErr_Format(PyExc_RuntimeError, "%s: this CPU lacks AVX2/FMA (or is not x86-64)", name);
+        return 0;
+    }
+    return 1;
+}
+
 PyDoc_STRVAR(sgemm_doc,
-             "sgemm(x, ldx, w, ldw, y, ldy, m, n, k, transposed) -> None\n\n"
+             "sgemm(x, ldx, w, ldw, y, ldy, m, n, k, transposed, nthreads=1) -> None\n\n"
              "y[m, n] = x[m, k] @ W^T for fp32 row-major buffers given by address and leading\n"
              "dimension (in elements). W is [n, k] (ldw >= k), or [k, n] when `transposed`\n"
-             "(ldw >= n). The caller guarantees the buffers; the GIL is released while it runs.");
+             "(ldw >= n). The n outputs are split over up to `nthreads` OpenMP threads (bitwise the\n"
+             "same result). The caller guarantees the buffers; the GIL is released while it runs.");
 
 static PyObject *sgemm(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_ssize_t px, ldx, pw, ldw, py, ldy, M, N, K;
-    int transposed;
-    if (!PyArg_ParseTuple(args, "nnnnnnnnnp", &px, &ldx, &pw, &ldw, &py, &ldy, &M, &N, &K, &transposed))
+    int transposed, nthreads = 1;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnp|i", &px, &ldx, &pw, &ldw, &py, &ldy, &M, &N, &K, &transposed,
+                          &nthreads))
         return NULL;
-    if (M < 0 || N < 0 || K < 0 || ldx < K || ldy < N || ldw < (transposed ? N : K) || !px || !pw || !py) {
-        PyErr_SetString(PyExc_ValueError, "sgemm: negative size, leading dimension too small or null buffer");
-        return NULL;
-    }
+    if (!gemm_args_ok("sgemm", px, ldx, pw, ldw, py, ldy, M, N, K, transposed, nthreads)) return NULL;
 #ifdef AFD_X86
-    if (!cpu_ok()) {
-        PyErr_SetString(PyExc_RuntimeError, "sgemm: this CPU lacks AVX2/FMA");
-        return NULL;
-    }
     if (M > 0 && N > 0) {
         const float *x = (const float *)px, *w = (const float *)pw;
         float *y = (float *)py;
         Py_BEGIN_ALLOW_THREADS
-        if (K == 0)
+        if (K == 0) {
             for (Py_ssize_t m = 0; m < M; m++)
                 for (Py_ssize_t n = 0; n < N; n++) y[m * ldy + n] = 0.f;
-        else if (transposed)
-            gemm_axpy(x, ldx, w, ldw, y, ldy, M, N, K);
-        else
-            gemm_dot(x, ldx, w, ldw, y, ldy, M, N, K);
+        } else {
+            const int nt = afd_threads_for(N * K, nthreads);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+            for (int i = 0; i < nt; i++) {
+                ptrdiff_t n0, n1;
+                afd_split(N, nt, i, 8, &n0, &n1);
+                if (n0 >= n1) continue;
+                if (transposed)
+                    gemm_axpy(x, ldx, w + n0, ldw, y + n0, ldy, M, n1 - n0, K);
+                else
+                    gemm_dot(x, ldx, w + n0 * ldw, ldw, y + n0, ldy, M, n1 - n0, K);
+            }
+        }
         Py_END_ALLOW_THREADS
     }
-    Py_RETURN_NONE;
-#else
-    PyErr_SetString(PyExc_RuntimeError, "sgemm: built without the x86-64 kernels");
-    return NULL;
 #endif
+    Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(bgemm_doc,
+             "bgemm(x, ldx, w, ldw, y, ldy, m, n, k, transposed, nthreads, isa) -> None\n\n"
+             "sgemm for bf16 buffers (fp32 accumulation, one rounding to nearest even per output).\n"
+             "isa: 1 = AVX2 + FMA (both layouts), 2 = AVX512-BF16 vdpbf16ps ([n, k] layout only).");
+
+static PyObject *bgemm(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_ssize_t px, ldx, pw, ldw, py, ldy, M, N, K;
+    int transposed, nthreads, isa;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnpii", &px, &ldx, &pw, &ldw, &py, &ldy, &M, &N, &K, &transposed,
+                          &nthreads, &isa))
+        return NULL;
+    if (!gemm_args_ok("bgemm", px, ldx, pw, ldw, py, ldy, M, N, K, transposed, nthreads)) return NULL;
+    if (isa != AFD_ISA_AVX2 && isa != AFD_ISA_AVX512BF16) {
+        PyErr_Format(PyExc_ValueError, "bgemm: isa must be 1 (AVX2) or 2 (AVX512-BF16), not %d", isa);
+        return NULL;
+    }
+    if (isa == AFD_ISA_AVX512BF16 && (transposed || !afd_cpu_avx512bf16())) {
+        PyErr_SetString(PyExc_ValueError, transposed ? "bgemm: AVX512-BF16 reads the [n, k] layout only"
+                                                     : "bgemm: this CPU lacks AVX512-BF16");
+        return NULL;
+    }
+    int rc = 0;
+    if (M > 0 && N > 0) {
+        if (K == 0)
+            for (Py_ssize_t m = 0; m < M; m++) memset((uint16_t *)py + m * ldy, 0, sizeof(uint16_t) * (size_t)N);
+        else {
+            Py_BEGIN_ALLOW_THREADS
+            rc = afd_bgemm((const uint16_t *)px, ldx, (const uint16_t *)pw, ldw, (uint16_t *)py, ldy, M, N, K,
+                           transposed, isa, nthreads);
+            Py_END_ALLOW_THREADS
+        }
+    }
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
 
 PyDoc_STRVAR(decode_attention_doc,
-             "decode_attention(q, S, nq, d, k, v, num_blocks, g, bs, tables, max_blocks, lens, scale, out) -> None\n\n"
-             "Attention of one new token per sequence over its paged K/V (fp32 buffers by address):\n"
-             "q, out [S, nq, d]; k, v [num_blocks * bs, g, d]; tables [S, max_blocks] int64 block ids;\n"
-             "lens [S] int64 context lengths. Block ids and lengths are checked against the cache\n"
-             "before anything is read; the GIL is released while it runs.");
+             "decode_attention(q, S, nq, d, k, v, num_blocks, g, bs, tables, max_blocks, lens, scale, out,\n"
+             "                 nthreads=1, bf16=False) -> None\n\n"
+             "Attention of one new token per sequence over its paged K/V (fp32, or bf16 with fp32 math\n"
+             "inside, buffers by address): q, out [S, nq, d]; k, v [num_blocks * bs, g, d]; tables\n"
+             "[S, max_blocks] int64 block ids; lens [S] int64 context lengths. Block ids and lengths\n"
+             "are checked against the cache before anything is read; sequences x heads are split over\n"
+             "up to `nthreads` OpenMP threads (bitwise the same result); the GIL is released.");
 
 static PyObject *decode_attention(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_ssize_t pq, S, nq, d, pk, pv, num_blocks, g, bs, pt, max_blocks, pl, po;
     float scale;
-    if (!PyArg_ParseTuple(args, "nnnnnnnnnnnnfn", &pq, &S, &nq, &d, &pk, &pv, &num_blocks, &g, &bs, &pt,
-                          &max_blocks, &pl, &scale, &po))
+    int nthreads = 1, bf16 = 0;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnnnnfn|ip", &pq, &S, &nq, &d, &pk, &pv, &num_blocks, &g, &bs, &pt,
+                          &max_blocks, &pl, &scale, &po, &nthreads, &bf16))
         return NULL;
     if (S < 0 || nq <= 0 || d <= 0 || g <= 0 || nq % g || bs <= 0 || num_blocks < 0 || max_blocks < 0 ||
         !pq || !pk || !pv || !pt || !pl || !po) {
         PyErr_SetString(PyExc_ValueError, "decode_attention: bad sizes (need nq % g == 0) or null buffer");
         return NULL;
     }
+    if (!parse_threads(nthreads)) return NULL;
     const int64_t *tables = (const int64_t *)pt, *lens = (const int64_t *)pl;
-    Py_ssize_t max_ctx = 0;
+    Py_ssize_t max_ctx = 0, total_ctx = 0;
     for (Py_ssize_t s = 0; s < S; s++) {
         if (lens[s] <= 0 || lens[s] > max_blocks * bs) {
             PyErr_Format(PyExc_ValueError, "decode_attention: sequence %zd has context %lld, outside 1..%zd",
@@ -484,38 +657,39 @@ static PyObject *decode_attention(PyObject *self, PyObject *args)
                 return NULL;
             }
         max_ctx = lens[s] > max_ctx ? lens[s] : max_ctx;
+        total_ctx += lens[s];
     }
-#ifdef AFD_X86
     if (!cpu_ok()) {
-        PyErr_SetString(PyExc_RuntimeError, "decode_attention: this CPU lacks AVX2/FMA");
+        PyErr_SetString(PyExc_RuntimeError, "decode_attention: this CPU lacks AVX2/FMA (or is not x86-64)");
         return NULL;
     }
-    const size_t HP = (size_t)(nq / g + 7) / 8 * 8;
-    float *work = S ? malloc(sizeof(float) * (((size_t)max_ctx + (size_t)d) * HP + HP)) : NULL;
-    if (S && !work) return PyErr_NoMemory();
-    Py_BEGIN_ALLOW_THREADS
-    attend((const float *)pq, S, nq, d, (const float *)pk, (const float *)pv, g, bs, tables, max_blocks, lens,
-           scale, (float *)po, work, max_ctx);
-    Py_END_ALLOW_THREADS
-    free(work);
-    Py_RETURN_NONE;
-#else
-    PyErr_SetString(PyExc_RuntimeError, "decode_attention: built without the x86-64 kernels");
-    return NULL;
+#ifdef AFD_X86
+    int rc = 0;
+    if (S) {
+        attn_args a = {(const void *)pq, (const void *)pk, (const void *)pv, (void *)po, nq, d, g, bs, max_blocks,
+                       max_ctx, tables, lens, scale, bf16};
+        Py_BEGIN_ALLOW_THREADS
+        rc = attend(&a, S, total_ctx, nthreads);
+        Py_END_ALLOW_THREADS
+    }
+    if (rc) return PyErr_NoMemory();
 #endif
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"available", available, METH_NOARGS, available_doc},
+    {"features", features, METH_NOARGS, features_doc},
     {"sgemm", sgemm, METH_VARARGS, sgemm_doc},
+    {"bgemm", bgemm, METH_VARARGS, bgemm_doc},
     {"decode_attention", decode_attention, METH_VARARGS, decode_attention_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "afdserve._native",
-    "fp32 decode kernels: GEMMs for few rows, attention over the paged KV cache "
-    "(see afdserve/native/decode_kernels.c)", -1, methods, NULL, NULL, NULL, NULL,
+    "fp32 and bf16 decode kernels: GEMMs for few rows, attention over the paged KV cache "
+    "(see afdserve/native/decode_kernels.c, gemm_bf16.c)", -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

@@ -1,0 +1,98 @@
+/*
+ * Shared definitions of afdserve._native's translation units (decode_kernels.c: fp32 GEMMs,
+ * decode attention and the Python module; gemm_bf16.c: bf16 GEMMs).
+ */
+#ifndef AFD_NATIVE_H
+#define AFD_NATIVE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define AFD_X86 1
+#include <immintrin.h>
+#define TGT __attribute__((target("avx2,fma")))
+#define TGT_BF16 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))
+
+TGT static inline float afd_hsum8(__m256 v)
+{
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    __m128 sh = _mm_movehdup_ps(lo);
+    __m128 s = _mm_add_ps(lo, sh);
+    sh = _mm_movehl_ps(sh, s);
+    s = _mm_add_ss(s, sh);
+    return _mm_cvtss_f32(s);
+}
+
+/* bf16 -> fp32 is exact: the bf16 bits are the high half of the fp32 bits. */
+TGT static inline __m256 afd_bf16x8_to_ps(const uint16_t *p)
+{
+    __m128i v = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+#endif
+
+static inline float afd_bf16_to_f32(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* fp32 -> bf16, round to nearest even (NaN stays a quiet NaN), as torch's .to(torch.bfloat16). */
+static inline uint16_t afd_f32_to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* Smallest number of weight elements worth a thread of its own: below it the fork/join of the
+   OpenMP team costs more than the work it splits (afdserve/native/decode_kernels.c). */
+#define AFD_MIN_ELEMS_PER_THREAD (32 * 1024)
+
+/* Threads to use for `work` elements when `nthreads` are allowed. */
+static inline int afd_threads_for(ptrdiff_t work, int nthreads)
+{
+#ifdef _OPENMP
+    ptrdiff_t most = work / AFD_MIN_ELEMS_PER_THREAD;
+    if (most < 1) most = 1;
+    return nthreads < most ? (nthreads < 1 ? 1 : nthreads) : (int)most;
+#else
+    (void)work;
+    (void)nthreads;
+    return 1;
+#endif
+}
+
+/* Column range [*n0, *n1) of part `i` of `parts` over N columns, boundaries on multiples of
+   `align` (so every part runs the same vector / tail code per column as one part would). */
+static inline void afd_split(ptrdiff_t N, int parts, int i, ptrdiff_t align, ptrdiff_t *n0, ptrdiff_t *n1)
+{
+    ptrdiff_t blocks = (N + align - 1) / align, per = blocks / parts, extra = blocks % parts;
+    ptrdiff_t b0 = i * per + (i < extra ? i : extra), b1 = b0 + per + (i < extra ? 1 : 0);
+    *n0 = b0 * align < N ? b0 * align : N;
+    *n1 = b1 * align < N ? b1 * align : N;
+}
+
+enum afd_isa { AFD_ISA_AVX2 = 1, AFD_ISA_AVX512BF16 = 2 };
+
+int afd_cpu_avx2(void);
+int afd_cpu_avx512bf16(void);
+
+/* y[M, N] (bf16) = x[M, K] (bf16) @ W^T, W bf16 [N, K] (ldw >= K) or, `transposed`, [K, N]
+   (ldw >= N); fp32 accumulation, one rounding at the end. `isa` picks the instruction set
+   (AVX512-BF16 only for the [N, K] layout). Returns 0, or -1 when out of memory. */
+int afd_bgemm(const uint16_t *x, ptrdiff_t ldx, const uint16_t *w, ptrdiff_t ldw, uint16_t *y, ptrdiff_t ldy,
+              ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int transposed, int isa, int nthreads);
+
+#endif
