@@ -30,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop-token-ids", default="", help="comma-separated ids that end generation")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bfloat16 where the checkpoint is bf16 or the CPU has bf16 arithmetic, else float32")
+    add_kernels_argument(g)
     add_quantization_argument(g)
     add_afd_arguments(g)
     g.set_defaults(func=_generate)
@@ -41,7 +43,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--model", default=None)
     d.add_argument("--n", type=int, default=40, help="held-out prompts to score")
     d.add_argument("--afd", default="1A1F", help="topology for the disaggregated run ('none' to skip)")
+    d.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    add_kernels_argument(d)
     d.set_defaults(func=_demo)
+
+
+def add_kernels_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernels", choices=["auto", "native", "torch"], default=None,
+                   help="decode kernel policy (default: $AFDSERVE_KERNELS or auto; docs/kernels.md): auto = the "
+                   "fastest measured per shape, native = afdserve's own kernels, torch = torch's only")
+
+
+def apply_kernels_argument(args: argparse.Namespace) -> None:
+    from afdserve.model.kernels import apply_kernels_argument as apply
+    apply(args)
 
 
 def add_quantization_argument(p: argparse.ArgumentParser) -> None:
@@ -71,6 +86,7 @@ def _init_checkpoint(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from afdserve import LLM, SamplingParams
 
+    apply_kernels_argument(args)
     prompts = args.prompt if args.prompt else [_ids(p) for p in args.prompt_ids]
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.seed, max_tokens=args.max_tokens,
@@ -93,13 +109,14 @@ def _demo(args: argparse.Namespace) -> int:
     from afdserve.tasks import format_prompt, heldout_set, score
 
     console = Console()
+    apply_kernels_argument(args)
     examples = heldout_set(args.n)
     params = SamplingParams(temperature=0.0, max_tokens=32)
     modes = [("colocated", None)] + ([] if args.afd.lower() == "none" else [(f"AFD {args.afd}", args.afd)])
     answers = {}
     for label, afd in modes:
         t0 = time.perf_counter()
-        with LLM(model=args.model, afd=afd) as llm:
+        with LLM(model=args.model, afd=afd, dtype=args.dtype) as llm:
             if llm.tokenizer is None:
                 raise ValueError("the demo needs a model with a tokenizer (the embedded default model has one)")
             # The chat template's form of each question; the tokenizer adds BOS itself when configured to.

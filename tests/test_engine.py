@@ -13,7 +13,7 @@ PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [3], list(range(20, 45)), [100
 
 @pytest.fixture(scope="module")
 def llm(tiny_ckpt):
-    with LLM(model=str(tiny_ckpt), num_kv_blocks=256, block_size=4) as llm:
+    with LLM(model=str(tiny_ckpt), dtype="float32", num_kv_blocks=256, block_size=4) as llm:
         yield llm
 
 
@@ -67,7 +67,7 @@ def test_preemption_and_chunked_prefill_give_the_same_tokens(tiny_ckpt, llm):
     want = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
     # 12 blocks of 4 slots cannot hold all five requests: the scheduler must preempt and recompute;
     # a budget of 8 tokens per step splits the long prompt into chunks.
-    with LLM(model=str(tiny_ckpt), num_kv_blocks=12, block_size=4, max_num_batched_tokens=8) as small:
+    with LLM(model=str(tiny_ckpt), dtype="float32", num_kv_blocks=12, block_size=4, max_num_batched_tokens=8) as small:
         outs = small.generate(PROMPTS, GREEDY)
         assert sum(s.block_manager.num_free_blocks for s in small.engine.schedulers) == 12
     assert [o.outputs[0].token_ids for o in outs] == want

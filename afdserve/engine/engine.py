@@ -19,6 +19,7 @@ from afdserve.engine.executor import CacheConfig, ColocatedExecutor, ExecutorErr
 from afdserve.engine.request import FinishReason, Request, RequestStatus
 from afdserve.engine.runner import SeqWork, StepInput
 from afdserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from afdserve.model.kernels import resolve_dtype
 from afdserve.sampling import Sample, SampleRequest, SamplingParams
 from afdserve.tokenizer import Tokenizer
 
@@ -40,7 +41,9 @@ class EngineArgs:
 
     model: str | Path | None = None
     """Checkpoint folder; None serves the embedded default model."""
-    dtype: str = "float32"
+    dtype: str = "auto"
+    """"auto": bfloat16 where the checkpoint is bf16/fp16 or the CPU has bf16 arithmetic, else
+    float32 (afdserve.model.kernels.resolve_dtype); or float32 / bfloat16 / float16."""
     quantization: str | None = None
     """"fp8": block-scaled FP8 linear weights, quantized at load unless the checkpoint is FP8 already
     (an FP8 checkpoint loads as FP8 without it; docs/fp8.md)."""
@@ -139,6 +142,7 @@ class LLMEngine:
         self.args = args
         self.model_dir = resolve_model_dir(args.model)
         self.config = Step3Config.from_file(self.model_dir)
+        self.dtype = resolve_dtype(args.dtype, self.config.torch_dtype, args.device)
         self.tokenizer = Tokenizer.load(self.model_dir)
         self.max_model_len = min(args.max_model_len or min(self.config.max_position_embedding, 8192),
                                  self.config.max_position_embedding)
@@ -160,12 +164,12 @@ class LLMEngine:
         trace = a.afd_trace_file or a.afd_options.get("trace_file") or os.environ.get("AFD_TRACE_FILE")
         if a.afd:
             from afdserve.afd.executor import AFDExecutor
-            return AFDExecutor(self.model_dir, self.config, topology=a.afd, dtype=a.dtype, cache=cache,
+            return AFDExecutor(self.model_dir, self.config, topology=a.afd, dtype=self.dtype, cache=cache,
                                micro_batches=a.micro_batches, device=a.device, **{**a.afd_options, "trace_file": trace})
-        ex = ColocatedExecutor(self.model_dir, self.config, a.dtype, cache, a.device, a.progress, a.quantization)
+        ex = ColocatedExecutor(self.model_dir, self.config, self.dtype, cache, a.device, a.progress, a.quantization)
         if trace:
             from afdserve.afd.local_trace import traced
-            return traced(ex, trace, meta={"model_dir": str(self.model_dir), "dtype": str(a.dtype)})
+            return traced(ex, trace, meta={"model_dir": str(self.model_dir), "dtype": str(self.dtype)})
         return ex
 
     # ----------------------------------------------------------------- requests

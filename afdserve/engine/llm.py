@@ -9,12 +9,12 @@ from afdserve.sampling import SamplingParams
 
 
 class LLM:
-    """`LLM(model=DIR, dtype="float32"|"bfloat16", afd=None|"2A1F", ...)`; a context manager.
+    """`LLM(model=DIR, dtype="auto"|"float32"|"bfloat16", afd=None|"2A1F", ...)`; a context manager.
 
     Extra keyword arguments are `EngineArgs` fields (block_size, num_kv_blocks, max_num_seqs, ...).
     """
 
-    def __init__(self, model: str | None = None, dtype: str = "float32", afd: str | None = None, **kwargs):
+    def __init__(self, model: str | None = None, dtype: str = "auto", afd: str | None = None, **kwargs):
         self.engine = LLMEngine(EngineArgs(model=model, dtype=dtype, afd=afd, **kwargs))
         self._ids = itertools.count()
 

@@ -13,7 +13,7 @@ import signal
 import sys
 
 from afdserve.afd.options import add_afd_arguments, engine_kwargs_from_args
-from afdserve.commands import add_quantization_argument
+from afdserve.commands import add_kernels_argument, add_quantization_argument, apply_kernels_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: folder name)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 where the checkpoint is bf16/fp16 or the CPU has bf16 arithmetic, else float32")
+    add_kernels_argument(p)
     add_quantization_argument(p)
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step, at most")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output)")
@@ -47,6 +49,7 @@ def serve(args: argparse.Namespace) -> int:
     from afdserve.server.api import build_app
     from afdserve.server.async_engine import AsyncEngine
 
+    apply_kernels_argument(args)
     engine_args = EngineArgs(model=args.model, dtype=args.dtype, quantization=args.quantization,
                              max_num_seqs=args.max_num_seqs,
                              max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
@@ -107,7 +110,7 @@ def summary(engine, name: str, args: argparse.Namespace) -> str:
     workers = len(engine.schedulers)
     mode = f"AFD {args.afd}" if getattr(args, "afd", None) else "colocated"
     tok = "tokenizer" if engine.tokenizer is not None else "no tokenizer (token ids only)"
-    return (f"afdserve serve: model {name} ({engine.model_dir}), {args.dtype}, "
+    return (f"afdserve serve: model {name} ({engine.model_dir}), {engine.dtype}, "
             f"{stats.num_kv_blocks} KV blocks x {engine.args.block_size} tokens over {workers} attention "
             f"worker(s), context {engine.max_model_len}, {tok}, {mode}, "
             f"listening on http://{args.host}:{args.port}")
