@@ -292,6 +292,26 @@ def test_chat_message_forms_openai_accepts(client, messages):
     assert r.json()["choices"][0]["finish_reason"] == "length"
 
 
+def test_template_messages_keep_what_templates_read():
+    """Validated messages -> template input: content as a string, and name / tool_calls /
+    tool_call_id passed through where present (HF templates render tool calls from these)."""
+    from afdserve.server.chat import render_chat, template_messages
+    from afdserve.server.protocol import ChatCompletionRequest
+
+    call = {"id": "c1", "type": "function", "function": {"name": "clock", "arguments": "{}"}}
+    req = ChatCompletionRequest.model_validate({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "time"}, {"type": "text", "text": "?"}], "name": "bo"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ten"}]})
+    messages = template_messages(req.messages)
+    assert messages == [{"role": "user", "content": "time?", "name": "bo"},
+                        {"role": "assistant", "content": "", "tool_calls": [call]},
+                        {"role": "tool", "content": "ten", "tool_call_id": "c1"}]
+    template = ("{% for m in messages %}{{ m.role }}:{{ m.content }}"
+                "{% for c in m.tool_calls or [] %}<{{ c.function.name }}>{% endfor %}|{% endfor %}")
+    assert render_chat(messages, template) == "user:time?|assistant:<clock>|tool:ten|"
+
+
 def test_chat_parts_render_as_the_joined_string(client):
     """A list of text parts is the same prompt as their concatenation (usage counts its tokens)."""
     parts = [{"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "world"}]}]
