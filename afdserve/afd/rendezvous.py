@@ -7,7 +7,9 @@ worker is lost: each formation is a *generation* g (keys under `afd/g{g}/`), ann
 engine in `afd/generation`. Per generation every rank
 
     writes its hello (`hello/{rank}`: role, topology, dtype, checkpoint fingerprint), unless
-        another process holds the rank already (refused),
+        another process holds the rank already (then it waits for a generation that re-opens it:
+        the engine has not yet seen the loss of the process it replaces; refused after the join
+        timeout),
     waits for the engine's verdict (`verdict`: "ok", the mismatches judged against attention
         worker 0's hello, or "retry": a worker died mid-formation, join the next generation),
     writes its load status (`loaded/{rank}`: "" or the error) and waits for everyone's,
@@ -117,8 +119,14 @@ def enter(store: dist.TCPStore, gen: int, rank: int, hello: dict, who: str, wher
     while True:
         p = _prefix(gen)
         if store.compare_set(f"{p}hello/{rank}", "", text).decode() != text:
-            raise HandshakeError(f"{who}: rank {rank} is already taken in this deployment (another process "
-                                 f"joined as {who})")
+            # Taken: by a live process, or by the one this process replaces, whose loss the
+            # engine may not have seen yet; then the next generation opens the rank again.
+            try:
+                gen = wait_generation_after(store, gen, timeout_s)
+            except DeploymentEnded:
+                raise HandshakeError(f"{who}: rank {rank} is already taken in this deployment (another "
+                                     f"process joined as {who}) and was not re-opened within {timeout_s:g} s") from None
+            continue
         try:
             verdict = store.get(f"{p}verdict").decode()
         except Exception:
