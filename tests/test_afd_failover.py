@@ -305,3 +305,13 @@ def test_server_health_names_a_stalled_idle_ffn_worker_then_recovers(ckpt, tmp_p
         except ProcessLookupError:
             pass
         proc.wait(10)
+
+
+def test_metrics_count_restarts_and_replays_by_delta():
+    from afdserve.server.metrics import ServerMetrics
+    m = ServerMetrics("tiny")
+    m.render(None, None, {"restarts": {("ffn", "exited"): 1}, "replays": 1})
+    text = m.render(None, None, {"restarts": {("ffn", "exited"): 2, ("ffn", "stopped"): 1}, "replays": 3}).decode()
+    assert 'afdserve_afd_worker_restarts_total{model_name="tiny",reason="exited",role="ffn"} 2.0' in text
+    assert 'afdserve_afd_worker_restarts_total{model_name="tiny",reason="stopped",role="ffn"} 1.0' in text
+    assert 'afdserve_afd_step_replays_total{model_name="tiny"} 3.0' in text
