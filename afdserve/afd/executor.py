@@ -179,6 +179,7 @@ class AFDExecutor:
         except ExecutorError:
             self.close()
             raise
+        self._serving = True
         self._monitor = threading.Thread(target=self._watch, daemon=True, name="afd-monitor")
         self._monitor.start()
 
@@ -194,6 +195,7 @@ class AFDExecutor:
         self._fresh: set[str] = set()
         self._hello_pids: dict[int, int] = {}
         self._stop_watch = threading.Event()
+        self._serving = False                    # past start-up: a restarted attention worker lost requests
         self._monitor: threading.Thread | None = None
         self._scan_lock = threading.Lock()       # the step thread and the monitor both scan
 
@@ -446,6 +448,8 @@ class AFDExecutor:
             self._fail(f"{reason}; it failed to start {n} times in a row, giving up (see its error output)")
         log.warning("AFD: %s; starting it again (attempt %d of %d)", reason, n + 1, self.max_start_attempts)
         self.restarts[(w.role, "failed start")] += 1
+        if w.role == "attention" and self._serving:      # its KV cache is gone
+            self._lost[w.index] = reason
         w.kill()
         self._launch(w.role, w.index)
 
