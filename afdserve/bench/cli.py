@@ -14,6 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
+from afdserve.commands import add_kernels_argument, apply_kernels_argument
 from afdserve.cost.cli import _clean, _console   # one JSON cleaner and console for all CLIs
 
 FULL = dict(batches="1,8,32,64", contexts="128,1024,4096", steps=16, attn_contexts="128,1024,4096,16384")
@@ -62,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bandwidth-mib", type=int, default=None,
                    help="size of the bandwidth probe (default 1024 MiB on CPU, 2048 on CUDA, 256 with --quick)")
     p.add_argument("--matmul-n", type=int, default=None, help="matmul probe size (default 2048 CPU, 8192 CUDA)")
+    add_kernels_argument(p)
     p.add_argument("--quick", action="store_true", help="small grid for a smoke run")
     p.add_argument("--json", action="store_true", help="print the result JSON instead of tables")
 
@@ -123,6 +125,7 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
     from afdserve.config import Step3Config
 
     torch.set_num_threads(args.threads)
+    apply_kernels_argument(args)           # --kernels: this process and the AFD workers it starts
     dtype = getattr(torch, args.dtype)
     elem = torch.empty((), dtype=dtype).element_size()
     started = time.time()
@@ -327,13 +330,18 @@ def _threads_per_worker(topology: str, threads: int) -> int:
 
 
 def kernel_policy(threads: int) -> str:
-    """Which decode kernels `afdserve.model.kernels.linear` picks on the CPU at this thread count."""
+    """The decode kernels afdserve's policy picks on the CPU at this thread count (fp32), in short."""
+    import torch
+
     from afdserve.model import kernels
-    if threads == 1 and kernels.NATIVE:
-        return "afdserve native (1 thread)"
-    if threads == 1 and kernels.OPENBLAS:
-        return "OpenBLAS (1 thread)"
-    return f"torch BLAS ({threads} threads)"
+    try:
+        p = kernels.decide_policy(threads=threads)
+    except ValueError as exc:
+        return str(exc)
+    rows = [p.native_max_rows(torch.float32, t) for t in (False, True)]
+    few = f"native <= {rows[0]}/{rows[1]} rows" if any(rows) else "torch"
+    rest = "OpenBLAS" if p.openblas else ("oneDNN/MKL" if p.onednn else "MKL")
+    return f"{p.mode}, {p.threads} thread(s): {few}, else {rest}"
 
 
 def _targets(rows: list[dict]) -> dict:
