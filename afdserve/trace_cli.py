@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import json
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from afdserve.afd.timeline import load_trace, plot_gantt, step_rows, validate_trace
@@ -63,17 +63,31 @@ def run_plot(args) -> int:
     doc = load_trace(args.trace)
     step, rows = step_rows(doc, args.step)
     meta = doc.get("otherData", {})
-    tokens = sum(s["tokens"] for s in meta.get("steps", []) if s["step"] == step)
-    plot_gantt(rows, args.out, f"{meta.get('topology', '')} step {step}: {tokens} tokens, "
-                               f"{meta.get('micro_batches', '?')} micro-batches (measured)")
+    mine = [s for s in meta.get("steps", []) if s["step"] == step]
+    tokens = sum(s["tokens"] for s in mine)
+    m = mine[0]["micro_batches"] if mine else "?"
+    plot_gantt(rows, args.out, f"{meta.get('topology', '')} step {step}: {tokens} tokens, {m} micro-batches (measured)")
     print(f"wrote {args.out}")
     return 0
 
 
 # ----------------------------------------------------------------------------- measured side
+def steady_steps(doc: dict) -> tuple[set[int], int]:
+    """(steps, tokens): the steps with the most common token count (the decode steps of a steady
+    batch; prefill and ramp-up steps left out) and that count."""
+    tokens: dict[int, int] = defaultdict(int)
+    for s in doc.get("otherData", {}).get("steps", []):
+        tokens[s["step"]] += s.get("tokens", 0)
+    counts = Counter(t for t in tokens.values() if t)
+    if not counts:
+        raise ValueError("the trace holds no step with tokens")
+    batch = max(counts, key=lambda t: (counts[t], -t))
+    return {st for st, t in tokens.items() if t == batch}, batch
+
+
 def _spans(doc: dict) -> dict:
-    """(step, stage, layer, micro-batch) -> [(track, start us, duration us)] of busy steps."""
-    busy = {s["step"] for s in doc.get("otherData", {}).get("steps", []) if s.get("tokens")}
+    """(step, stage, layer, micro-batch) -> [(track, start us, duration us)] of the steady steps."""
+    busy = steady_steps(doc)[0]
     names = {e["tid"]: e["args"]["name"] for e in doc["traceEvents"] if e.get("ph") == "M" and e["name"] == "thread_name"}
     out: dict = defaultdict(list)
     for e in doc["traceEvents"]:
@@ -84,26 +98,48 @@ def _spans(doc: dict) -> dict:
 
 
 def measured_stages(doc: dict, moe_layers: set[int]) -> dict[str, float]:
-    """Medians (us) per layer and micro-batch: attention, FFN on MoE / dense layers (of the busiest
-    worker of each layer x micro-batch), and the A->F and
-    F->A transfers, each timed from the send's start to the receive's end where the receiver was
-    already waiting (so no queueing is counted); plus the step (ms)."""
+    """Medians (us) per layer and micro-batch, plus the step (ms):
+    attention, ffn / dense_ffn  the busiest worker's span of each layer x micro-batch (the
+                                simulator's stage times are the busiest GPU's)
+    a2f                         A->F: the send's start to the FFN worker's receipt, where that
+                                worker was already waiting (no queueing counted)
+    transfers                   A->F + F->A: an attention worker's round trip (send start to the
+                                partial sums received) less the last-replying FFN worker's compute,
+                                where nobody queued. (F->A alone is not measurable from the stamps:
+                                an FFN worker issues its reply inside its compute span, so the
+                                reply can arrive before the span ends.)"""
     spans = _spans(doc)
     by: dict[str, list[float]] = defaultdict(list)
     for (step, stage, i, j), found in spans.items():
-        if stage == ATTENTION:              # the busiest worker's, as the simulator's stage times
+        if stage == ATTENTION:
             by["attention"].append(max(d for _, _, d in found))
         elif stage == FFN:
             by["ffn" if (i in moe_layers or found[0][0] == "colocated") else "dense_ffn"].append(max(d for _, _, d in found))
-        for track, ts, dur in found:
-            if stage in (A2F, F2A):
-                recv = A2F_WAIT if stage == A2F else F2A_WAIT
-                by[stage] += [ts2 + d2 - ts for _, ts2, d2 in spans.get((step, recv, i, j), []) if ts2 <= ts]
+        elif stage == A2F:
+            _transfers(spans, step, i, j, found, by)
     out = {k: statistics.median(v) for k, v in by.items() if v}
-    steps = [s["step_ms"] for s in doc.get("otherData", {}).get("steps", []) if s.get("tokens") and s["worker"] == 0]
+    busy = steady_steps(doc)[0]
+    steps = [s["step_ms"] for s in doc.get("otherData", {}).get("steps", []) if s["step"] in busy and s["worker"] == 0]
     if steps:
         out["step_ms"] = statistics.median(steps)
     return out
+
+
+def _transfers(spans: dict, step: int, i: int, j: int, sends: list, by: dict) -> None:
+    waits = spans.get((step, A2F_WAIT, i, j), [])
+    replies = {tr: (ts, d) for tr, ts, d in spans.get((step, F2A, i, j), [])}
+    computes = {tr: d for tr, _, d in spans.get((step, FFN, i, j), [])}
+    backs = {tr: (ts, d) for tr, ts, d in spans.get((step, F2A_WAIT, i, j), [])}
+    for track, ts, _ in sends:
+        by["a2f"] += [ts2 + d2 - ts for _, ts2, d2 in waits if ts2 <= ts]
+        if track not in backs or not replies or any(ts2 > ts for _, ts2, _ in waits):
+            continue
+        last = max(replies, key=lambda tr: replies[tr][0])         # the FFN worker waited on
+        b_ts, b_d = backs[track]
+        # A was waiting before F computed, and F stamped its compute's end before the reply
+        # arrived (else a descheduled FFN process inflates its compute span)
+        if b_ts <= replies[last][0] - computes.get(last, 0.0) and b_ts + b_d >= replies[last][0]:
+            by["transfers"].append(b_ts + b_d - ts - computes.get(last, 0.0))
 
 
 def straggler(doc: dict) -> dict[str, float]:
@@ -141,11 +177,11 @@ def _figures(path: str | None, threads: int, tokens: int):
     return fig, over
 
 
-def predicted_stages(meta: dict, arch, batch: int, context: int, figures: str | None) -> dict[str, float]:
-    """The simulator's stage times (us) and step (ms) for the traced deployment on this machine."""
+def predicted_stages(meta: dict, arch, batch: int, m: int, context: int, figures: str | None) -> dict[str, float]:
+    """The simulator's stage times (us) and step (ms) for the traced deployment (m micro-batches)
+    on this machine."""
     from afdserve.sim.local import cpu_efficiency
     from afdserve.sim.simulator import Deployment, SimPrecision, simulate, stage_times
-    m = int(meta.get("micro_batches", 1))
     fig, over = _figures(figures, int(meta.get("threads", 1)), max(1, batch // m))
     hw = fig.hardware()
     size = 2.0 if meta.get("dtype") in ("bfloat16", "float16") else 4.0
@@ -160,7 +196,7 @@ def predicted_stages(meta: dict, arch, batch: int, context: int, figures: str | 
     out = {"attention": st.attention * 1e6, "ffn": st.ffn * 1e6, "dense_ffn": st.dense_ffn * 1e6,
            "step_ms": r.tpot_ms}
     if dep.kind == "afd":
-        out.update(a2f=st.a2f * 1e6, f2a=st.f2a * 1e6)
+        out.update(a2f=st.a2f * 1e6, transfers=(st.a2f + st.f2a) * 1e6)
     return out
 
 
@@ -172,18 +208,13 @@ def run_compare(args) -> int:
     if not model:
         raise ValueError("the trace does not name its checkpoint: give --model DIR")
     arch = small_arch(model)
-    steps = [s for s in meta.get("steps", []) if s.get("tokens")]
-    if not steps:
-        raise ValueError(f"{args.trace} holds no step with tokens")
-    by_step: dict[int, int] = defaultdict(int)
-    for s in steps:
-        by_step[s["step"]] += s["tokens"]
-    batch = round(statistics.median(by_step.values()))
+    busy, batch = steady_steps(doc)
     context = args.context or int(meta.get("context", 64))
     measured = measured_stages(doc, set(arch.moe_layer_ids))
-    predicted = predicted_stages(meta, arch, batch, context, args.figures)
+    m = next(s["micro_batches"] for s in meta["steps"] if s["step"] in busy)
+    predicted = predicted_stages(meta, arch, batch, m, context, args.figures)
     rows = [(k, measured[k], predicted[k], (predicted[k] - measured[k]) / measured[k] * 100)
-            for k in ("attention", "ffn", "dense_ffn", "a2f", "f2a", "step_ms") if k in measured and k in predicted]
+            for k in ("attention", "ffn", "dense_ffn", "a2f", "transfers", "step_ms") if k in measured and k in predicted]
     blame = straggler(doc)
     report = {"trace": args.trace, "topology": meta.get("topology"), "batch": batch, "context": context,
               "stages": [{"stage": k, "measured": a, "predicted": b, "error_pct": e} for k, a, b, e in rows],
@@ -191,8 +222,8 @@ def run_compare(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{args.trace}: {meta.get('topology')} batch {batch} context {context}, "
-          f"{len(by_step)} busy steps (medians per layer and micro-batch, us; step in ms)")
+    print(f"{args.trace}: {meta.get('topology')} batch {batch} context {context}, {len(busy)} decode steps "
+          f"(medians per layer and micro-batch, us; step in ms)")
     print(f"{'stage':<12}{'measured':>12}{'predicted':>12}{'error':>9}")
     for k, a, b, e in rows:
         print(f"{k:<12}{a:>12.1f}{b:>12.1f}{e:>8.0f}%")

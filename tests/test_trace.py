@@ -179,6 +179,16 @@ def test_trace_log_ring_writes_bounded_chrome_json_and_jsonl(tmp_path):
     doc = load_trace(path)
     steps = {e["args"]["step"] for e in doc["traceEvents"] if e["ph"] == "X"}
     assert steps == {2, 3, 4}                                 # the ring keeps the last 3
+    bg = tmp_path / "bg.json"                                 # the background writer
+    log = TraceLog(keep=4, path=str(bg), flush_s=0.05)
+    log.add(synthetic_step(1, 1, 2, 2))
+    deadline = time.monotonic() + 10
+    while not bg.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert validate_trace(json.loads(bg.read_text())) == []
+    log.add(synthetic_step(1, 1, 2, 2, start=2e6))
+    log.close()
+    assert not log._writer.is_alive() and len(trace_steps_of(bg)) == 2
     jl = tmp_path / "t.jsonl"
     log = TraceLog(keep=2, path=str(jl))
     for n in range(3):
@@ -187,6 +197,11 @@ def test_trace_log_ring_writes_bounded_chrome_json_and_jsonl(tmp_path):
     assert len(lines) == 3 and json.loads(lines[0])["spans"]
     with pytest.raises(ValueError, match="not a Chrome trace-event JSON"):
         load_trace(jl)
+
+
+def trace_steps_of(path) -> list[int]:
+    from afdserve.afd.timeline import trace_steps
+    return trace_steps(load_trace(path))
 
 
 def test_step_rows_and_gantt_png(tmp_path):
@@ -211,7 +226,9 @@ def test_straggler_and_measured_stages():
     st = measured_stages(doc, moe_layers={1, 2})
     assert st["attention"] == pytest.approx(100.0)
     assert st["dense_ffn"] == 400.0 and st["a2f"] == pytest.approx(5.0 + 10.0)   # send + link
-    assert st["f2a"] == pytest.approx(5.0 + 10.0)
+    one = chrome_trace(synthetic_step(1, 1, 3, 1))               # one micro-batch: A waits for every reply
+    one["otherData"]["steps"][0]["tokens"] = 4
+    assert measured_stages(one, {1})["transfers"] == pytest.approx(2 * (5.0 + 10.0))   # both ways
 
 
 # ---------------------------------------------------------------------- the simulator's schedule
@@ -245,3 +262,52 @@ def test_simulate_timeline_cli(tmp_path):
     assert main(["simulate", "--model", "step3", "--afd", "1A1F", "--hardware", "H800", "--batch", "768",
                  "--timeline", str(out), "--json"]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------- real runs (tiny preset)
+FIGURES = {"cpu": {"threads": 1, "read_bytes_per_s": 1e10, "matmul_flops": 5e10, "op_us": 2.0,
+                   "gemm_seconds_per_weight": [[1, 2e-10], [8, 6e-10], [64, 3e-9]], "p2p_latency_us": 40.0,
+                   "p2p_bytes_per_s": 2e9, "ffn_gemm_seconds_per_weight": [[1, 2e-10], [8, 6e-10], [64, 3e-9]]},
+           "layers": {"attention_us": 150.0, "ffn_us": 120.0}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topo", ["1A1F", "2A2F", None])
+def test_traced_run_validates_plots_and_compares(tiny_ckpt, tmp_path, topo, capsys):
+    from afdserve import LLM, SamplingParams
+    from afdserve.cli import main
+    path = tmp_path / "trace.json"
+    with LLM(model=str(tiny_ckpt), afd=topo, micro_batches=2, afd_trace_file=str(path)) as llm:
+        llm.generate([[5 + i, 6, 7, 8] for i in range(4)], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    doc = load_trace(path)                       # validates
+    meta = doc["otherData"]
+    tracks = {e["args"]["name"] for e in doc["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
+    if topo is None:
+        assert tracks == {"colocated"} and not [e for e in doc["traceEvents"] if e["ph"] == "s"]
+        assert {e["cat"] for e in doc["traceEvents"] if e["ph"] == "X"} == {"step", ATTENTION, FFN}
+    else:
+        x, y = int(topo[0]), int(topo[2])
+        assert tracks == {f"attention {w}" for w in range(x)} | {f"ffn {k}" for k in range(y)}
+        cats = {e["cat"] for e in doc["traceEvents"] if e["ph"] == "X"}
+        assert cats == {"step", ATTENTION, A2F, F2A_WAIT, A2F_WAIT, FFN, F2A}
+        assert sum(e["ph"] == "s" for e in doc["traceEvents"]) > 0
+        # one host, one monotonic clock: the offsets estimated from the round trips contain 0
+        for track, (off, unc) in meta["clock_estimate"].items():
+            assert abs(off) <= unc + 1.0, (track, off, unc)
+        assert meta["topology"] == topo and meta["shared_clock"] is True
+    out = tmp_path / "step.png"
+    assert main(["trace", "plot", str(path), "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    figures = tmp_path / "figures.json"
+    figures.write_text(json.dumps(FIGURES))
+    capsys.readouterr()
+    assert main(["trace", "compare", str(path), "--context", "8", "--figures", str(figures), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    stages = {r["stage"]: r for r in report["stages"]}
+    want = {"attention", "ffn", "step_ms"} | ({"a2f", "transfers"} if topo else set())
+    assert want <= set(stages)
+    for r in stages.values():
+        assert r["measured"] > 0 and r["predicted"] > 0
+        assert r["error_pct"] == pytest.approx((r["predicted"] - r["measured"]) / r["measured"] * 100)
+    if topo:
+        assert report["straggler"] in tracks

@@ -99,17 +99,23 @@ def _flows(step: int, tracks: dict[str, list], next_id: list[int]) -> list[dict]
     return evs
 
 
-def chrome_trace(steps: list[StepTrace], clock: dict | None = None, meta: dict | None = None) -> dict:
-    """Chrome trace-event JSON object of the given steps (see the module docstring)."""
+def chrome_trace(steps: list[StepTrace], clock: dict | None = None, meta: dict | None = None,
+                 cache: dict | None = None) -> dict:
+    """Chrome trace-event JSON object of the given steps (see the module docstring). `cache`
+    (step -> events, for one `clock`) keeps each step's events from being built again."""
     by_step = _track_spans(steps, clock)
-    events, tracks, next_id = [], set(), [1]
+    cache = {} if cache is None else cache
+    events, tracks = [], set()
     for step, tr in sorted(by_step.items()):
         tracks.update(tr)
-        for track, spans in tr.items():
-            events += _slices(step, track, spans)
-        events += _flows(step, tr, next_id)
-    # per track: time order; an enclosing step slice before the slices it contains
-    events.sort(key=lambda e: (e["tid"], e["ts"], -e.get("dur", 0.0), e["ph"] != "X"))
+        if step not in cache:
+            evs = [e for track, spans in tr.items() for e in _slices(step, track, spans)]
+            evs += _flows(step, tr, [max(step, 0) * FLOW_IDS_PER_STEP + 1])
+            # per track: time order; an enclosing step slice before the slices it contains
+            evs.sort(key=_order)
+            cache[step] = evs
+        events += cache[step]
+    events.sort(key=_order)                  # steps follow each other on every track: nearly sorted
     header = [{"ph": "M", "name": "process_name", "pid": PID, "tid": 0,
                "args": {"name": f"afdserve {(meta or {}).get('topology', '')}".strip()}}]
     for track in sorted(tracks, key=_tid):
@@ -121,6 +127,13 @@ def chrome_trace(steps: list[StepTrace], clock: dict | None = None, meta: dict |
     return {"traceEvents": header + events, "displayTimeUnit": "ms",
             "otherData": {"generator": "afdserve", **(meta or {}), "clock_alignment": _clock_table(clock or {}),
                           "steps": summaries}}
+
+
+FLOW_IDS_PER_STEP = 1_000_000
+
+
+def _order(e: dict) -> tuple:
+    return (e["tid"], e["ts"], -e.get("dur", 0.0), e["ph"] != "X")
 
 
 def _clock_table(clock: dict) -> dict:

@@ -202,22 +202,31 @@ class ClockAligner:
 class TraceLog:
     """The most recent steps' traces (a ring). With `path`: a name ending in .jsonl appends every
     step as a JSON line (unbounded); any other name holds the ring as Chrome trace-event JSON
-    (`afdserve.afd.timeline`), rewritten atomically at most every `flush_s` seconds and on `close`,
-    so the file is always complete and bounded by `keep` steps."""
+    (`afdserve.afd.timeline`), rewritten atomically every `flush_s` seconds by a background thread
+    (never by the engine's step loop; flush_s=0: at every step) and on `close`, so the file is
+    always complete and bounded by `keep` steps. Each step's events are built once and cached."""
 
-    def __init__(self, keep: int = 256, path: str | None = None, flush_s: float = 1.0, meta: dict | None = None):
+    def __init__(self, keep: int = 256, path: str | None = None, flush_s: float = 2.0, meta: dict | None = None):
         self.steps: deque[StepTrace] = deque(maxlen=keep)
         self.path = path
         self.jsonl = bool(path) and str(path).endswith(".jsonl")
         self.flush_s, self.meta = flush_s, dict(meta or {})
         self.aligner = ClockAligner()
-        self._count, self._dirty, self._last_write = 0, False, 0.0
+        self._count, self._dirty = 0, False
         self._lock = threading.Lock()
+        self._cache: dict[int, list] = {}
+        self._cache_clock: dict | None = None
+        self._stop = threading.Event()
+        self._writer = None
+        if path and not self.jsonl and flush_s > 0:
+            self._writer = threading.Thread(target=self._write_loop, daemon=True, name="afd-trace-writer")
+            self._writer.start()
 
     def add(self, traces: list[StepTrace]) -> None:
         for t in traces:
             t.step = self._count
-        self.aligner.observe(traces)
+        if self.path or not self.meta.get("shared_clock"):    # offsets matter: a file, or remote workers
+            self.aligner.observe(traces)
         self._count += 1
         self.steps.extend(traces)
         if not self.path:
@@ -228,8 +237,15 @@ class TraceLog:
                     f.write(json.dumps(t.to_dict()) + "\n")
             return
         self._dirty = True
-        if time.monotonic() - self._last_write >= self.flush_s:
+        if self._writer is None:
             self.flush()
+
+    def _write_loop(self) -> None:
+        while not self._stop.wait(self.flush_s):
+            try:
+                self.flush()
+            except Exception as exc:        # a full disk must not end the engine
+                print(f"afdserve: cannot write the trace {self.path}: {exc}", flush=True)
 
     def flush(self) -> None:
         """Write the ring as Chrome trace JSON now (no-op without a .json path or new steps)."""
@@ -237,13 +253,20 @@ class TraceLog:
             return
         from afdserve.afd.timeline import chrome_trace
         with self._lock:
+            self._dirty = False
+            clock = self.clock()
+            if clock != self._cache_clock:          # offsets moved: rebuild every step's events
+                self._cache, self._cache_clock = {}, clock
+            steps = list(self.steps)
+            live = {t.step for t in steps}
+            for gone in [k for k in self._cache if k not in live]:
+                del self._cache[gone]
             meta = {**self.meta, "clock_estimate": {k: list(v) for k, v in self.aligner.table().items()}}
-            doc = chrome_trace(list(self.steps), clock=self.clock(), meta=meta)
+            doc = chrome_trace(steps, clock=clock, meta=meta, cache=self._cache)
             tmp = f"{self.path}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump(doc, f, separators=(",", ":"))
             os.replace(tmp, self.path)
-            self._dirty, self._last_write = False, time.monotonic()
 
     def clock(self) -> dict[str, tuple[float, float]]:
         """Track -> (offset us, uncertainty us) applied to the spans: zero when every worker runs
@@ -255,6 +278,10 @@ class TraceLog:
         return table
 
     def close(self) -> None:
+        """Stop the writer and write the last steps."""
+        self._stop.set()
+        if self._writer is not None:
+            self._writer.join(timeout=30)
         self.flush()
 
     def recent(self, n: int | None = None) -> list[dict]:
