@@ -2,8 +2,8 @@
 
     afdserve worker --role ffn --afd 1A2F --rank 0 --master-addr 10.0.0.1 --master-port 29600 --model DIR
 
-joins the deployment whose attention worker 0 (started by `afdserve serve --afd 1A2F --ffn-remote
---master-addr 10.0.0.1 --master-port 29600`) hosts the rendezvous. `--rank` is the index within
+joins the deployment whose engine process (`afdserve serve --afd 1A2F --ffn-remote --master-addr
+10.0.0.1 --master-port 29600`) hosts the rendezvous. `--rank` is the index within
 the role (0..y-1 for FFN workers). The worker refuses to serve when its checkpoint, dtype or
 topology differ from attention worker 0's, and exits when the deployment stops. When the
 deployment loses a worker it re-forms its process group and this worker rejoins by itself; a

@@ -22,7 +22,7 @@ def add_afd_arguments(parser: argparse.ArgumentParser) -> None:
                    help="start only the attention workers here; the FFN workers join from elsewhere with "
                         "`afdserve worker --role ffn` (needs --master-addr/--master-port)")
     g.add_argument("--master-addr", default="127.0.0.1", metavar="ADDR",
-                   help="address of the rendezvous (hosted by attention worker 0; default 127.0.0.1)")
+                   help="address of the rendezvous (hosted by the engine process; default 127.0.0.1)")
     g.add_argument("--master-port", type=int, default=None, metavar="PORT",
                    help="rendezvous port (default: a free port; set it with --ffn-remote)")
     g.add_argument("--afd-join-timeout", type=float, default=120.0, metavar="S",
