@@ -259,8 +259,8 @@ class AFDExecutor:
         with self._lock:
             steps = list(steps)
             for attempt in range(self.max_replays + 1):
-                if self._error:
-                    raise ExecutorError(self._error)
+                if self._error or self._closed:
+                    raise ExecutorError(self._error or "the AFD executor is closed")
                 done, problem = self._run_step(steps)
                 if problem is None:
                     self._next_m = self._next_a2f = None
