@@ -130,7 +130,9 @@ def _totals(llm: LLM) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("topo,sig,victim", [("1A1F", signal.SIGKILL, "FFN worker 0"),
-                                             ("1A2F", signal.SIGSTOP, "FFN worker 1")])
+                                             ("1A1F", signal.SIGSTOP, "FFN worker 0"),
+                                             ("1A2F", signal.SIGSTOP, "FFN worker 1"),
+                                             ("1A2F", signal.SIGKILL, "FFN worker 0")])
 def test_ffn_lost_mid_request_is_replaced_and_the_step_replayed(deployments, reference, topo, sig, victim):
     llm = deployments(topo)
     ex = llm.engine.executor
@@ -147,7 +149,9 @@ def test_ffn_lost_mid_request_is_replaced_and_the_step_replayed(deployments, ref
 
 
 @pytest.mark.parametrize("topo,sig,victim", [("1A1F", signal.SIGSTOP, "FFN worker 0"),
-                                             ("1A2F", signal.SIGKILL, "FFN worker 0")])
+                                             ("1A1F", signal.SIGKILL, "FFN worker 0"),
+                                             ("1A2F", signal.SIGKILL, "FFN worker 0"),
+                                             ("1A2F", signal.SIGSTOP, "FFN worker 1")])
 def test_ffn_lost_while_idle_is_replaced(deployments, reference, topo, sig, victim):
     llm = deployments(topo)
     ex = llm.engine.executor
