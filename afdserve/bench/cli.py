@@ -125,7 +125,11 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
     from afdserve.config import Step3Config
 
     torch.set_num_threads(args.threads)
-    apply_kernels_argument(args)           # --kernels: this process and the AFD workers it starts
+    try:
+        apply_kernels_argument(args)       # --kernels: this process and the AFD workers it starts
+    except ValueError as exc:              # e.g. --kernels native where the native kernels are not built
+        from afdserve.cli import CLIError
+        raise CLIError(str(exc)) from None
     dtype = getattr(torch, args.dtype)
     elem = torch.empty((), dtype=dtype).element_size()
     started = time.time()
