@@ -104,7 +104,8 @@ def _read_kernels(device: str, size_bytes: int) -> dict:
             cols = 4096
             w = x[: (n // cols) * cols].view(-1, cols)      # one large weight [rows, 4096], checkpoint layout
             v = torch.ones(1, cols)
-            kernels["afdserve native GEMV"] = (lambda: k._native_linear(v, w), w.numel() * 4)
+            threads = k.decide_policy(threads=torch.get_num_threads()).threads   # what the policy gives them
+            kernels["afdserve native GEMV"] = (lambda: k._native_linear(v, w, threads), w.numel() * 4)
     return kernels
 
 
