@@ -127,6 +127,8 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
     torch.set_num_threads(args.threads)
     try:
         apply_kernels_argument(args)       # --kernels: this process and the AFD workers it starts
+        from afdserve.model.kernels import ensure_policy
+        ensure_policy()                    # decided for --threads before the machine is measured
     except ValueError as exc:              # e.g. --kernels native where the native kernels are not built
         from afdserve.cli import CLIError
         raise CLIError(str(exc)) from None
