@@ -94,9 +94,11 @@ def measure_cpu(threads: int, quick: bool = False, neighbour: bool = False) -> C
     import torch
 
     from afdserve.bench.machine import measure_bandwidth
+    from afdserve.model import kernels
     from afdserve.model.kernels import linear
-    old = torch.get_num_threads()
+    old, policy = torch.get_num_threads(), kernels.current_policy()
     torch.set_num_threads(threads)
+    kernels.ensure_policy()           # the kernels and layouts the engine picks at `threads`
     reps = 3 if quick else 7
     peer = _start_neighbour() if neighbour else None
     try:
@@ -124,6 +126,7 @@ def measure_cpu(threads: int, quick: bool = False, neighbour: bool = False) -> C
         op_us = _median_time(ops, reps) / n * 1e6
     finally:
         torch.set_num_threads(old)
+        kernels.use_policy(policy)
         if peer is not None:
             peer.kill()
             peer.wait()
