@@ -91,7 +91,7 @@ def ensure_venv(venv: str | Path | None = None, version: str = VERSION, package:
         return venv_python(venv)
     if not install:
         why = f"has vLLM {found['vllm']}, not {version}" if found else "does not import vLLM"
-        raise VllmUnavailable(f"the venv {venv} {why} (run with --install-vllm to install {package}=={version})")
+        raise VllmUnavailable(f"the venv {venv} {why}; installing {package}=={version} was not asked for")
     log(f"installing {package}=={version} with torch=={TORCH} into {venv} (a few minutes)")
     deadline = time.monotonic() + timeout_s
     cmds = install_commands(venv, package, version)
@@ -115,11 +115,16 @@ def _run_logged(cmd: list[str], timeout_s: float, log) -> None:
     except OSError as exc:
         raise VllmUnavailable(f"cannot run {cmd[0]}: {exc}") from None
     tail: list[str] = []
+    collected = 0
     try:
         for line in _lines(proc, timeout_s):
             tail = (tail + [line])[-5:]
-            if line.startswith(("Collecting", "Installing", "Successfully", "ERROR", "Uninstalling")):
-                log(f"  {line[:160]}")
+            if line.startswith("Collecting"):
+                collected += 1
+                if collected % 25 == 1:
+                    log(f"  pip: {collected} packages collected so far ({line.split()[1]})")
+            elif line.startswith(("Installing", "Successfully", "ERROR", "Uninstalling")):
+                log(f"  pip: {line[:160]}")
         rc = proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         rc = None
