@@ -1,5 +1,6 @@
 /*
- * afdserve._native: fp32 decode kernels for x86-64 CPUs with AVX2 + FMA.
+ * afdserve._native: decode kernels for x86-64 CPUs with AVX2 + FMA (this file: the fp32 GEMMs,
+ * decode attention in fp32 and bf16, and the Python module; gemm_bf16.c: the bf16 GEMMs).
  *
  * 1. GEMMs for few rows:   y[M, N] = x[M, K] @ W^T, W given as [N, K] (checkpoint layout) or
  *    [K, N] (transposed storage).
@@ -17,6 +18,15 @@
  * 2. Decode attention over the paged KV cache (one new token per sequence), reading each
  *    sequence's keys and values where they lie instead of gathering them into a copy first;
  *    every key and value is read once for all query heads that share it (MFA: all of them).
+ *    A bf16 cache is widened to fp32 a chunk of keys / values at a time (exact) and then takes
+ *    the fp32 code; the output is rounded to bf16 once.
+ * 3. Threads: every entry point takes `nthreads` (torch's thread count, from the kernel policy)
+ *    and splits its outputs over an OpenMP team: GEMM columns, attention sequences x KV heads
+ *    (x blocks of 8 query heads when there are fewer of those than threads). Built with
+ *    -fopenmp, the extension binds to the libgomp torch has loaded (same soname), so torch's ops
+ *    and these kernels share one runtime and one pool of threads (setup.py, docs/kernels.md).
+ *    Each output is computed by the same instructions in the same order on any split: results
+ *    are bitwise independent of the thread count.
  *
  * Benchmarks (benchmarks/kernel_bench.py, `afdserve bench`) pick which rows and layouts come
  * here; the Python side (afdserve/model/kernels.py) checks shapes, strides, dtype and device
