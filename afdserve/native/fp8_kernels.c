@@ -94,6 +94,8 @@ TGT static INL void dot_tile(const float *xs, ptrdiff_t K, const uint8_t *w, ptr
     ptrdiff_t k = 0;
     for (; k + 16 <= K; k += 16) {
         __m256 lo[4], hi[4];
+        if ((k & 63) == 0)
+            UNROLL for (int r = 0; r < NR; r++) _mm_prefetch((const char *)(w + (r + NR) * ldw + k), _MM_HINT_T0);
         UNROLL for (int r = 0; r < NR; r++) widen16(w + r * ldw + k, &lo[r], &hi[r]);
         UNROLL for (int m = 0; m < MG; m++) {
             __m256 a = _mm256_loadu_ps(xs + m * K + k), b = _mm256_loadu_ps(xs + m * K + k + 8);
@@ -230,7 +232,10 @@ TGT512 static INL void dot_tile_bf16(const uint16_t *xp, ptrdiff_t K64, const ui
             UNROLL for (int m = 0; m < MG; m++) acc[r][m] = _mm512_setzero_ps();
         for (ptrdiff_t k = k0; k < k0 + 128 && k < K64; k += 64) {
             __m512i a[4], b[4];
-            UNROLL for (int r = 0; r < NR; r++) widen64_bf16(w + r * ldw + k, t, &a[r], &b[r]);
+            UNROLL for (int r = 0; r < NR; r++) {
+                _mm_prefetch((const char *)(w + (r + NR) * ldw + k), _MM_HINT_T0);   /* the next tile's rows */
+                widen64_bf16(w + r * ldw + k, t, &a[r], &b[r]);
+            }
             UNROLL for (int m = 0; m < MG; m++) {
                 __m512bh xa = (__m512bh)_mm512_loadu_si512((const void *)(xp + m * K64 + k));
                 __m512bh xb = (__m512bh)_mm512_loadu_si512((const void *)(xp + m * K64 + k + 32));
