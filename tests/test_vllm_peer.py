@@ -103,6 +103,18 @@ def test_venv_without_vllm_is_a_skip(tmp_path):
         vllm_peer.ensure_venv(tmp_path, install=False)
 
 
+def test_reuse_checks_versions_and_drops_extras(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(vllm_peer, "_run_logged", lambda cmd, t, log: ran.append(cmd))
+    monkeypatch.setattr(vllm_peer, "installed", lambda v: {"vllm": "0.31.0", "torch": "2.13.0+cpu", "extras": []})
+    with pytest.raises(vllm_peer.VllmUnavailable, match="has vLLM 0.31.0 with torch 2.13.0.cpu, not"):
+        vllm_peer.ensure_venv(tmp_path, install=False)
+    good = {"vllm": vllm_peer.VERSION, "torch": vllm_peer.TORCH + "+cpu", "extras": ["torchvision"]}
+    monkeypatch.setattr(vllm_peer, "installed", lambda v: good)
+    assert vllm_peer.ensure_venv(tmp_path, install=False, log=lambda m: None) == tmp_path / "bin" / "python"
+    assert ran == [vllm_peer.install_commands(tmp_path)[2]] and not any(c[3] == "install" for c in ran)
+
+
 def test_install_step_failure_and_timeout_are_notes():
     logs = []
     with pytest.raises(vllm_peer.VllmUnavailable, match=r"failed \(exit 3\): ERROR: no such wheel"):

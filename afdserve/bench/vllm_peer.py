@@ -83,14 +83,15 @@ def ensure_venv(venv: str | Path | None = None, version: str = VERSION, package:
     """Path of a python that imports vLLM `version`; installs it into `venv` when `install`."""
     venv = Path(venv) if venv else default_venv()
     found = installed(venv)
-    if found and found["vllm"].split("+")[0] == version and not found["extras"]:
-        return venv_python(venv)
-    if found and found["vllm"].split("+")[0] == version:
+    matches = bool(found) and (found["vllm"].split("+")[0], found["torch"].split("+")[0]) == (version, TORCH)
+    if matches and found["extras"]:
         log(f"vLLM venv {venv}: removing {', '.join(found['extras'])} (built for another torch)")
         _run_logged(install_commands(venv, package, version)[2], timeout_s, log)
+    if matches:
         return venv_python(venv)
     if not install:
-        why = f"has vLLM {found['vllm']}, not {version}" if found else "does not import vLLM"
+        why = (f"has vLLM {found['vllm']} with torch {found['torch']}, not {version} with {TORCH}" if found
+               else "does not import vLLM")
         raise VllmUnavailable(f"the venv {venv} {why}; installing {package}=={version} was not asked for")
     log(f"installing {package}=={version} with torch=={TORCH} into {venv} (a few minutes)")
     deadline = time.monotonic() + timeout_s
