@@ -229,15 +229,23 @@ class Fp8Weight(QuantizedLinearWeight):
         """x [.., in] @ weight^T in x's dtype (fp32 accumulation)."""
         if self.codes.dim() != 2:
             raise ValueError(f"linear needs a 2-D weight, got an fp8 weight of shape {list(self.shape)}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         rows = x2.shape[0]
         if _NATIVE is not None and 0 < rows <= NATIVE_MAX_ROWS and x2.is_cpu and self.codes.is_cpu \
                 and x2.shape[-1] == self.shape[1]:
             y = native_linear(x2, self)
         else:
             y = dequantize_linear(x2, self)
-        return y.reshape(*lead, self.shape[0])
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.shape[0])
+
+    def native_args(self) -> tuple[int, int, int, int]:
+        """(codes address, leading dimension, scales address, leading dimension) for the kernels."""
+        args = self.__dict__.get("_native_args")
+        if args is None:
+            (n, k), s = self.shape, self.scale
+            args = self._native_args = (self.codes.data_ptr(), self.codes.stride(0) if n > 1 else k, s.data_ptr(),
+                                        s.stride(0) if s.shape[0] > 1 else s.shape[1])
+        return args
 
 
 def native_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
@@ -250,9 +258,7 @@ def native_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
     (M, K), N = xf.shape, w.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
     if N and K:
-        _NATIVE.gemm(xf.data_ptr(), xf.stride(0) if M > 1 else K, w.codes.data_ptr(),
-                     w.codes.stride(0) if N > 1 else K, w.scale.data_ptr(),
-                     w.scale.stride(0) if w.scale.shape[0] > 1 else w.scale.shape[1], w.row_block, w.row_offset,
+        _NATIVE.gemm(xf.data_ptr(), xf.stride(0) if M > 1 else K, *w.native_args(), w.row_block, w.row_offset,
                      w.col_offset, y.data_ptr(), N, M, N, K)
     else:
         y.zero_()
@@ -263,11 +269,10 @@ def _native_linear_bf16(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
     if x.stride(-1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):
         x = x.contiguous()
     (M, K), N = x.shape, w.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32)
-    _NATIVE.gemm_bf16(x.data_ptr(), x.stride(0) if M > 1 else K, w.codes.data_ptr(), w.codes.stride(0) if N > 1 else K,
-                      w.scale.data_ptr(), w.scale.stride(0) if w.scale.shape[0] > 1 else w.scale.shape[1],
-                      w.row_block, w.row_offset, y.data_ptr(), N, M, N, K)
-    return y.to(torch.bfloat16)
+    y = torch.empty(M, N, dtype=torch.bfloat16)
+    _NATIVE.gemm_bf16(x.data_ptr(), x.stride(0) if M > 1 else K, *w.native_args(), w.row_block, w.row_offset,
+                      y.data_ptr(), N, M, N, K)
+    return y
 
 
 def dequantize_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:

@@ -95,7 +95,7 @@ TGT static INL void dot_tile(const float *xs, ptrdiff_t K, const uint8_t *w, ptr
     for (; k + 16 <= K; k += 16) {
         __m256 lo[4], hi[4];
         if ((k & 63) == 0)
-            UNROLL for (int r = 0; r < NR; r++) _mm_prefetch((const char *)(w + (r + NR) * ldw + k), _MM_HINT_T0);
+            UNROLL for (int r = 0; r < NR; r++) _mm_prefetch((const char *)(w + (r + 2 * NR) * ldw + k), _MM_HINT_T0);
         UNROLL for (int r = 0; r < NR; r++) widen16(w + r * ldw + k, &lo[r], &hi[r]);
         UNROLL for (int m = 0; m < MG; m++) {
             __m256 a = _mm256_loadu_ps(xs + m * K + k), b = _mm256_loadu_ps(xs + m * K + k + 8);
@@ -212,6 +212,15 @@ static void permute_x(const uint16_t *x, ptrdiff_t ldx, ptrdiff_t M, ptrdiff_t K
                 }
 }
 
+/* Round to nearest even, NaN kept NaN (what torch's float -> bfloat16 conversion does). */
+static INL uint16_t f32_to_bf16(float f)
+{
+    union { float f; uint32_t u; } v = {f};
+    if ((v.u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((v.u >> 16) | 0x40);
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
 static INL float bf16_to_f32(uint16_t h)
 {
     union { uint32_t u; float f; } v = {(uint32_t)h << 16};
@@ -233,7 +242,7 @@ TGT512 static INL void dot_tile_bf16(const uint16_t *xp, ptrdiff_t K64, const ui
         for (ptrdiff_t k = k0; k < k0 + 128 && k < K64; k += 64) {
             __m512i a[4], b[4];
             UNROLL for (int r = 0; r < NR; r++) {
-                _mm_prefetch((const char *)(w + (r + NR) * ldw + k), _MM_HINT_T0);   /* the next tile's rows */
+                _mm_prefetch((const char *)(w + (r + 2 * NR) * ldw + k), _MM_HINT_T0);   /* two tiles ahead */
                 widen64_bf16(w + r * ldw + k, t, &a[r], &b[r]);
             }
             UNROLL for (int m = 0; m < MG; m++) {
@@ -368,7 +377,7 @@ static PyObject *bf16_available(PyObject *self, PyObject *args)
 
 PyDoc_STRVAR(gemm_bf16_doc,
              "gemm_bf16(x, ldx, w, ldw, s, lds, row_block, row_off, y, ldy, m, n, k) -> None\n\n"
-             "`gemm` for bf16 x (fp32 y, column offset 0) with AVX512-BF16: the weights are widened to\n"
+             "`gemm` for bf16 x and y (column offset 0) with AVX512-BF16: the weights are widened to\n"
              "bf16 (exact) and multiplied with x by vdpbf16ps, fp32 accumulation, one scale per block.");
 
 static PyObject *gemm_bf16(PyObject *self, PyObject *args)
@@ -391,13 +400,21 @@ static PyObject *gemm_bf16(PyObject *self, PyObject *args)
     if (M == 0 || N == 0)
         Py_RETURN_NONE;
     uint16_t *xp = malloc(sizeof(uint16_t) * (size_t)(M * (K / 64 * 64) + 1));
-    if (!xp)
+    float *yf = malloc(sizeof(float) * (size_t)(M * N));
+    if (!xp || !yf) {
+        free(xp);
+        free(yf);
         return PyErr_NoMemory();
+    }
     Py_BEGIN_ALLOW_THREADS
-    fp8_gemm_bf16((const uint16_t *)px, ldx, (const uint8_t *)pw, ldw, (const float *)ps, lds, rb, roff, (float *)py,
-                  ldy, M, N, K, xp);
+    fp8_gemm_bf16((const uint16_t *)px, ldx, (const uint8_t *)pw, ldw, (const float *)ps, lds, rb, roff, yf, N, M,
+                  N, K, xp);
+    uint16_t *y = (uint16_t *)py;
+    for (Py_ssize_t m = 0; m < M; m++)
+        for (Py_ssize_t n = 0; n < N; n++) y[m * ldy + n] = f32_to_bf16(yf[m * N + n]);
     Py_END_ALLOW_THREADS
     free(xp);
+    free(yf);
 #endif
     Py_RETURN_NONE;
 }
