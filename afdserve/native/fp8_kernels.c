@@ -64,7 +64,7 @@ static void build_lut(void)
 #include <immintrin.h>
 #define TGT __attribute__((target("avx2,fma,f16c")))
 #define INL __attribute__((always_inline)) inline
-#define UNROLL _Pragma("GCC unroll 4")
+#define UNROLL _Pragma("GCC unroll 8")
 
 TGT static INL float hsum8(__m256 v)
 {
@@ -232,15 +232,15 @@ TGT512 static INL void dot_tile_bf16(const uint16_t *xp, ptrdiff_t K64, const ui
                                      ptrdiff_t K, const uint8_t *w, ptrdiff_t ldw, const float *const *s,
                                      const bf16_tables *t, float *y, ptrdiff_t ldy, const int NR, const int MG)
 {
-    __m512 tot[4][4];
+    __m512 tot[8][4];
     UNROLL for (int r = 0; r < NR; r++)
         UNROLL for (int m = 0; m < MG; m++) tot[r][m] = _mm512_setzero_ps();
     for (ptrdiff_t k0 = 0; k0 < K64; k0 += 128) {
-        __m512 acc[4][4];
+        __m512 acc[8][4];
         UNROLL for (int r = 0; r < NR; r++)
             UNROLL for (int m = 0; m < MG; m++) acc[r][m] = _mm512_setzero_ps();
         for (ptrdiff_t k = k0; k < k0 + 128 && k < K64; k += 64) {
-            __m512i a[4], b[4];
+            __m512i a[8], b[8];
             UNROLL for (int r = 0; r < NR; r++) {
                 _mm_prefetch((const char *)(w + (r + 2 * NR) * ldw + k), _MM_HINT_T0);   /* two tiles ahead */
                 widen64_bf16(w + r * ldw + k, t, &a[r], &b[r]);
@@ -274,11 +274,12 @@ TGT512 static void fp8_gemm_bf16(const uint16_t *x, ptrdiff_t ldx, const uint8_t
     bf16_tables t = {_mm512_loadu_si512(BF16_HI), _mm512_loadu_si512(BF16_HI + 64), _mm512_loadu_si512(BF16_LO),
                      _mm512_loadu_si512(BF16_LO + 64), _mm512_set1_epi8((char)0x80)};
     permute_x(x, ldx, M, K64, xp);
-    const ptrdiff_t ntiles = (N + 3) / 4;
+    const int TN = M == 1 ? 8 : 4;            /* weight rows per tile: 8 for one row of x, 4 for more */
+    const ptrdiff_t ntiles = (N + TN - 1) / TN;
 #pragma omp parallel for schedule(static) if (N * K >= PAR_MIN && ntiles > 1)
     for (ptrdiff_t tile = 0; tile < ntiles; tile++) {
-        ptrdiff_t n0 = tile * 4, nr = N - n0 < 4 ? N - n0 : 4;
-        const float *s[4];
+        ptrdiff_t n0 = tile * TN, nr = N - n0 < TN ? N - n0 : TN;
+        const float *s[8];
         for (ptrdiff_t r = 0; r < nr; r++) s[r] = S + (n0 + r + row_off) / row_block * lds;
         for (ptrdiff_t m0 = 0; m0 < M; m0 += 2) {
             const uint16_t *xm = xp + m0 * K64, *xr = x + m0 * ldx;
@@ -289,7 +290,8 @@ TGT512 static void fp8_gemm_bf16(const uint16_t *x, ptrdiff_t ldx, const uint8_t
                 else for (ptrdiff_t r = 0; r < nr; r++)
                     dot_tile_bf16(xm, K64, xr, ldx, K, wt + r * ldw, ldw, s + r, &t, yt + r, ldy, 1, 2);
             } else {
-                if (nr == 4) dot_tile_bf16(xm, K64, xr, ldx, K, wt, ldw, s, &t, yt, ldy, 4, 1);
+                if (nr == 8) dot_tile_bf16(xm, K64, xr, ldx, K, wt, ldw, s, &t, yt, ldy, 8, 1);
+                else if (nr == 4) dot_tile_bf16(xm, K64, xr, ldx, K, wt, ldw, s, &t, yt, ldy, 4, 1);
                 else for (ptrdiff_t r = 0; r < nr; r++)
                     dot_tile_bf16(xm, K64, xr, ldx, K, wt + r * ldw, ldw, s + r, &t, yt + r, ldy, 1, 1);
             }
