@@ -6,6 +6,7 @@ deployment the equality tests are done with.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import time
 import pytest
 import torch
 
+from afdserve.afd.config import AFDConfig
 from afdserve.afd.connector import dequantize_8bit, quantize_8bit
 from afdserve.afd.executor import AFDExecutor, free_port
 from afdserve.afd.topology import TopologyError, parse_topology
@@ -132,9 +134,25 @@ def test_parse_topology_rejects(text):
         parse_topology(text)
 
 
+def test_afd_config_validates_once_and_names_unknown_options():
+    cfg = AFDConfig.from_options("2a1f", 2, timeout_s=5.0)
+    assert str(cfg.topology) == "2A1F" and cfg.rejoin_timeout_s == cfg.join_timeout_s == 120.0
+    assert cfg.heartbeat_s == 0.5 and cfg.stale_s == 3.0
+    assert cfg.adopt({"micro_batches": 4, "a2f": "8bit"}).runtime() == {
+        "micro_batches": 4, "a2f": "8bit", "f2a_dtype": None, "link_latency_ms": 0.0}
+    for bad, match in (({"a2f": "4bit"}, "a2f must be"), ({"timeout_s": 0}, "timeout_s must be > 0"),
+                       ({"f2a_dtype": "int8"}, "f2a_dtype must be"), ({"micro_batches": 0}, "micro_batches")):
+        with pytest.raises(ValueError, match=match):
+            AFDConfig.from_options("1A1F", **bad)
+    with pytest.raises(ValueError, match=r"unknown AFD option\(s\) timeout;"):
+        AFDConfig.from_options("1A1F", timeout=3)
+    with pytest.raises(ValueError, match="a2f must be"):
+        dataclasses.replace(cfg, a2f="fp4")
+
+
 def test_afd_executor_rejects_bad_topology_before_starting(tiny_ckpt):
     with pytest.raises(TopologyError, match="invalid AFD topology '2x1'"):
-        AFDExecutor(tiny_ckpt, Step3Config.from_file(tiny_ckpt), topology="2x1")
+        AFDExecutor(tiny_ckpt, Step3Config.from_file(tiny_ckpt), "2x1")
 
 
 @pytest.mark.parametrize("fp8", [True, False])
@@ -316,7 +334,7 @@ def test_stalled_remote_ffn_worker_not_replaced_fails_with_a_clear_error(deploym
     llm = deployments.get("1A2F")
     eng, ex = llm.engine, llm.engine.executor
     ffn = deployments.remote["1A2F"]
-    ex.rejoin_timeout_s = 2.0
+    ex.afd = dataclasses.replace(ex.afd, rejoin_timeout_s=2.0)
     os.kill(ffn[1].pid, signal.SIGSTOP)
     try:
         eng.add_request("stall", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
@@ -345,8 +363,9 @@ def test_mismatched_checkpoint_is_refused(tiny_ckpt, tmp_path):
         ffn = _start_ffn_cli(other, "1A1F", 0, port, log)
         try:
             with pytest.raises(ExecutorError, match="different checkpoint or config"):
-                AFDExecutor(tiny_ckpt, Step3Config.from_file(tiny_ckpt), "1A1F", device="cpu", ffn_remote=True,
-                            master_port=port, join_timeout_s=60, threads_per_worker=1)
+                AFDExecutor(tiny_ckpt, Step3Config.from_file(tiny_ckpt),
+                            AFDConfig("1A1F", ffn_remote=True, master_port=port, join_timeout_s=60,
+                                      threads_per_worker=1), device="cpu")
             assert ffn.wait(30) == 2
         finally:
             if ffn.poll() is None:

@@ -7,6 +7,7 @@ makes it unloadable); the tests run in file order on it.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 import os
@@ -181,7 +182,7 @@ def test_attention_worker_lost_with_one_fails_its_requests_and_restarts(deployme
 def test_worker_that_fails_at_every_start_ends_in_a_clear_error(deployments, ckpt):
     llm = deployments("1A1F")
     eng, ex = llm.engine, llm.engine.executor
-    ex.max_start_attempts = 2
+    ex.afd = dataclasses.replace(ex.afd, max_start_attempts=2)
     moved = ckpt.with_name("ckpt-moved")
     ckpt.rename(moved)             # running workers keep their mapped weights; a new one cannot load
     try:

@@ -13,6 +13,7 @@ import threading
 
 import pytest
 
+from afdserve.afd.config import AFDConfig
 from afdserve.afd.executor import AFDExecutor, free_port
 from afdserve.config import Step3Config
 from afdserve.engine.executor import ExecutorError
@@ -48,9 +49,9 @@ class _Engine:
 
         def start():
             try:
-                self.executor = AFDExecutor(ckpt, Step3Config.from_file(ckpt), topology=topology, dtype="float32",
-                                            ffn_remote=True, master_port=port, join_timeout_s=join_timeout_s,
-                                            timeout_s=20.0, threads_per_worker=1)
+                afd = AFDConfig(topology, ffn_remote=True, master_port=port, join_timeout_s=join_timeout_s,
+                                timeout_s=20.0, threads_per_worker=1)
+                self.executor = AFDExecutor(ckpt, Step3Config.from_file(ckpt), afd, dtype="float32")
             except BaseException as exc:     # recorded for the test to inspect
                 self.error = exc
         self.thread = threading.Thread(target=start, daemon=True)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from afdserve.afd.config import DEFAULTS
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("worker", help="start one AFD role (e.g. an FFN worker) that joins a deployment",
@@ -31,7 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="as for `afdserve serve` (auto: the same choice the engine makes)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--join-timeout", type=float, default=120.0, metavar="S")
+    p.add_argument("--join-timeout", type=float, default=DEFAULTS["join_timeout_s"], metavar="S")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--control-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run_worker)
@@ -66,6 +68,7 @@ def run_worker(args: argparse.Namespace) -> int:
 def _run_ffn(args: argparse.Namespace, topo) -> int:
     import os
 
+    from afdserve.afd.config import AFDConfig
     from afdserve.afd.executor import available_cores
     from afdserve.afd.worker import WorkerSpec, ffn_worker_main
     from afdserve.config import Step3Config
@@ -77,8 +80,13 @@ def _run_ffn(args: argparse.Namespace, topo) -> int:
     except (OSError, ValueError) as exc:
         print(f"afdserve worker: error: cannot read the checkpoint's config in {args.model}: {exc}", file=sys.stderr)
         return 2
-    spec = WorkerSpec(topo, args.model, dtype, device, args.master_addr,
-                      args.master_port, args.join_timeout, threads=args.threads or available_cores())
+    try:
+        afd = AFDConfig(topo, master_addr=args.master_addr, master_port=args.master_port,
+                        join_timeout_s=args.join_timeout, ffn_remote=True)
+    except ValueError as exc:
+        print(f"afdserve worker: error: {exc}", file=sys.stderr)
+        return 2
+    spec = WorkerSpec(afd, args.model, dtype, device, threads=args.threads or available_cores())
     code = _guarded("afdserve worker", lambda: ffn_worker_main(spec, args.rank, None))
     os._exit(code)     # skip process-group teardown, which can block on peers that are gone
 

@@ -34,6 +34,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from afdserve.afd.config import check_a2f
 from afdserve.afd.topology import Topology
 from afdserve.model.step3 import FFNInput
 
@@ -131,9 +132,7 @@ class TorchP2PConnector:
 
     def set_a2f(self, a2f: str) -> None:
         """A->F encoding of the messages this side sends: 'model' (model dtype) or '8bit'."""
-        if a2f not in ("model", "8bit"):
-            raise ValueError(f"a2f must be 'model' or '8bit', not {a2f!r}")
-        self.a2f = a2f
+        self.a2f = check_a2f(a2f)
         self.encoding = ENC_MODEL if a2f == "model" else (ENC_FP8 if FP8 is not None else ENC_INT8)
 
     # ------------------------------------------------------------ attention side

@@ -37,11 +37,11 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from afdserve.afd import rendezvous as rdv
-from afdserve.afd.topology import parse_topology
+from afdserve.afd.config import AFDConfig, check_a2f, check_micro_batches
 from afdserve.afd.trace import TraceLog
 from afdserve.afd.worker import Failed, Ready, Reform, Step, StepDone, Stop, WorkerSpec
 from afdserve.config import Step3Config
@@ -117,7 +117,7 @@ def launch_worker(spec: WorkerSpec, role: str, index: int) -> LocalWorker:
         theirs.close()
     conn = mpc.Connection(ours.detach())
     conn.send(spec)
-    topo = spec.topology
+    topo = spec.afd.topology
     rank = topo.attention_rank(index) if role == "attention" else topo.ffn_rank(index)
     name = f"{'attention' if role == 'attention' else 'FFN'} worker {index}"
     return LocalWorker(name, role, index, rank, proc, conn)
@@ -126,53 +126,37 @@ def launch_worker(spec: WorkerSpec, role: str, index: int) -> LocalWorker:
 class AFDExecutor:
     """x data-parallel attention workers and y FFN workers (see docs/afd.md)."""
 
-    def __init__(self, model_dir: str | Path, config: Step3Config, topology: str = "1A1F", dtype: str = "float32",
-                 cache: CacheConfig = CacheConfig(), micro_batches: int = 3, device: str | None = None,
-                 timeout_s: float = 30.0, a2f: str = "model", f2a_dtype: str | None = None,
-                 link_latency_ms: float = 0.0, ffn_remote: bool = False, master_addr: str = "127.0.0.1",
-                 master_port: int | None = None, join_timeout_s: float = 120.0, threads_per_worker: int | None = None,
-                 trace_file: str | None = None, trace_keep: int = 256, rejoin_timeout_s: float | None = None,
-                 max_start_attempts: int = 3, max_replays: int = 3, quantization: str | None = None):
-        self.topology = topo = parse_topology(topology)
-        if micro_batches < 1:
-            raise ValueError("micro_batches must be >= 1")
-        if timeout_s <= 0:
-            raise ValueError("timeout_s must be > 0")
-        if a2f not in ("model", "8bit"):
-            raise ValueError(f"a2f must be 'model' or '8bit', not {a2f!r}")
-        self.timeout_s, self.micro_batches = float(timeout_s), micro_batches
-        self.join_timeout_s = join_timeout_s
-        self.rejoin_timeout_s = join_timeout_s if rejoin_timeout_s is None else rejoin_timeout_s
-        self.max_start_attempts, self.max_replays = max_start_attempts, max_replays
-        self.ffn_remote = ffn_remote
+    def __init__(self, model_dir: str | Path, config: Step3Config, afd: AFDConfig | str = "1A1F",
+                 dtype: str = "float32", cache: CacheConfig = CacheConfig(), device: str | None = None,
+                 quantization: str | None = None):
+        afd = afd if isinstance(afd, AFDConfig) else AFDConfig(afd)
+        self.topology = topo = afd.topology
         self._error: str | None = None
         self._closed = False
         self._next_m: int | None = None
         self._next_a2f: str | None = None
-        self.traces = TraceLog(trace_keep, trace_file or os.environ.get("AFD_TRACE_FILE"))
+        self.traces = TraceLog(afd.trace_keep, afd.trace_file or os.environ.get("AFD_TRACE_FILE"))
         self.restarts: Counter = Counter()
         """(role, reason) -> workers started again or rejoined (reason: exited, stopped, stalled, ...)."""
         self.replays = 0
         """Steps run again after the process group was re-formed."""
         self._lost: dict[int, str] = {}
         self._init_state()
-        local = topo.num_attention + (0 if ffn_remote else topo.num_ffn)
-        port = master_port or free_port(master_addr if master_addr != "0.0.0.0" else "127.0.0.1")
-        hb = min(0.5, self.timeout_s / 10)
-        self.spec = WorkerSpec(
-            topo, str(model_dir), dtype, device or default_device(), master_addr, port, join_timeout_s,
-            self.timeout_s, threads_per_worker or max(1, available_cores() // local), cache,
-            {"micro_batches": micro_batches, "a2f": a2f, "f2a_dtype": f2a_dtype, "link_latency_ms": link_latency_ms},
-            heartbeat_s=hb, quantization=quantization)
-        self.stale_s = max(3 * hb, 0.6 * self.timeout_s)
+        local = topo.num_attention + (0 if afd.ffn_remote else topo.num_ffn)
+        addr = afd.master_addr
+        self.afd = afd = replace(afd, master_port=afd.master_port or free_port(addr if addr != "0.0.0.0" else "127.0.0.1"))
+        self.spec = WorkerSpec(afd, str(model_dir), dtype, device or default_device(),
+                               afd.threads_per_worker or max(1, available_cores() // local), cache, quantization)
         self.traces.meta.update(kind="afd", topology=str(topo), attention_workers=topo.num_attention,
                                 ffn_workers=topo.num_ffn, model_dir=str(model_dir), dtype=dtype,
-                                threads=self.spec.threads, micro_batches=micro_batches, shared_clock=not ffn_remote)
+                                threads=self.spec.threads, micro_batches=afd.micro_batches,
+                                shared_clock=not afd.ffn_remote)
+        port = afd.master_port
         try:
-            self._store = rdv.host_store(master_addr, port, join_timeout_s)
-            self._monitor_store = rdv.connect_store(master_addr, port, join_timeout_s, "the engine's monitor")
+            self._store = rdv.host_store(addr, port, afd.join_timeout_s)
+            self._monitor_store = rdv.connect_store(addr, port, afd.join_timeout_s, "the engine's monitor")
         except Exception as exc:
-            raise ExecutorError(f"cannot host the AFD rendezvous on {master_addr}:{port}: {exc}") from None
+            raise ExecutorError(f"cannot host the AFD rendezvous on {addr}:{port}: {exc}") from None
         rdv.announce_generation(self._store, 0)
         try:
             self._start()
@@ -207,10 +191,10 @@ class AFDExecutor:
         topo = self.topology
         for i in range(topo.num_attention):
             self._launch("attention", i)
-        if not self.ffn_remote:
+        if not self.afd.ffn_remote:
             for k in range(topo.num_ffn):
                 self._launch("ffn", k)
-        readies = self._form(self.join_timeout_s, "start-up")
+        readies = self._form(self.afd.join_timeout_s, "start-up")
         self.num_kv_blocks = min(r.num_kv_blocks for r in readies)
 
     def _launch(self, role: str, index: int) -> None:
@@ -243,27 +227,23 @@ class AFDExecutor:
     # ------------------------------------------------------------------ serving
     def set_micro_batches(self, m: int) -> None:
         """Use m micro-batches from the next step on (all workers switch together)."""
-        if m < 1:
-            raise ValueError("micro_batches must be >= 1")
-        self.micro_batches = self._next_m = m
+        self._next_m = check_micro_batches(m)
 
     def set_a2f(self, a2f: str) -> None:
         """A->F transfer precision from the next step on: 'model' (model dtype) or '8bit'."""
-        if a2f not in ("model", "8bit"):
-            raise ValueError(f"a2f must be 'model' or '8bit', not {a2f!r}")
-        self._next_a2f = a2f
+        self._next_a2f = check_a2f(a2f)
 
     def execute(self, steps: list[StepInput]) -> list[dict[str, Sample]]:
         if len(steps) != self.num_workers:
             raise ValueError(f"expected {self.num_workers} step inputs (one per attention worker), got {len(steps)}")
         with self._lock:
             steps = list(steps)
-            for attempt in range(self.max_replays + 1):
+            for attempt in range(self.afd.max_replays + 1):
                 if self._error or self._closed:
                     raise ExecutorError(self._error or "the AFD executor is closed")
                 done, problem = self._run_step(steps)
                 if problem is None:
-                    self._next_m = self._next_a2f = None
+                    self._adopt_next()
                     self.traces.add([d.trace for d in done])
                     return [d.samples for d in done]
                 lost = self._recover(problem)
@@ -271,7 +251,20 @@ class AFDExecutor:
                     steps[i] = StepInput([])
                 self.replays += 1
                 log.warning("AFD: replaying the interrupted step (replay %d of this step): %s", attempt + 1, problem)
-            self._fail(f"AFD step failed {self.max_replays + 1} times in a row; last: {problem}")
+            self._fail(f"AFD step failed {self.afd.max_replays + 1} times in a row; last: {problem}")
+
+    @property
+    def micro_batches(self) -> int:
+        """The micro-batch count of the next step."""
+        return self._next_m or self.afd.micro_batches
+
+    def _adopt_next(self) -> None:
+        """A step ran with the changed settings: they are the deployment's from now on."""
+        changes = {k: v for k, v in (("micro_batches", self._next_m), ("a2f", self._next_a2f)) if v}
+        if changes:       # workers started from now on (replacements) start with them too
+            self.afd = replace(self.afd, **changes)
+            self.spec = replace(self.spec, afd=self.afd)
+        self._next_m = self._next_a2f = None
 
     def take_lost_workers(self) -> dict[int, str]:
         """Attention workers restarted since the last call (index -> reason): the engine must
@@ -285,7 +278,7 @@ class AFDExecutor:
                 w.conn.send(Step(s, self._next_m, self._next_a2f))
             except (OSError, ValueError):
                 pass                 # its death is found by _collect
-        return self._collect(StepDone, self.timeout_s * 2 + 5.0, "step")
+        return self._collect(StepDone, self.afd.step_timeout_s, "step")
 
     def _collect(self, kind: type, timeout_s: float, what: str) -> tuple[list, str | None]:
         """One answer from every attention worker; (answers, None) when all are `kind`, else
@@ -341,7 +334,7 @@ class AFDExecutor:
         try:
             lost = self._replace(faults)
             self._next_generation()
-            readies = self._form(self.rejoin_timeout_s, "re-formation")
+            readies = self._form(self.afd.rejoin_timeout_s, "re-formation")
             self.num_kv_blocks = min(self.num_kv_blocks, *(r.num_kv_blocks for r in readies))
         finally:
             with self._state:
@@ -365,7 +358,7 @@ class AFDExecutor:
             if w is None:            # remote FFN worker: its rank is re-opened for a new process
                 self._forget(name, self.topology.ffn_rank(int(name.rsplit(" ", 1)[1])))
                 log.warning("AFD: %s; waiting up to %g s for `afdserve worker --role ffn --rank %s` to rejoin",
-                            reason, self.rejoin_timeout_s, name.rsplit(" ", 1)[1])
+                            reason, self.afd.rejoin_timeout_s, name.rsplit(" ", 1)[1])
                 continue
             log.warning("AFD: %s; starting it again", reason)
             w.kill()
@@ -401,7 +394,7 @@ class AFDExecutor:
         rdv.publish_verdict(self._store, self.gen, verdict)
         if verdict != "ok":
             self._fail(verdict)
-        readies, problem = self._collect(Ready, 60.0 + self.timeout_s, what)
+        readies, problem = self._collect(Ready, self.afd.ready_timeout_s, what)
         if problem:
             self._fail(problem)
         self._formed()
@@ -421,7 +414,7 @@ class AFDExecutor:
                 missing = [f"{rdv.describe(*topo.role_of(r))} (rank {r})" for r, k in enumerate(keys)
                            if not self._store.check([k])]
                 self._fail(f"{', '.join(missing)} did not join within {join_s:g} s (rendezvous "
-                           f"{self.spec.master_addr}:{self.spec.master_port})")
+                           f"{self.afd.master_addr}:{self.afd.master_port})")
             time.sleep(0.05)
         return None
 
@@ -444,9 +437,9 @@ class AFDExecutor:
         self._failed_starts[w.name] += 1
         n = self._failed_starts[w.name]
         reason = f"{w.name} (pid {w.proc.pid}) exited with code {code} during start-up"
-        if n >= self.max_start_attempts:
+        if n >= self.afd.max_start_attempts:
             self._fail(f"{reason}; it failed to start {n} times in a row, giving up (see its error output)")
-        log.warning("AFD: %s; starting it again (attempt %d of %d)", reason, n + 1, self.max_start_attempts)
+        log.warning("AFD: %s; starting it again (attempt %d of %d)", reason, n + 1, self.afd.max_start_attempts)
         self.restarts[(w.role, "failed start")] += 1
         if w.role == "attention" and self._serving:      # its KV cache is gone
             self._lost[w.index] = reason
@@ -478,13 +471,13 @@ class AFDExecutor:
             last_count, since = self._beats.get(rank, (0, None))
             if count != last_count:
                 self._beats[rank] = (count, now)
-            elif since is not None and now - since > self.stale_s and name not in found:
+            elif since is not None and now - since > self.afd.stale_s and name not in found:
                 found[name] = f"{name} (rank {rank}) sent no heartbeat for {now - since:.1f} s (stalled)"
         return found
 
     def _watch(self) -> None:
         """Monitor thread: keeps health() current and recovers lost workers while idle."""
-        while not self._stop_watch.wait(self.spec.heartbeat_s):
+        while not self._stop_watch.wait(self.afd.heartbeat_s):
             if self._closed or self._error:
                 return
             faults = self._scan_quietly()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+from afdserve.afd.config import DEFAULTS
 from afdserve.afd.trace import ATTENTION, FFN, SpanRecorder, StepTrace, TraceLog
 from afdserve.engine.runner import LocalFFN
 
@@ -45,7 +46,7 @@ class TracedLocalFFN(LocalFFN):
 class TracedExecutor:
     """A colocated executor whose steps are traced; everything else is the wrapped executor's."""
 
-    def __init__(self, inner, path: str | None, keep: int = 256, meta: dict | None = None):
+    def __init__(self, inner, path: str | None, keep: int = DEFAULTS["trace_keep"], meta: dict | None = None):
         self.inner = inner
         self.ffn = TracedLocalFFN(inner.runner.model)
         inner.runner.ffn = self.ffn
@@ -73,5 +74,5 @@ class TracedExecutor:
         return getattr(self.inner, name)
 
 
-def traced(executor, path: str | None, keep: int = 256, meta: dict | None = None) -> TracedExecutor:
+def traced(executor, path: str | None, keep: int = DEFAULTS["trace_keep"], meta: dict | None = None) -> TracedExecutor:
     return TracedExecutor(executor, path, keep, meta)

@@ -34,6 +34,8 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
+from afdserve.afd.config import DEFAULTS
+
 STAGES = ("attention", "a2f", "f2a_wait", "a2f_wait", "ffn", "f2a")
 ATTENTION, A2F, F2A_WAIT, A2F_WAIT, FFN, F2A = STAGES
 
@@ -206,7 +208,7 @@ class TraceLog:
     (never by the engine's step loop; flush_s=0: at every step) and on `close`, so the file is
     always complete and bounded by `keep` steps. Each step's events are built once and cached."""
 
-    def __init__(self, keep: int = 256, path: str | None = None, flush_s: float = 2.0, meta: dict | None = None):
+    def __init__(self, keep: int = DEFAULTS["trace_keep"], path: str | None = None, flush_s: float = 2.0, meta: dict | None = None):
         self.steps: deque[StepTrace] = deque(maxlen=keep)
         self.path = path
         self.jsonl = bool(path) and str(path).endswith(".jsonl")

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from afdserve.afd import rendezvous as rdv
+from afdserve.afd.config import AFDConfig
 from afdserve.afd.connector import TorchP2PConnector
 from afdserve.afd.rendezvous import DeploymentEnded, HandshakeError  # noqa: F401  (re-exported)
 from afdserve.afd.topology import Topology
@@ -48,21 +49,13 @@ from afdserve.sampling import Sample
 class WorkerSpec:
     """What every worker of one AFD deployment is started with (picklable)."""
 
-    topology: Topology
+    afd: AFDConfig
+    """The deployment's settings; the runtime ones (`AFDConfig.runtime`) are attention worker 0's."""
     model_dir: str
     dtype: str = "float32"
     device: str = "cpu"
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    join_timeout_s: float = 120.0
-    timeout_s: float = 30.0
     threads: int = 1
     cache: CacheConfig = field(default_factory=CacheConfig)
-    settings: dict = field(default_factory=dict)
-    """Runtime settings set by attention worker 0 and adopted by all: micro_batches, a2f,
-    f2a_dtype, link_latency_ms."""
-    heartbeat_s: float = 0.5
-    """Heartbeat period (the engine counts a worker whose counter stops moving as stalled)."""
     quantization: str | None = None
     """Passed to `load_model` (e.g. "fp8": quantize linear weights at load)."""
 
@@ -135,36 +128,40 @@ class Membership:
     """One worker's place in the deployment: store connection, generation, process group."""
 
     def __init__(self, spec: WorkerSpec, role: str, index: int):
-        topo = spec.topology
+        afd = spec.afd
+        topo = afd.topology
         self.spec, self.role, self.index = spec, role, index
         self.rank = topo.attention_rank(index) if role == "attention" else topo.ffn_rank(index)
         self.who = rdv.describe(role, index)
-        self.where = f"{spec.master_addr}:{spec.master_port}"
-        self.store = rdv.connect_store(spec.master_addr, spec.master_port, spec.join_timeout_s, self.who)
-        rdv.start_heartbeat(spec.master_addr, spec.master_port, self.rank, spec.heartbeat_s, spec.join_timeout_s)
+        self.where = f"{afd.master_addr}:{afd.master_port}"
+        self.store = rdv.connect_store(afd.master_addr, afd.master_port, afd.join_timeout_s, self.who)
+        rdv.start_heartbeat(afd.master_addr, afd.master_port, self.rank, afd.heartbeat_s, afd.join_timeout_s)
         try:
             self.gen = rdv.current_generation(self.store)
         except Exception:
             raise HandshakeError(f"{self.who}: the engine at {self.where} announced no process group within "
-                                 f"{spec.join_timeout_s:g} s") from None
+                                 f"{afd.join_timeout_s:g} s") from None
         self.hello: dict | None = None
         self.pg = None
 
-    def enter(self, config: Step3Config) -> dict:
-        """Claim the rank and pass the handshake of the current generation; attention worker 0's settings."""
-        s = self.spec
+    def enter(self, config: Step3Config) -> AFDConfig:
+        """Claim the rank and pass the handshake of the current generation; the deployment's
+        settings with attention worker 0's runtime ones."""
+        s, afd = self.spec, self.spec.afd
         if self.hello is None:
-            self.hello = rdv.make_hello(s.topology, self.role, self.index, str(parse_dtype(s.dtype)), s.model_dir,
-                                        rdv.checkpoint_fingerprint(s.model_dir, config), s.settings)
-        ref, self.gen = rdv.enter(self.store, self.gen, self.rank, self.hello, self.who, self.where, s.join_timeout_s)
-        return ref["settings"]
+            self.hello = rdv.make_hello(afd.topology, self.role, self.index, str(parse_dtype(s.dtype)), s.model_dir,
+                                        rdv.checkpoint_fingerprint(s.model_dir, config), afd.runtime())
+        ref, self.gen = rdv.enter(self.store, self.gen, self.rank, self.hello, self.who, self.where,
+                                  afd.join_timeout_s)
+        return afd.adopt(ref["settings"])
 
     def form(self, error: str | None, device: str):
         """Exchange load errors (one failing role stops all), then form the generation's group."""
-        first = rdv.exchange_status(self.store, self.gen, self.rank, error, self.spec.topology)
+        topo = self.spec.afd.topology
+        first = rdv.exchange_status(self.store, self.gen, self.rank, error, topo)
         if first:
             raise HandshakeError(first)
-        self.pg = rdv.make_group(self.store, self.gen, self.rank, self.spec.topology.world_size, device)
+        self.pg = rdv.make_group(self.store, self.gen, self.rank, topo.world_size, device)
         return self.pg
 
     def rejoin(self, gen: int, config: Step3Config, device: str):
@@ -179,11 +176,11 @@ def _device(spec: WorkerSpec, rank: int) -> str:
     return spec.device
 
 
-def make_connector(spec: WorkerSpec, settings: dict, config: Step3Config, device: str) -> TorchP2PConnector:
-    f2a = settings.get("f2a_dtype")
-    return TorchP2PConnector(spec.topology, config.hidden_size, config.moe_top_k, parse_dtype(spec.dtype), device,
-                             a2f=settings.get("a2f", "model"), f2a_dtype=parse_dtype(f2a) if f2a else None,
-                             link_latency_ms=float(settings.get("link_latency_ms", 0.0)))
+def make_connector(spec: WorkerSpec, afd: AFDConfig, config: Step3Config, device: str) -> TorchP2PConnector:
+    f2a = afd.f2a_dtype
+    return TorchP2PConnector(afd.topology, config.hidden_size, config.moe_top_k, parse_dtype(spec.dtype), device,
+                             a2f=afd.a2f, f2a_dtype=parse_dtype(f2a) if f2a else None,
+                             link_latency_ms=afd.link_latency_ms)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -298,7 +295,7 @@ class AttentionWorker:
         self.spec, self.index, self.pipe = spec, index, pipe
         self.config = Step3Config.from_file(spec.model_dir)
         self.member = Membership(spec, "attention", index)
-        settings = self.member.enter(self.config)
+        afd = self.member.enter(self.config)
         self.device = _device(spec, index)
         err = None
         try:
@@ -306,10 +303,10 @@ class AttentionWorker:
             model = prepare_for_decode(load_model(spec.model_dir, dtype, role="attention", config=self.config,
                                                   device=self.device, quantization=spec.quantization))
             kv = make_kv_cache(self.config, spec.cache, dtype, self.device)
-            self.conn = make_connector(spec, settings, self.config, self.device)
-            self.backend = RemoteFFN(self.conn, spec.topology, index, self.config.num_hidden_layers, dtype,
-                                     spec.timeout_s)
-            self.runner = ModelRunner(model, kv, self.backend, int(settings.get("micro_batches", 3)))
+            self.conn = make_connector(spec, afd, self.config, self.device)
+            self.backend = RemoteFFN(self.conn, afd.topology, index, self.config.num_hidden_layers, dtype,
+                                     afd.timeout_s)
+            self.runner = ModelRunner(model, kv, self.backend, afd.micro_batches)
         except Exception as exc:
             err = f"{type(exc).__name__}: {exc}"
         self.conn.pg = self.member.form(err, self.device)
@@ -321,7 +318,7 @@ class AttentionWorker:
             except (EOFError, OSError):
                 return 0
             if isinstance(msg, Stop):
-                _stop_ffn(self.conn, self.spec.topology)
+                _stop_ffn(self.conn, self.spec.afd.topology)
                 self.pipe.send(Stop())
                 return 0
             if isinstance(msg, Reform):
@@ -380,27 +377,28 @@ def ffn_worker_main(spec: WorkerSpec, index: int, parent_pid: int | None) -> int
     torch.set_num_threads(max(1, spec.threads))
     config = Step3Config.from_file(spec.model_dir)
     member = Membership(spec, "ffn", index)
-    settings = member.enter(config)
-    device = _device(spec, spec.topology.ffn_rank(index))
+    afd = member.enter(config)
+    topo = afd.topology
+    device = _device(spec, topo.ffn_rank(index))
     err = None
     try:
         model = prepare_for_decode(load_model(spec.model_dir, parse_dtype(spec.dtype), role="ffn",
-                                              shard=spec.topology.ffn_shard(index), config=config, device=device,
+                                              shard=topo.ffn_shard(index), config=config, device=device,
                                               quantization=spec.quantization))
-        conn = make_connector(spec, settings, config, device)
+        conn = make_connector(spec, afd, config, device)
     except Exception as exc:
         err = f"{type(exc).__name__}: {exc}"
     conn.pg = member.form(err, device)
     with torch.inference_mode():
         while True:
             try:
-                serve_ffn(model, conn, spec.topology)
+                serve_ffn(model, conn, topo)
                 return 0
             except RuntimeError as exc:        # a peer was lost, or the engine re-forms the group
                 print(f"afdserve FFN worker {index}: process group lost ({_first_line(exc)}); rejoining",
                       file=sys.stderr, flush=True)
                 conn.pg = member.pg = None
-                gen = rdv.wait_generation_after(member.store, member.gen, spec.join_timeout_s)
+                gen = rdv.wait_generation_after(member.store, member.gen, afd.join_timeout_s)
                 conn.pg = member.rejoin(gen, config, device)
 
 def serve_ffn(model, conn: TorchP2PConnector, topo: Topology) -> None:

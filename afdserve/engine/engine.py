@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from afdserve.afd.config import DEFAULTS as AFD_DEFAULTS
+from afdserve.afd.config import AFDConfig
 from afdserve.config import Step3Config
 from afdserve.engine.block_manager import BlockManager
 from afdserve.engine.detokenizer import IncrementalDetokenizer
@@ -49,7 +51,7 @@ class EngineArgs:
     (an FP8 checkpoint loads as FP8 without it; docs/fp8.md)."""
     afd: str | None = None
     """Disaggregated topology such as "1A1F" or "2A1F"; None runs colocated."""
-    micro_batches: int = 3
+    micro_batches: int = AFD_DEFAULTS["micro_batches"]
     """Micro-batches per step in AFD mode (colocated always uses 1)."""
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -61,7 +63,8 @@ class EngineArgs:
     device: str | None = None
     progress: bool = False
     afd_options: dict = field(default_factory=dict)
-    """Extra options for the disaggregated runtime (timeouts, transfer precision, threads)."""
+    """Extra options for the disaggregated runtime: `afdserve.afd.config.AFDConfig` fields (timeouts,
+    transfer precision, threads); an unknown one is refused by name."""
     afd_trace_file: str | None = None
     """Pipeline trace of every step (Chrome trace-event JSON; a .jsonl name: JSON lines), AFD or
     colocated; also afd_options["trace_file"] or $AFD_TRACE_FILE (docs/trace.md)."""
@@ -164,8 +167,8 @@ class LLMEngine:
         trace = a.afd_trace_file or a.afd_options.get("trace_file") or os.environ.get("AFD_TRACE_FILE")
         if a.afd:
             from afdserve.afd.executor import AFDExecutor
-            return AFDExecutor(self.model_dir, self.config, topology=a.afd, dtype=self.dtype, cache=cache,
-                               micro_batches=a.micro_batches, device=a.device, **{**a.afd_options, "trace_file": trace})
+            afd = AFDConfig.from_options(a.afd, a.micro_batches, **{**a.afd_options, "trace_file": trace})
+            return AFDExecutor(self.model_dir, self.config, afd, self.dtype, cache, a.device, a.quantization)
         ex = ColocatedExecutor(self.model_dir, self.config, self.dtype, cache, a.device, a.progress, a.quantization)
         if trace:
             from afdserve.afd.local_trace import traced
