@@ -211,8 +211,8 @@ def test_8bit_logit_tolerance(tiny_ckpt):
     assert agree >= 0.75
 
 
-# The attention side of test_posted_receives...: layer 0 and layer 1 of one micro-batch, then a
-# header for layer 7 where the FFN side expects layer 2.
+# The attention side of test_posted_receives...: layer 0 and layer 1 of one micro-batch, then
+# layer 7 where the FFN side expects layer 2.
 _SENDER = """
 import datetime, sys, torch, torch.distributed as dist
 from afdserve.afd.connector import TorchP2PConnector
@@ -223,10 +223,8 @@ dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[1]}", ra
 conn = TorchP2PConnector(parse_topology("1A1F"), 8, 2, torch.float32)
 x = torch.arange(24.0).view(3, 8)
 w, ids = torch.tensor([[0.5, 0.25]] * 3), torch.tensor([[1, 3]] * 3)
-for inp in (conn.encode(0, 0, 1, FFNInput(x, w, ids)), conn.encode(1, 0, 1, FFNInput(x + 1, w, ids)),
-            conn.encode(7, 0, 1, FFNInput(x[:0]))):
-    for work in conn.send_ffn_input(1, inp):
-        work.wait()
+for layer, inp in ((0, FFNInput(x, w, ids)), (1, FFNInput(x + 1, w, ids)), (7, FFNInput(x, w, ids))):
+    conn.send_to_ffn(layer, 0, 1, inp, datetime.timedelta(seconds=30))
 dist.destroy_process_group()
 """
 
@@ -236,22 +234,21 @@ def test_posted_receives_deliver_the_next_layer_and_refuse_an_unexpected_header(
 
     import torch.distributed as dist
 
-    from afdserve.afd.connector import ENC_MODEL, TorchP2PConnector
+    from afdserve.afd.connector import TorchP2PConnector
     port = free_port()
     sender = subprocess.Popen([sys.executable, "-c", _SENDER, str(port)])
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=2,
                                 timeout=datetime.timedelta(seconds=30))
         conn = TorchP2PConnector(parse_topology("1A1F"), 8, 2, torch.float32)
-        first = conn.recv_ffn_input(0, 0)                     # a step's first layer: header first
-        posted = conn.post_ffn_input(0, 1, 0, first.num_tokens, first.encoding, 2)
-        nxt = conn.wait_ffn_input(posted)
+        first, = conn.recv_from_attention(0, 0, next_top_k=2)     # a step's first layer: header first
+        assert (first.layer, first.num_tokens) == (0, 3) and (1, 0) in conn._posted
+        nxt, = conn.recv_from_attention(1, 0, next_top_k=2)       # received into the posted buffers
         x = torch.arange(24.0).view(3, 8)
         assert (nxt.layer, nxt.num_tokens) == (1, 3) and torch.equal(nxt.x, x + 1)
         assert nxt.ids.tolist() == [[1, 3]] * 3 and torch.equal(nxt.weights, torch.tensor([[0.5, 0.25]] * 3))
-        wrong = conn.post_ffn_input(0, 2, 0, 0, ENC_MODEL, 0)
-        with pytest.raises(RuntimeError, match="protocol error: attention rank 0 sent .* = \\(0, 7, 0, 0, 0, 0\\)"):
-            conn.wait_ffn_input(wrong)
+        with pytest.raises(RuntimeError, match="protocol error: attention rank 0 sent .* = \\(0, 7, 0, 3, 0, 2\\)"):
+            conn.recv_from_attention(2, 0, next_top_k=None)
         assert sender.wait(timeout=60) == 0
     finally:
         if sender.poll() is None:
@@ -259,6 +256,73 @@ def test_posted_receives_deliver_the_next_layer_and_refuse_an_unexpected_header(
             sender.wait()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class _FakeConnector:
+    """Two attention workers' messages for every pair asked for, m micro-batches per step; worker
+    1's micro-batch 1 is empty. Records the pairs received and the rows replied."""
+
+    def __init__(self, m: int, steps: int = 1):
+        self.m, self.steps, self.asked, self.replies, self.timings = m, steps, [], [], 0
+
+    def recv_from_attention(self, layer, micro_batch, next_top_k):
+        from afdserve.afd.connector import FFNMessage
+        if len(self.asked) == self.steps * 3 * self.m:
+            return [FFNMessage(-1, 0, 0, stop=True)] * 2
+        self.asked.append((layer, micro_batch, next_top_k))
+        sizes = (2, 0 if micro_batch == 1 else 1)
+        return [FFNMessage(layer, micro_batch, T, x=torch.full((T, 4), float(a + 1)), num_micro_batches=self.m)
+                for a, T in enumerate(sizes)]
+
+    def reply(self, micro_batch, msgs, y):
+        self.replies.append((micro_batch, y[:, 0].tolist()))
+
+    def send_timings(self, values):
+        self.timings += 1
+
+
+class _FakeLayer:
+    def __init__(self, i: int):
+        self.i = i
+
+    def ffn_half(self, inp):
+        return inp.x * (self.i + 1)
+
+
+def test_ffn_worker_walks_the_shared_layer_order():
+    from afdserve.afd.ffn_worker import ffn_step, serve_ffn
+    from afdserve.engine.schedule import layer_order
+    layers, top_k = [_FakeLayer(i) for i in range(3)], [0, 2, 2]
+    conn = _FakeConnector(m=3)
+    times = ffn_step(layers, conn, top_k)
+    assert [(i, j) for i, j, _ in conn.asked] == list(layer_order(3, 3))
+    assert [k for _, _, k in conn.asked] == [2, 2, 2, 2, 2, 2, None, None, None]   # the next layer's top-k
+    assert conn.replies[:3] == [(0, [1.0, 1.0, 2.0]), (1, [1.0, 1.0]), (2, [1.0, 1.0, 2.0])]
+    assert conn.replies[-1] == (2, [3.0, 3.0, 6.0]) and len(times) == 3 and all(len(r) == 3 for r in times)
+    assert ffn_step(layers, conn, top_k) is None                       # a stop message ends the loop
+
+    class Model:
+        config = type("C", (), {"moe_top_k": 2, "is_moe_layer": lambda self, i: i > 0})()
+    Model.layers = layers
+    conn = _FakeConnector(m=2, steps=2)
+    serve_ffn(Model(), conn)
+    assert conn.timings == 2 and len(conn.asked) == 12
+
+
+def test_ffn_worker_refuses_a_micro_batch_count_that_changes_within_a_step():
+    from afdserve.afd.ffn_worker import ffn_step
+    conn = _FakeConnector(m=2)
+    real = conn.recv_from_attention
+
+    def lying(layer, micro_batch, next_top_k):
+        msgs = real(layer, micro_batch, next_top_k)
+        if (layer, micro_batch) == (1, 0):
+            msgs[1].num_micro_batches = 3
+        return msgs
+    conn.recv_from_attention = lying
+    with pytest.raises(RuntimeError, match="attention worker 1 sent layer 1 micro-batch 0/3, expected layer 1 "
+                                           "micro-batch 0/2"):
+        ffn_step([_FakeLayer(i) for i in range(2)], conn, [0, 0])
 
 
 # ---------------------------------------------------------------------- equality

@@ -70,7 +70,8 @@ def _run_ffn(args: argparse.Namespace, topo) -> int:
 
     from afdserve.afd.config import AFDConfig
     from afdserve.afd.executor import available_cores
-    from afdserve.afd.worker import WorkerSpec, ffn_worker_main
+    from afdserve.afd.ffn_worker import ffn_worker_main
+    from afdserve.afd.protocol import WorkerSpec
     from afdserve.config import Step3Config
     from afdserve.engine.executor import default_device
     from afdserve.model.kernels import resolve_dtype
@@ -113,7 +114,8 @@ def _run_local(args: argparse.Namespace) -> int:
     import os
     from multiprocessing.connection import Connection
 
-    from afdserve.afd.worker import attention_worker_main, ffn_worker_main
+    from afdserve.afd.attention_worker import attention_worker_main
+    from afdserve.afd.ffn_worker import ffn_worker_main
     conn = Connection(args.control_fd)
     spec = conn.recv()
     parent = os.getppid()

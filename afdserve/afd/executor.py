@@ -43,7 +43,7 @@ from pathlib import Path
 from afdserve.afd import rendezvous as rdv
 from afdserve.afd.config import AFDConfig, check_a2f, check_micro_batches
 from afdserve.afd.trace import TraceLog
-from afdserve.afd.worker import Failed, Ready, Reform, Step, StepDone, Stop, WorkerSpec
+from afdserve.afd.protocol import Failed, Ready, Reform, Step, StepDone, Stop, WorkerSpec
 from afdserve.config import Step3Config
 from afdserve.engine.executor import CacheConfig, ExecutorError, default_device
 from afdserve.engine.runner import StepInput
