@@ -124,7 +124,7 @@ def launch_worker(spec: WorkerSpec, role: str, index: int) -> LocalWorker:
 
 
 class AFDExecutor:
-    """x data-parallel attention workers and y FFN workers (see docs/afd.md)."""
+    """x data-parallel attention workers and y FFN workers (an `Executor`; see docs/afd.md)."""
 
     def __init__(self, model_dir: str | Path, config: Step3Config, afd: AFDConfig | str = "1A1F",
                  dtype: str = "float32", cache: CacheConfig = CacheConfig(), device: str | None = None,
@@ -523,6 +523,9 @@ class AFDExecutor:
     @property
     def pids(self) -> dict[str, int]:
         return {name: w.proc.pid for name, w in self.workers.items()}
+
+    local_model = None
+    """The model runs in the worker processes (`Executor.local_model`)."""
 
     # ------------------------------------------------------------------ shutdown
     def close(self) -> None:

@@ -11,6 +11,7 @@ import time
 
 from afdserve.afd.config import DEFAULTS
 from afdserve.afd.trace import ATTENTION, FFN, SpanRecorder, StepTrace, TraceLog
+from afdserve.engine.executor import ColocatedExecutor
 from afdserve.engine.runner import LocalFFN
 
 
@@ -43,13 +44,14 @@ class TracedLocalFFN(LocalFFN):
         return y
 
 
-class TracedExecutor:
-    """A colocated executor whose steps are traced; everything else is the wrapped executor's."""
+class TracedExecutor(ColocatedExecutor):
+    """A colocated executor whose steps are traced (it takes over the wrapped one's model and cache)."""
 
-    def __init__(self, inner, path: str | None, keep: int = DEFAULTS["trace_keep"], meta: dict | None = None):
-        self.inner = inner
-        self.ffn = TracedLocalFFN(inner.runner.model)
-        inner.runner.ffn = self.ffn
+    def __init__(self, inner: ColocatedExecutor, path: str | None, keep: int = DEFAULTS["trace_keep"],
+                 meta: dict | None = None):
+        self.num_kv_blocks, self.runner = inner.num_kv_blocks, inner.runner
+        self.ffn = TracedLocalFFN(self.runner.model)
+        self.runner.ffn = self.ffn
         import torch
         self.traces = TraceLog(keep, path, meta={"kind": "colocated", "topology": "colocated", "micro_batches": 1,
                                                  "threads": torch.get_num_threads(), "shared_clock": True,
@@ -57,7 +59,7 @@ class TracedExecutor:
 
     def execute(self, steps):
         t0 = time.perf_counter()
-        out = self.inner.execute(steps)
+        out = super().execute(steps)
         ms = (time.perf_counter() - t0) * 1e3
         f = self.ffn
         self.traces.add([StepTrace(0, f.tokens, f.micro_batches, step_ms=ms, spans=f.rec.take(), colocated=True)])
@@ -68,10 +70,6 @@ class TracedExecutor:
 
     def close(self) -> None:
         self.traces.close()
-        self.inner.close()
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def traced(executor, path: str | None, keep: int = DEFAULTS["trace_keep"], meta: dict | None = None) -> TracedExecutor:

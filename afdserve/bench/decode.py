@@ -104,19 +104,21 @@ def tokens_to_generate(batch: int, context: int, steps: int, warmup: int, budget
 
 # ---------------------------------------------------------------------------------- runs
 class _StepProbe:
-    """Wraps the executor: records each step's shape and, for synthetic prefill, skips the model
-    on steps that hold prefill chunks."""
+    """An executor over the engine's (`Executor`): records each step's shape and, for synthetic
+    prefill, skips the model on steps that hold prefill chunks; everything else is the wrapped
+    executor's."""
 
     def __init__(self, executor, synthetic_prefill: bool, vocab_size: int, seed: int = 0):
-        self.executor, self.synthetic = executor, synthetic_prefill
+        self.inner, self.synthetic = executor, synthetic_prefill
         self.rng = random.Random(seed)
         self.vocab_size = vocab_size
-        self.inner = executor.execute
         self.last_decode_batch = 0
         self.recording, self.contexts = False, []
-        executor.execute = self
 
-    def __call__(self, steps):
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def execute(self, steps):
         from afdserve.sampling import Sample
         prefill = any(len(s.token_ids) > 1 for st in steps for s in st.seqs)
         self.last_decode_batch = 0 if prefill else sum(len(st.seqs) for st in steps)
@@ -127,13 +129,12 @@ class _StepProbe:
             # Random first tokens, so that sequences (and their routing) differ from the first decode.
             return [{s.request_id: Sample(self.rng.randrange(2, self.vocab_size))
                      for s in st.seqs if s.sample is not None} for st in steps]
-        return self.inner(steps)
+        return self.inner.execute(steps)
 
 
 def _expert_hooks(engine, counts: list[list[int]]):
     """Forward hooks counting distinct experts per MoE layer (colocated engines only)."""
-    runner = getattr(engine.executor, "runner", None)
-    model = getattr(runner, "model", None)
+    model = engine.executor.local_model
     if model is None:
         return []
     handles = []
@@ -171,7 +172,7 @@ def measure_decode(model_dir: str | Path, batch: int, context: int, steps: int =
                       afd=afd, micro_batches=micro_batches, afd_options=afd_options or {})
     engine = LLMEngine(args)
     try:
-        probe = _StepProbe(engine.executor, prefill == "synthetic", c.vocab_size, seed)
+        probe = engine.executor = _StepProbe(engine.executor, prefill == "synthetic", c.vocab_size, seed)
         step = _stepper(engine, probe)
         rng = random.Random(seed)
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)

@@ -17,7 +17,7 @@ from afdserve.afd.config import AFDConfig
 from afdserve.config import Step3Config
 from afdserve.engine.block_manager import BlockManager
 from afdserve.engine.detokenizer import IncrementalDetokenizer
-from afdserve.engine.executor import CacheConfig, ColocatedExecutor, ExecutorError
+from afdserve.engine.executor import CacheConfig, ColocatedExecutor, Executor, ExecutorError
 from afdserve.engine.request import FinishReason, Request, RequestStatus
 from afdserve.engine.runner import SeqWork, StepInput
 from afdserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -162,7 +162,7 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
-    def _make_executor(self, cache: CacheConfig):
+    def _make_executor(self, cache: CacheConfig) -> Executor:
         a = self.args
         trace = a.afd_trace_file or a.afd_options.get("trace_file") or os.environ.get("AFD_TRACE_FILE")
         if a.afd:
@@ -238,7 +238,7 @@ class LLMEngine:
         """Run one scheduling step on every attention worker; outputs of requests that progressed."""
         if self._error or not self._parents:
             return []
-        failed = self._requeue_lost(self._lost_workers())      # restarted while idle
+        failed = self._requeue_lost(self.executor.take_lost_workers())      # restarted while idle
         outs = [s.schedule() for s in self.schedulers]
         if all(o.is_empty for o in outs):
             return failed
@@ -246,7 +246,7 @@ class LLMEngine:
             results = self.executor.execute([self._step_input(o) for o in outs])
         except ExecutorError as exc:
             return failed + self._fail_all(str(exc))
-        lost = self._lost_workers()
+        lost = self.executor.take_lost_workers()
         touched: dict[str, _Parent] = {}
         now = time.monotonic()
         for core, (sched, out, res) in enumerate(zip(self.schedulers, outs, results)):
@@ -259,10 +259,6 @@ class LLMEngine:
                     self._on_token(req, res[req.request_id], now)
                     touched[req.data.parent.request_id] = req.data.parent
         return failed + [self._output(p) for p in touched.values()] + self._requeue_lost(lost)
-
-    def _lost_workers(self) -> dict[int, str]:
-        take = getattr(self.executor, "take_lost_workers", None)
-        return take() if take else {}
 
     def _requeue_lost(self, lost: dict[int, str]) -> list[RequestOutput]:
         """Attention workers started again with empty KV caches: their requests are recomputed on
@@ -292,7 +288,7 @@ class LLMEngine:
         for c in out.chunks:
             req, child = c.request, c.request.data
             tokens = req.token_ids(c.start, c.start + c.num_tokens)
-            table = self.schedulers[child.parent.core].block_manager.block_table(req.request_id)
+            table = self.schedulers[child.parent.core].block_table(req.request_id)
             penalties = list(req.output_token_ids) if child.params.has_penalties else None
             sample = SampleRequest(child.params, child.seed, req.num_output_tokens, penalties) if c.sample else None
             seqs.append(SeqWork(req.request_id, tokens, c.start, table, sample))
@@ -342,9 +338,8 @@ class LLMEngine:
         return self._error or self.executor.health()
 
     def stats(self) -> EngineStats:
-        bms = [s.block_manager for s in self.schedulers]
-        total = sum(b.num_blocks for b in bms)
-        free = sum(b.num_free_blocks for b in bms)
+        total = sum(s.num_kv_blocks for s in self.schedulers)
+        free = sum(s.num_free_kv_blocks for s in self.schedulers)
         return EngineStats(sum(s.num_running for s in self.schedulers), sum(s.num_waiting for s in self.schedulers),
                            total, free, 1 - free / total if total else 0.0,
                            self.prompt_tokens_total, self.generation_tokens_total)

@@ -1,18 +1,15 @@
-"""Executors run the model for the engine. All share one small interface:
-
-    num_workers     attention workers (data-parallel; each owns its requests' KV cache)
-    num_kv_blocks   KV blocks per attention worker
-    execute(steps)  one StepInput per attention worker -> one {request_id: Sample} each
-    health()        None when healthy, else a description of the failure
-    close()
+"""Executors run the model for the engine; all implement `Executor`, the one interface the
+engine, the server and the benchmarks use.
 
 `ColocatedExecutor` runs everything in this process; the disaggregated executor lives in
-`afdserve.afd`.
+`afdserve.afd` (`AFDExecutor`), and `afdserve.afd.local_trace.TracedExecutor` wraps a colocated
+one to trace its steps.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -23,9 +20,42 @@ from afdserve.model.checkpoint import load_model, parse_dtype
 from afdserve.model.kernels import prepare_for_decode
 from afdserve.sampling import Sample
 
+if TYPE_CHECKING:
+    from afdserve.afd.trace import TraceLog
+
 
 class ExecutorError(RuntimeError):
     """A worker failed or stopped answering; requests in flight cannot complete."""
+
+
+class Executor(Protocol):
+    """What the engine, the server and the benchmarks may ask of an executor."""
+
+    num_workers: int
+    """Attention workers (data-parallel; each owns its requests' KV cache)."""
+    num_kv_blocks: int
+    """KV blocks per attention worker."""
+    traces: "TraceLog | None"
+    """The pipeline trace of recent steps, when traced."""
+
+    def execute(self, steps: list[StepInput]) -> list[dict[str, Sample]]:
+        """One StepInput per attention worker -> one {request_id: Sample} each."""
+    def health(self) -> str | None:
+        """None when healthy, else a description of the failure (or of the recovery under way)."""
+    def take_lost_workers(self) -> dict[int, str]:
+        """Attention workers restarted since the last call (index -> reason): their requests'
+        KV caches are gone."""
+    def recovery_stats(self) -> dict:
+        """Counts for /metrics: {"restarts": {(role, reason): n}, "replays": n}; empty when none can happen."""
+    def trace_summary(self) -> dict[str, float]:
+        """Per-step means of the disaggregated pipeline's stages (/metrics; empty when colocated)."""
+    @property
+    def pids(self) -> dict[str, int]:
+        """Worker processes by name (empty when everything runs in this process)."""
+    @property
+    def local_model(self):
+        """The whole model when it runs in this process (hooks, profiles), else None."""
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -71,12 +101,30 @@ class ColocatedExecutor:
         kv = make_kv_cache(config, cache, torch_dtype, device)
         self.num_kv_blocks = kv.num_blocks
         self.runner = ModelRunner(model, kv)
+        self.traces = None
 
     def execute(self, steps: list[StepInput]) -> list[dict[str, Sample]]:
         return [self.runner.execute(steps[0])]
 
     def health(self) -> str | None:
         return None
+
+    def take_lost_workers(self) -> dict[int, str]:
+        return {}
+
+    def recovery_stats(self) -> dict:
+        return {}
+
+    def trace_summary(self) -> dict[str, float]:
+        return {}
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {}
+
+    @property
+    def local_model(self):
+        return self.runner.model
 
     def close(self) -> None:
         pass

@@ -140,6 +140,18 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    @property
+    def num_free_kv_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+    def block_table(self, request_id: str) -> list[int]:
+        """The KV blocks of a scheduled request, in order."""
+        return self.block_manager.block_table(request_id)
+
     # -- scheduling ------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:

@@ -164,13 +164,11 @@ class AsyncEngine:
 
     def afd_recovery(self) -> dict:
         """Restarts and replayed steps of the disaggregated runtime (empty when colocated)."""
-        stats = getattr(self.engine.executor, "recovery_stats", None)
-        return stats() if stats else {}
+        return self.engine.executor.recovery_stats()
 
     def afd_trace_summary(self) -> dict[str, float]:
         """Per-step means of the disaggregated pipeline's stages (empty when colocated)."""
-        summary = getattr(self.engine.executor, "trace_summary", None)
-        return summary() if summary else {}
+        return self.engine.executor.trace_summary()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Fail in-flight requests, stop the step thread, close the engine (and its workers)."""

@@ -95,7 +95,7 @@ class Dashboard:
                                  "kv_usage": engine["kv_usage"]})
 
     def _pipeline(self) -> dict | None:
-        traces = getattr(self.engine.engine.executor, "traces", None)
+        traces = self.engine.engine.executor.traces
         if traces is None:
             return None
         found = latest_step_rows(list(traces.steps), traces.clock())
