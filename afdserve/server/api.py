@@ -127,7 +127,13 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
     app.openapi = lambda: P.openapi_document(app, served_model_name)
     app.state.server = srv
     dashboard.install(app, async_engine)   # /dashboard and /dashboard/data
+    _add_error_handlers(app, metrics)
+    _add_status_routes(app, srv, metrics)
+    _add_generation_routes(app, srv)
+    return app
 
+
+def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         metrics.on_http_error(exc.status)
@@ -145,6 +151,10 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
         err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
         return JSONResponse(err.body(), status_code=500)
 
+
+def _add_status_routes(app: FastAPI, srv: _Server, metrics: ServerMetrics) -> None:
+    async_engine = srv.engine
+
     @app.get("/health")
     async def health():
         problem = async_engine.health()
@@ -161,13 +171,17 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
     @app.get("/v1/models")
     async def models(request: Request):
         srv.check_auth(request)
-        card = P.ModelCard(id=served_model_name, max_model_len=async_engine.max_model_len)
+        card = P.ModelCard(id=srv.model_name, max_model_len=async_engine.max_model_len)
         return P.ModelList(data=[card]).model_dump()
+
+
+def _add_generation_routes(app: FastAPI, srv: _Server) -> None:
+    async_engine = srv.engine
 
     async def parse(request: Request, model_cls):
         """Auth, body, schema, model name and supported options: the common gate of both routes."""
         srv.check_auth(request)
-        req = _validate(model_cls, await _read_json(request, max_body_bytes))
+        req = _validate(model_cls, await _read_json(request, srv.max_body_bytes))
         srv.check_model(req.model)
         _check_supported(req)
         return req
@@ -188,8 +202,6 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
         params = _sampling(req, async_engine.max_model_len)
         prompt = _chat_prompt(srv, req)
         return await _serve(srv, request, req, "chatcmpl", [prompt], params, _ChatFormat(srv, req))
-
-    return app
 
 
 def _check_supported(req) -> None:
