@@ -382,7 +382,7 @@ def bench_rows(model_dir: str | Path, rows: list[dict], dtype: str, threads: int
                 except VllmUnavailable as exc:
                     r["vllm"] = {"error": str(exc)}
             return {k: peer.info[k] for k in ("vllm", "torch", "load_s", "dtype")} | {"cpu": cpu_description()}
-    except (VllmUnavailable, OSError, ValueError) as exc:
+    except (VllmUnavailable, OSError, ValueError, KeyError) as exc:
         log(f"vLLM skipped: {exc}")
         return {"note": f"vLLM skipped: {exc}"}
 
