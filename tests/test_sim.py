@@ -29,7 +29,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
-# ----- the two calibration points (report section 7, spec section 6) -----
+# ----- the two calibration points (report section 7) -----
 
 def test_step3_2a2f_calibration_point():
     r = simulate(STEP3, afd(2, 2), 4096, 6144)
@@ -49,7 +49,7 @@ def test_deepseek_v3_colocated_calibration_point():
 # efficiency.json fits hbm_efficiency on the 4,039 point and colocated_a2a_efficiency on the 2,324
 # point above, nothing else; every check below compares with a figure outside that fit.
 
-ATTN_8K = {  # spec section 6: 8K context, 4 GPUs, total batch 256, linear projections included
+ATTN_8K = {  # report section 7: 8K context, 4 GPUs, total batch 256, linear projections included
     ("step3", "H800"): 281, ("step3", "H20"): 438, ("step3", "A800"): 531,
     ("deepseek-v3", "H800"): 372, ("deepseek-v3", "H20"): 1252,
     ("qwen3-235b-a22b", "H800"): 382, ("qwen3-235b-a22b", "H20"): 812,

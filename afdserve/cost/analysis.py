@@ -1,9 +1,9 @@
 """The Step-3 report's decoding-cost analysis as formulas (no torch).
 
-Sections refer to /work/shared/spec/codesign.md, which restates the report (arXiv 2507.19427):
-  1. per-token work of one decode step (report section 4.1),
-  3. cost per token with and without AFD (report section 4.2),
-  5. MoE sparsity against the hardware (report section 5),
+From the Step-3 report (arXiv 2507.19427):
+  * per-token work of one decode step (report section 4.1),
+  * cost per token with and without AFD (report section 4.2),
+  * MoE sparsity against the hardware (report section 5),
 plus a KV-capacity check of an attention instance (an afdserve addition, assumptions stated).
 All costs are USD per 1M decoded tokens.
 """
@@ -19,7 +19,7 @@ MTOK = 1e6
 
 @dataclass(frozen=True)
 class Precision:
-    """Storage and compute precision (report default: everything 8-bit, spec section 1).
+    """Storage and compute precision (report default: everything 8-bit, report section 4.1).
 
     `weight_bytes`/`kv_bytes` are bytes per element; `compute` is 'fp8' (BF16 on chips without
     FP8) or 'bf16'. `full_layer_kv_bytes` overrides the KV precision of hybrid models' full
@@ -37,7 +37,7 @@ DEFAULT_PRECISION = Precision()
 
 @dataclass(frozen=True)
 class PerTokenWork:
-    """Work of decoding one token (spec section 1): KV bytes read, attention FLOPs (QK^T, PV),
+    """Work of decoding one token (report section 4.1): KV bytes read, attention FLOPs (QK^T, PV),
     linear FLOPs (2 x attention projections), FFN FLOPs (2 x activated FFN parameters)."""
 
     kv_bytes: float
@@ -48,7 +48,7 @@ class PerTokenWork:
 
 def per_token_work(arch: ModelArch, context: int,
                    precision: Precision = DEFAULT_PRECISION) -> PerTokenWork:
-    """Per-token decode work at `context` (spec section 1 / report section 4.1).
+    """Per-token decode work at `context` (report section 4.1).
 
     Routers, embedding and LM head are left out, as in the report (under 5%).
     """
@@ -65,14 +65,14 @@ def per_token_work(arch: ModelArch, context: int,
 
 def arithmetic_intensity(arch: ModelArch, context: int = 8192,
                          precision: Precision = DEFAULT_PRECISION) -> float:
-    """Attention FLOPs per KV byte (spec section 1): GQA 2*n_q/(n_kv*b), MLA 4*n_q/b,
+    """Attention FLOPs per KV byte (report section 4.1): GQA 2*n_q/(n_kv*b), MLA 4*n_q/b,
     MFA 2*n_q/b. Constant in context for pure models; hybrids depend on `context`."""
     work = per_token_work(arch, max(context, 1), precision)
     return work.attention_flops / work.kv_bytes if work.kv_bytes else float("inf")
 
 
 def attention_cost(work: PerTokenWork, hw: Hardware, compute: str = "fp8") -> float:
-    """USD per token of the attention half (spec section 3 / report section 4.2):
+    """USD per token of the attention half (report section 4.2):
     max(attn_FLOPs * U_flop, KV_bytes * U_byte) + linear_FLOPs * U_flop."""
     u_flop = hw.usd_per_hour / (3600.0 * hw.flops_for(compute))
     core = max(work.attention_flops * u_flop, work.kv_bytes * hw.usd_per_byte)
@@ -103,7 +103,7 @@ def _chip_costs(work: PerTokenWork, hw: Hardware, compute: str) -> dict:
 
 
 def best_afd(chips: dict[str, dict]) -> dict:
-    """AFD: attention and FFN each on their cheapest chip (spec section 3)."""
+    """AFD: attention and FFN each on their cheapest chip (report section 4.2)."""
     a = min(chips, key=lambda c: chips[c]["attention_usd_per_mtok"])
     f = min(chips, key=lambda c: chips[c]["ffn_usd_per_mtok"])
     attn, ffn = chips[a]["attention_usd_per_mtok"], chips[f]["ffn_usd_per_mtok"]
@@ -112,7 +112,7 @@ def best_afd(chips: dict[str, dict]) -> dict:
 
 
 def best_single(chips: dict[str, dict]) -> dict:
-    """Without AFD: both halves on one chip type; the cheapest such chip (spec section 3)."""
+    """Without AFD: both halves on one chip type; the cheapest such chip (report section 4.2)."""
     c = min(chips, key=lambda k: chips[k]["total_usd_per_mtok"])
     return {"hardware": c, "usd_per_mtok": chips[c]["total_usd_per_mtok"]}
 
@@ -214,7 +214,7 @@ def kv_capacity(arch: ModelArch, hw: Hardware, context: int,
                 gpus: int | None = None) -> dict:
     """How many tokens of KV fit next to the attention weights on an AFD attention instance.
 
-    Assumptions: data-parallel attention (spec section 6), so every card holds all attention
+    Assumptions: data-parallel attention (report sections 3 and 7), so every card holds all attention
     side weights (attention projections, embedding, LM head, routers) at `weight_bytes`;
     `usable_fraction` of device memory is usable (the rest: activations, runtime); the remainder
     holds KV at `kv_bytes` (chunked layers counted as full, an upper bound). Sequences at

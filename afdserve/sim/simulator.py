@@ -1,6 +1,6 @@
 """One decode step of a deployment, layer by layer and micro-batch by micro-batch (no torch).
 
-Two deployment kinds (spec codesign.md section 6):
+Two deployment kinds (Step-3 report, sections 3 and 7):
 
 * AFD `xAyF`: x attention instances and y FFN instances of `gpus_per_instance` GPUs. Attention
   is data-parallel (each attention GPU owns its sequences and their KV cache, and holds all
