@@ -113,7 +113,7 @@ class ServerMetrics:
             self._totals = (max(prompt, s.prompt_tokens_total), max(gen, s.generation_tokens_total))
 
     def _count_recovery(self, recovery: dict) -> None:
-        """Advance the counters to the executor's totals (`AFDExecutor.recovery_stats`)."""
+        """Advance the counters to the executor's totals (`Executor.recovery_stats`)."""
         totals = {("restart",) + tuple(k): v for k, v in recovery.get("restarts", {}).items()}
         totals[("replay",)] = recovery.get("replays", 0)
         with self._lock:
