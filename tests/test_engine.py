@@ -191,3 +191,31 @@ def _bf16_logits(model, ids):
     meta = AttentionMetadata.build(list(range(n)), list(range(n)), [n], [n], [list(range(-(-n // 4)))], 4)
     with torch.inference_mode():
         return model.logits(model(torch.tensor(ids), meta, kv))
+
+
+def _protocol_members(proto) -> set[str]:
+    """Attributes, methods and properties a typing.Protocol declares."""
+    return set(proto.__annotations__) | {n for n, v in vars(proto).items()
+                                         if not n.startswith("_") and (callable(v) or isinstance(v, property))}
+
+
+def test_executors_and_connector_implement_their_protocols(llm):
+    from afdserve.afd.connector import Connector, TorchP2PConnector
+    from afdserve.afd.executor import AFDExecutor
+    from afdserve.afd.local_trace import TracedExecutor
+    from afdserve.bench.decode import _StepProbe
+    from afdserve.engine.executor import Executor
+    members = _protocol_members(Executor)
+    assert {"execute", "health", "take_lost_workers", "recovery_stats", "pids", "local_model"} <= members
+    ex = llm.engine.executor                       # colocated: nothing lost, nothing restarted, no workers
+    assert all(hasattr(ex, n) for n in members), [n for n in members if not hasattr(ex, n)]
+    assert (ex.take_lost_workers(), ex.recovery_stats(), ex.trace_summary(), ex.pids) == ({}, {}, {}, {})
+    assert ex.local_model is ex.runner.model and ex.traces is None
+    probe = _StepProbe(ex, False, 512)             # the bench's wrapper is an Executor too
+    assert all(hasattr(probe, n) for n in members) and probe.local_model is ex.runner.model
+    methods = members - set(Executor.__annotations__)
+    for cls in (AFDExecutor, TracedExecutor):
+        assert all(hasattr(cls, n) for n in methods), (cls, [n for n in methods if not hasattr(cls, n)])
+    conn = _protocol_members(Connector) - set(Connector.__annotations__)
+    assert {"send_to_ffn", "recv_from_attention", "reply"} <= conn
+    assert all(hasattr(TorchP2PConnector, n) for n in conn), [n for n in conn if not hasattr(TorchP2PConnector, n)]
