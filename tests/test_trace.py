@@ -66,18 +66,12 @@ def synthetic_step(x: int, y: int, L: int, m: int, *, attn=100.0, ffn=(80.0,), l
     return out
 
 
-def test_span_recorder_times_and_disables():
+def test_span_recorder_gives_microseconds_per_step():
     rec = SpanRecorder()
     rec.add(ATTENTION, 0, 1, 1.0, 1.5)
-    with rec.span(FFN, 2, 0):
-        time.sleep(0.002)
-    spans = rec.take()
-    assert spans[0] == [ATTENTION, 0, 1, 1e6, 0.5e6]
-    assert spans[1][:3] == [FFN, 2, 0] and spans[1][4] >= 2000
+    rec.add(FFN, 2, 0, 1.5, 1.75)
+    assert rec.take() == [[ATTENTION, 0, 1, 1e6, 0.5e6], [FFN, 2, 0, 1.5e6, 0.25e6]]
     assert rec.take() == []
-    off = SpanRecorder(enabled=False)
-    off.add(ATTENTION, 0, 0, 0.0, 1.0)
-    assert off.take() == []
 
 
 def test_ffn_stamps_travel_bit_exactly_as_float32():

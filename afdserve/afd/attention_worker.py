@@ -4,7 +4,7 @@ Attention worker (global rank 0..x-1): embedding, attention halves, its own requ
 router, final norm, LM head and sampling: a `ModelRunner` over a role="attention" model whose
 `FFNBackend` is `RemoteFFN`. It takes messages from the engine process over its control channel
 (`protocol.py`: `Step` -> `StepDone`/`Failed`, `Reform` -> `Ready`/`Failed`, `Stop`). When the
-process group breaks (a peer was lost) it drops the group, reports `Failed(recoverable=True)`
+process group breaks (a peer was lost) it drops the group, reports `Failed`
 and keeps its KV cache for the engine's `Reform`.
 """
 from __future__ import annotations
@@ -173,7 +173,7 @@ class AttentionWorker:
             self._drop_group()
             text = str(exc)
             return Failed(text if text.startswith("attention worker") else
-                          f"attention worker {self.index}: {type(exc).__name__}: {first_line(exc)}", recoverable=True)
+                          f"attention worker {self.index}: {type(exc).__name__}: {first_line(exc)}")
 
     def _drop_group(self) -> None:
         self.backend.pending.clear()

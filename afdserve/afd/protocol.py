@@ -65,6 +65,7 @@ class StepDone:
 
 @dataclass
 class Failed:
+    """A step, start-up or re-formation failed (a worker whose group broke mid-step stays alive
+    with its KV cache and waits for `Reform`)."""
+
     message: str
-    recoverable: bool = False
-    """The worker is alive with its KV cache and waits for `Reform` (its group broke mid-step)."""

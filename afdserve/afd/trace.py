@@ -72,41 +72,20 @@ def _total(rows: list[list[float]]) -> float:
 
 class SpanRecorder:
     """A worker's stage spans in one step: `add(stage, layer, mb, t0, t1)` with `time.perf_counter()`
-    seconds, or `with rec.span(stage, layer, mb):`. `take()` returns them in microseconds and
-    starts a new step. Disabled: `add` returns at once (one attribute test)."""
+    seconds. `take()` returns them in microseconds and starts a new step."""
 
-    __slots__ = ("enabled", "_spans")
+    __slots__ = ("_spans",)
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self):
         self._spans: list[tuple] = []
 
     def add(self, stage: str, layer: int, micro_batch: int, t0: float, t1: float) -> None:
-        if self.enabled:
-            self._spans.append((stage, layer, micro_batch, t0, t1))
-
-    def span(self, stage: str, layer: int, micro_batch: int) -> "_Span":
-        return _Span(self, stage, layer, micro_batch)
+        self._spans.append((stage, layer, micro_batch, t0, t1))
 
     def take(self) -> list[list]:
         out = [[st, i, j, t0 * 1e6, (t1 - t0) * 1e6] for st, i, j, t0, t1 in self._spans]
         self._spans = []
         return out
-
-
-class _Span:
-    __slots__ = ("rec", "key", "t0")
-
-    def __init__(self, rec: SpanRecorder, stage: str, layer: int, micro_batch: int):
-        self.rec, self.key = rec, (stage, layer, micro_batch)
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.rec.add(*self.key, self.t0, time.perf_counter())
-        return False
 
 
 # ----------------------------------------------------------------- FFN worker -> attention worker 0
