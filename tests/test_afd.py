@@ -22,7 +22,6 @@ from afdserve.afd.connector import dequantize_8bit, quantize_8bit
 from afdserve.afd.executor import AFDExecutor, free_port
 from afdserve.afd.topology import TopologyError, parse_topology
 from afdserve.config import Step3Config, get_preset
-from afdserve.engine.engine import EngineDeadError
 from afdserve.engine.executor import ExecutorError
 from afdserve.engine.llm import LLM
 from afdserve.engine.runner import LocalFFN, ModelRunner, SeqWork, StepInput

@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from afdserve.afd.connector import Connector, make_connector
-from afdserve.afd.handshake import HandshakeError, Membership, first_line, watch_parent, worker_device
+from afdserve.afd.connector import Connector, first_line, make_connector
+from afdserve.afd.handshake import HandshakeError, Membership, watch_parent, worker_device
 from afdserve.afd.protocol import Failed, Ready, Reform, Step, StepDone, Stop, WorkerSpec
 from afdserve.afd.topology import Topology
 from afdserve.afd.trace import A2F, ATTENTION, F2A_WAIT, SpanRecorder, StepTrace, ffn_stamps_len, unpack_ffn_stamps

@@ -135,6 +135,12 @@ def dequantize_8bit(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
     return (vals * scales[:, None]).to(dtype)
 
 
+def first_line(exc: BaseException) -> str:
+    """The gist of a transport error: its first line, without gloo's generic advice."""
+    text = str(exc)
+    return text.splitlines()[0].split(" This is typically caused")[0] if text else type(exc).__name__
+
+
 def _tag(micro_batch: int, slot: int) -> int:
     return micro_batch * SLOTS + slot
 

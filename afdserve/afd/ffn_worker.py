@@ -15,8 +15,8 @@ import time
 import torch
 
 from afdserve.afd import rendezvous as rdv
-from afdserve.afd.connector import Connector, FFNMessage, make_connector
-from afdserve.afd.handshake import Membership, first_line, watch_parent, worker_device
+from afdserve.afd.connector import Connector, FFNMessage, first_line, make_connector
+from afdserve.afd.handshake import Membership, watch_parent, worker_device
 from afdserve.afd.protocol import WorkerSpec
 from afdserve.afd.trace import pack_ffn_stamps
 from afdserve.config import Step3Config

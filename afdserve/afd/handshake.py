@@ -95,9 +95,3 @@ def worker_device(spec: WorkerSpec, rank: int) -> str:
     if spec.device == "cuda" and torch.cuda.is_available():
         return f"cuda:{rank % torch.cuda.device_count()}"   # local ranks share the node's GPUs
     return spec.device
-
-
-def first_line(exc: BaseException) -> str:
-    """The gist of an error: its first line, without gloo's generic advice."""
-    text = str(exc)
-    return text.splitlines()[0].split(" This is typically caused")[0] if text else type(exc).__name__
