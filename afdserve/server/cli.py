@@ -107,7 +107,7 @@ def _make_server(config, async_engine, grace: float):
 def summary(engine, name: str, args: argparse.Namespace) -> str:
     """One line: what is served, how, and where."""
     stats = engine.stats()
-    workers = len(engine.schedulers)
+    workers = engine.executor.num_workers
     mode = f"AFD {args.afd}" if getattr(args, "afd", None) else "colocated"
     tok = "tokenizer" if engine.tokenizer is not None else "no tokenizer (token ids only)"
     return (f"afdserve serve: model {name} ({engine.model_dir}), {engine.dtype}, "
