@@ -55,6 +55,7 @@ def decode_path(request, monkeypatch):
     ([1, 1], [8, 13], 2),            # GQA-style grouping still right
     ([1, 1, 1], [6, 6, 6], 1),       # equal contexts: the unmasked decode path
     ([4], [4], 2),
+    ([40, 17], [40, 30], 2),         # a whole prompt (the fused causal kernel) beside a later chunk
 ])
 def test_paged_attention_matches_naive(q_lens, ctx_lens, g, decode_path):
     nq, d = 4, 8
