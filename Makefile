@@ -38,4 +38,4 @@ bench: $(BIN)/python
 	$(BIN)/afdserve bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info afdserve/_native*.so
+	rm -rf $(VENV) build *.egg-info afdserve/_native*.so afdserve/_fp8*.so

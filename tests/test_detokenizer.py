@@ -176,6 +176,17 @@ class _ScriptedExecutor:
     def health(self):
         return None
 
+    def take_lost_workers(self):
+        return {}
+
+    def recovery_stats(self):
+        return {}
+
+    def trace_summary(self):
+        return {}
+
+    traces, pids, local_model = None, {}, None
+
     def close(self):
         pass
 
