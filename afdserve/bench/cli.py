@@ -42,7 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed decode steps per point (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores); with 1 on an x86-64 CPU, afdserve's native decode kernels are used (benchmarks/README.md)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--dtype", default="auto", help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--dtype", default="auto", help="float32 / bfloat16 (default auto: the dtype `serve` and `generate` pick "
+                   "on this machine, bf16 on CUDA and on CPUs with bf16 arithmetic, else float32)")
+    p.add_argument("--quantization", choices=["fp8"], default=None,
+                   help="fp8: decode with block-scaled FP8 weights (quantized at load, docs/fp8.md)")
     p.add_argument("--prefill", choices=("synthetic", "real"), default="synthetic",
                    help="synthetic: skip the prefill model work, KV stays zero (default); real: run it")
     p.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
@@ -83,7 +86,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.steps = args.steps or d["steps"]
     args.micro_batches = _ints(args.micro_batches)
     if args.dtype == "auto":
-        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+        from afdserve.model.kernels import resolve_dtype
+        args.dtype = resolve_dtype("auto", device=args.device)
     if args.threads is None:
         args.threads = os.cpu_count() or 1
     if args.afd_batch is None:
@@ -158,7 +162,7 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
         decode.make_checkpoint(args.preset, model_dir, "float32")
     cfg = Step3Config.from_file(model_dir)
     result["model"] = {"preset": None if args.model else args.preset, "dir": str(model_dir) if args.model else None,
-                       **cfg.num_parameters(), "dtype": args.dtype}
+                       **cfg.num_parameters(), "dtype": args.dtype, "quantization": args.quantization}
     try:
         # ---------------------------------------------------------------- decode grid + peer
         peer_model, peer_note = None, None
@@ -197,7 +201,7 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
                 log(f"decode batch {b} context {c}")
                 try:
                     r = decode.measure_decode(model_dir, b, c, args.steps, args.warmup, args.device, args.dtype,
-                                              prefill=args.prefill)
+                                              prefill=args.prefill, quantization=args.quantization)
                     row.update(r)
                 except Exception as exc:
                     row["error"] = f"{type(exc).__name__}: {exc}"
@@ -308,7 +312,7 @@ def _afd_row(args, model_dir: Path, log, b: int, c: int, name: str, topo: str | 
     torch.set_num_threads(args.threads if topo else threads)
     try:
         r = decode.measure_decode(model_dir, b, c, args.steps, args.warmup, args.device, args.dtype,
-                                  afd=topo, micro_batches=m, afd_options=opts)
+                                  afd=topo, micro_batches=m, afd_options=opts, quantization=args.quantization)
         row.update({k: r[k] for k in ("tokens_per_s", "tpot_ms", "step_s", "steps_timed")})
     except BaseException as exc:  # an AFD runtime that is missing or fails must not end the run
         if isinstance(exc, KeyboardInterrupt):

@@ -150,12 +150,15 @@ def _expert_hooks(engine, counts: list[list[int]]):
 def measure_decode(model_dir: str | Path, batch: int, context: int, steps: int = 8, warmup: int = 2,
                    device: str = "cpu", dtype: str = "float32", afd: str | None = None,
                    micro_batches: int = 1, prefill: str = "synthetic", seed: int = 0,
-                   afd_options: dict | None = None, profile: str | None = None) -> dict:
+                   afd_options: dict | None = None, profile: str | None = None,
+                   quantization: str | None = None) -> dict:
     """Time `steps` decode steps of `batch` sequences at prompt length `context` (after `warmup`).
 
     Returns tokens/s, time per output token (ms), the mean context of the timed steps, and the
     distinct experts hit per MoE layer (counted during warm-up when the model is reachable).
     `profile`: None, "cprofile" or "torch": also return a profile of the timed steps.
+    `quantization`: None or "fp8" (weights quantized at load; the roofline's bytes stay those of
+    the run's dtype, so `% of BW` understates an FP8 run's use of the bandwidth).
     """
     from afdserve.engine.engine import EngineArgs, LLMEngine
     from afdserve.sampling import SamplingParams
@@ -169,7 +172,8 @@ def measure_decode(model_dir: str | Path, batch: int, context: int, steps: int =
     args = EngineArgs(model=str(model_dir), dtype=dtype, device=device, num_kv_blocks=blocks,
                       max_num_seqs=max(batch, 1), max_num_batched_tokens=budget,
                       max_model_len=min(context + max_tokens + 2, c.max_position_embedding),
-                      afd=afd, micro_batches=micro_batches, afd_options=afd_options or {})
+                      afd=afd, micro_batches=micro_batches, afd_options=afd_options or {},
+                      quantization=quantization)
     engine = LLMEngine(args)
     try:
         probe = engine.executor = _StepProbe(engine.executor, prefill == "synthetic", c.vocab_size, seed)
