@@ -25,13 +25,10 @@ import torch
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+    from afdserve.bench.vllm_peer import cpu_description
+    cpu = cpu_description()
+    return {"cpu": cpu["cpu"], "cpu_flags": cpu["flags"], "cores": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(),
             "torch": torch.__version__, "platform": platform.platform(), "load_avg": os.getloadavg()}
 
 

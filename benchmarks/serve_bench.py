@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -190,20 +190,15 @@ def _stats(values: list[float]) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from afdserve.bench.vllm_peer import cpu_description
+    desc = cpu_description()
+    cpu, flags = desc["cpu"], desc["flags"]
     try:
         import torch
         threads = torch.get_num_threads()
     except ImportError:
         threads = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads,
+    return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "torch_threads": threads,
             "torch_threads_note": "torch default in this process; the server leaves torch at its default",
             "python": platform.python_version()}
 

@@ -175,19 +175,8 @@ def test_native_sgemm_refuses_inconsistent_arguments():
         _native.sgemm(1, 2, 3)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("cc") is None or
-                    not {"avx2", "fma"} <= _cpu_flags(),
+                    not {"avx2", "fma"} <= kernels.cpu_flags(),
                     reason="needs an x86-64 CPU with AVX2/FMA and a C compiler")
 def test_native_kernels_are_built_where_they_can_run():
     """The install compiles afdserve._native when a compiler is present (setup.py, optional so a
