@@ -56,6 +56,85 @@ static inline uint16_t afd_f32_to_bf16(float f)
     return (uint16_t)(u >> 16);
 }
 
+#ifdef AFD_X86
+/* ---- few-row GEMM over the [N, K] (checkpoint) layout, one template for every weight type ----
+ * y[m, n] = dot(x[m, :], w[n, :]) with x in fp32. PREFIX names the kernels (PREFIX_MR_NR and
+ * gemm_PREFIX); WT / YT: the stored weight and output element types; LOADW(p): eight weights from
+ * p as fp32 (__m256); WF(v): one weight as float; STY(s): the output element of an fp32 sum;
+ * PFSTEP: k elements between prefetches (64 bytes of weights). Blocking: one row of x against 8
+ * weight rows; 2-3 rows against 4; groups of 4 rows against 3; the next block is prefetched while
+ * the first group runs and later groups find it in L1. */
+#define AFD_DOT_KERNEL(PREFIX, WT, YT, LOADW, WF, STY, PFSTEP, MR, NR)                              \
+    TGT static void PREFIX##_##MR##_##NR(const float *x, ptrdiff_t ldx, const WT *w, ptrdiff_t ldw, \
+                                         YT *y, ptrdiff_t ldy, ptrdiff_t K, int pf)                \
+    {                                                                                               \
+        __m256 acc[MR][NR];                                                                         \
+        for (int m = 0; m < MR; m++)                                                                \
+            for (int n = 0; n < NR; n++) acc[m][n] = _mm256_setzero_ps();                           \
+        ptrdiff_t k = 0;                                                                            \
+        for (; k + 8 <= K; k += 8) {                                                                \
+            __m256 wv[NR];                                                                          \
+            for (int n = 0; n < NR; n++) wv[n] = LOADW(w + n * ldw + k);                            \
+            if (pf && (k & (PFSTEP - 1)) == 0)                                                      \
+                for (int n = 0; n < NR; n++) __builtin_prefetch(w + (NR + n) * ldw + k, 0, 2);      \
+            for (int m = 0; m < MR; m++) {                                                          \
+                __m256 xv = _mm256_loadu_ps(x + m * ldx + k);                                       \
+                for (int n = 0; n < NR; n++) acc[m][n] = _mm256_fmadd_ps(wv[n], xv, acc[m][n]);     \
+            }                                                                                       \
+        }                                                                                           \
+        for (int m = 0; m < MR; m++)                                                                \
+            for (int n = 0; n < NR; n++) {                                                          \
+                float s = afd_hsum8(acc[m][n]);                                                     \
+                for (ptrdiff_t kk = k; kk < K; kk++) s += x[m * ldx + kk] * WF(w[n * ldw + kk]);    \
+                y[m * ldy + n] = STY(s);                                                            \
+            }                                                                                       \
+    }
+
+#define AFD_DOT_GEMM(PREFIX, WT, YT, LOADW, WF, STY, PFSTEP)                                        \
+    AFD_DOT_KERNEL(PREFIX, WT, YT, LOADW, WF, STY, PFSTEP, 1, 8)                                    \
+    AFD_DOT_KERNEL(PREFIX, WT, YT, LOADW, WF, STY, PFSTEP, 1, 4)                                    \
+    AFD_DOT_KERNEL(PREFIX, WT, YT, LOADW, WF, STY, PFSTEP, 2, 4)                                    \
+    AFD_DOT_KERNEL(PREFIX, WT, YT, LOADW, WF, STY, PFSTEP, 3, 4)                                    \
+    AFD_DOT_KERNEL(PREFIX, WT, YT, LOADW, WF, STY, PFSTEP, 1, 3)                                    \
+    AFD_DOT_KERNEL(PREFIX, WT, YT, LOADW, WF, STY, PFSTEP, 2, 3)                                    \
+    AFD_DOT_KERNEL(PREFIX, WT, YT, LOADW, WF, STY, PFSTEP, 3, 3)                                    \
+    AFD_DOT_KERNEL(PREFIX, WT, YT, LOADW, WF, STY, PFSTEP, 4, 3)                                    \
+    AFD_DOT_KERNEL(PREFIX, WT, YT, LOADW, WF, STY, PFSTEP, 1, 1)                                    \
+    AFD_DOT_KERNEL(PREFIX, WT, YT, LOADW, WF, STY, PFSTEP, 2, 1)                                    \
+    AFD_DOT_KERNEL(PREFIX, WT, YT, LOADW, WF, STY, PFSTEP, 3, 1)                                    \
+    AFD_DOT_KERNEL(PREFIX, WT, YT, LOADW, WF, STY, PFSTEP, 4, 1)                                    \
+    typedef void (*PREFIX##_fn)(const float *, ptrdiff_t, const WT *, ptrdiff_t, YT *, ptrdiff_t,   \
+                                ptrdiff_t, int);                                                    \
+    static const PREFIX##_fn PREFIX##_nr4[4] = {0, PREFIX##_1_4, PREFIX##_2_4, PREFIX##_3_4};       \
+    static const PREFIX##_fn PREFIX##_nr3[5] = {0, PREFIX##_1_3, PREFIX##_2_3, PREFIX##_3_3, PREFIX##_4_3}; \
+    static const PREFIX##_fn PREFIX##_nr1[5] = {0, PREFIX##_1_1, PREFIX##_2_1, PREFIX##_3_1, PREFIX##_4_1}; \
+    TGT static void gemm_##PREFIX(const float *x, ptrdiff_t ldx, const WT *w, ptrdiff_t ldw, YT *y,  \
+                                  ptrdiff_t ldy, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K)             \
+    {                                                                                               \
+        ptrdiff_t n = 0;                                                                            \
+        if (M == 1) {                                                                               \
+            for (; n + 8 <= N; n += 8) PREFIX##_1_8(x, ldx, w + n * ldw, ldw, y + n, ldy, K, 0);    \
+        } else {                                                                                    \
+            const int NR = M <= 3 ? 4 : 3;                                                          \
+            const PREFIX##_fn *tab = NR == 4 ? PREFIX##_nr4 : PREFIX##_nr3;                          \
+            for (; n + NR <= N; n += NR) {                                                          \
+                int pf = n + 2 * NR <= N;                                                           \
+                for (ptrdiff_t m = 0; m < M;) {                                                     \
+                    int mr = M - m >= 4 ? 4 : (int)(M - m);                                         \
+                    tab[mr](x + m * ldx, ldx, w + n * ldw, ldw, y + m * ldy + n, ldy, K, pf && m == 0); \
+                    m += mr;                                                                        \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (; n < N; n++)                                                                          \
+            for (ptrdiff_t m = 0; m < M;) {                                                         \
+                int mr = M - m >= 4 ? 4 : (int)(M - m);                                             \
+                PREFIX##_nr1[mr](x + m * ldx, ldx, w + n * ldw, ldw, y + m * ldy + n, ldy, K, 0);   \
+                m += mr;                                                                            \
+            }                                                                                       \
+    }
+#endif
+
 /* Smallest number of weight elements worth a thread of its own: below it the fork/join of the
    OpenMP team costs more than the work it splits (afdserve/native/decode_kernels.c). */
 #define AFD_MIN_ELEMS_PER_THREAD (32 * 1024)

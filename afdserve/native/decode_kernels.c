@@ -44,70 +44,10 @@
 
 /* ---- [N, K] layout: y[m, n] = dot(x[m, :], w[n, :]) ------------------------------------------ */
 
-/* MR rows of x times NR consecutive rows of w; `pf`: prefetch the NR rows that follow. */
-#define DEFINE_DOT(MR, NR)                                                                          \
-    TGT static void dot_##MR##_##NR(const float *x, ptrdiff_t ldx, const float *w, ptrdiff_t ldw,  \
-                                    float *y, ptrdiff_t ldy, ptrdiff_t K, int pf)                  \
-    {                                                                                               \
-        __m256 acc[MR][NR];                                                                         \
-        for (int m = 0; m < MR; m++)                                                                \
-            for (int n = 0; n < NR; n++) acc[m][n] = _mm256_setzero_ps();                           \
-        ptrdiff_t k = 0;                                                                            \
-        for (; k + 8 <= K; k += 8) {                                                                \
-            __m256 wv[NR];                                                                          \
-            for (int n = 0; n < NR; n++) wv[n] = _mm256_loadu_ps(w + n * ldw + k);                  \
-            if (pf && (k & 15) == 0)                                                                \
-                for (int n = 0; n < NR; n++) __builtin_prefetch(w + (NR + n) * ldw + k, 0, 2);      \
-            for (int m = 0; m < MR; m++) {                                                          \
-                __m256 xv = _mm256_loadu_ps(x + m * ldx + k);                                       \
-                for (int n = 0; n < NR; n++) acc[m][n] = _mm256_fmadd_ps(wv[n], xv, acc[m][n]);     \
-            }                                                                                       \
-        }                                                                                           \
-        for (int m = 0; m < MR; m++)                                                                \
-            for (int n = 0; n < NR; n++) {                                                          \
-                float s = afd_hsum8(acc[m][n]);                                                     \
-                for (ptrdiff_t kk = k; kk < K; kk++) s += x[m * ldx + kk] * w[n * ldw + kk];        \
-                y[m * ldy + n] = s;                                                                 \
-            }                                                                                       \
-    }
+#define AFD_ID(v) (v)
 
-DEFINE_DOT(1, 8)
-DEFINE_DOT(1, 4) DEFINE_DOT(2, 4) DEFINE_DOT(3, 4)
-DEFINE_DOT(1, 3) DEFINE_DOT(2, 3) DEFINE_DOT(3, 3) DEFINE_DOT(4, 3)
-DEFINE_DOT(1, 1) DEFINE_DOT(2, 1) DEFINE_DOT(3, 1) DEFINE_DOT(4, 1)
-
-typedef void (*dot_fn)(const float *, ptrdiff_t, const float *, ptrdiff_t, float *, ptrdiff_t,
-                       ptrdiff_t, int);
-static const dot_fn dot_nr4[4] = {0, dot_1_4, dot_2_4, dot_3_4};
-static const dot_fn dot_nr3[5] = {0, dot_1_3, dot_2_3, dot_3_3, dot_4_3};
-static const dot_fn dot_nr1[5] = {0, dot_1_1, dot_2_1, dot_3_1, dot_4_1};
-
-TGT static void gemm_dot(const float *x, ptrdiff_t ldx, const float *w, ptrdiff_t ldw, float *y,
-                         ptrdiff_t ldy, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K)
-{
-    ptrdiff_t n = 0;
-    if (M == 1) {                       /* one row: 8 weight rows per block, hardware prefetch */
-        for (; n + 8 <= N; n += 8) dot_1_8(x, ldx, w + n * ldw, ldw, y + n, ldy, K, 0);
-    } else {
-        /* 2-3 rows: one group, 4 weight rows per block; 4+ rows: groups of 4 rows over 3 weight rows */
-        const int NR = M <= 3 ? 4 : 3;
-        const dot_fn *tab = NR == 4 ? dot_nr4 : dot_nr3;
-        for (; n + NR <= N; n += NR) {
-            int pf = n + 2 * NR <= N;
-            for (ptrdiff_t m = 0; m < M;) {
-                int mr = M - m >= 4 ? 4 : (int)(M - m);
-                tab[mr](x + m * ldx, ldx, w + n * ldw, ldw, y + m * ldy + n, ldy, K, pf && m == 0);
-                m += mr;
-            }
-        }
-    }
-    for (; n < N; n++)
-        for (ptrdiff_t m = 0; m < M;) {
-            int mr = M - m >= 4 ? 4 : (int)(M - m);
-            dot_nr1[mr](x + m * ldx, ldx, w + n * ldw, ldw, y + m * ldy + n, ldy, K, 0);
-            m += mr;
-        }
-}
+/* dot_MR_NR and gemm_dot (afd_native.h): fp32 weights, fp32 outputs. */
+AFD_DOT_GEMM(dot, float, float, _mm256_loadu_ps, AFD_ID, AFD_ID, 16)
 
 /* ---- [K, N] layout: y[m, :] += x[m, k] * wt[k, :] -------------------------------------------- */
 

@@ -25,70 +25,9 @@
 
 /* ---- AVX2: [N, K] layout -------------------------------------------------------------------- */
 
-/* MR rows of x (fp32) times NR consecutive bf16 rows of w; `pf`: prefetch the NR rows that follow. */
-#define DEFINE_BDOT(MR, NR)                                                                         \
-    TGT static void bdot_##MR##_##NR(const float *x, ptrdiff_t ldx, const uint16_t *w, ptrdiff_t ldw,\
-                                     uint16_t *y, ptrdiff_t ldy, ptrdiff_t K, int pf)              \
-    {                                                                                               \
-        __m256 acc[MR][NR];                                                                         \
-        for (int m = 0; m < MR; m++)                                                                \
-            for (int n = 0; n < NR; n++) acc[m][n] = _mm256_setzero_ps();                           \
-        ptrdiff_t k = 0;                                                                            \
-        for (; k + 8 <= K; k += 8) {                                                                \
-            __m256 wv[NR];                                                                          \
-            for (int n = 0; n < NR; n++) wv[n] = afd_bf16x8_to_ps(w + n * ldw + k);                 \
-            if (pf && (k & 31) == 0)                                                                \
-                for (int n = 0; n < NR; n++) __builtin_prefetch(w + (NR + n) * ldw + k, 0, 2);      \
-            for (int m = 0; m < MR; m++) {                                                          \
-                __m256 xv = _mm256_loadu_ps(x + m * ldx + k);                                       \
-                for (int n = 0; n < NR; n++) acc[m][n] = _mm256_fmadd_ps(wv[n], xv, acc[m][n]);     \
-            }                                                                                       \
-        }                                                                                           \
-        for (int m = 0; m < MR; m++)                                                                \
-            for (int n = 0; n < NR; n++) {                                                          \
-                float s = afd_hsum8(acc[m][n]);                                                     \
-                for (ptrdiff_t kk = k; kk < K; kk++) s += x[m * ldx + kk] * afd_bf16_to_f32(w[n * ldw + kk]); \
-                y[m * ldy + n] = afd_f32_to_bf16(s);                                                \
-            }                                                                                       \
-    }
-
-DEFINE_BDOT(1, 8)
-DEFINE_BDOT(1, 4) DEFINE_BDOT(2, 4) DEFINE_BDOT(3, 4)
-DEFINE_BDOT(1, 3) DEFINE_BDOT(2, 3) DEFINE_BDOT(3, 3) DEFINE_BDOT(4, 3)
-DEFINE_BDOT(1, 1) DEFINE_BDOT(2, 1) DEFINE_BDOT(3, 1) DEFINE_BDOT(4, 1)
-
-typedef void (*bdot_fn)(const float *, ptrdiff_t, const uint16_t *, ptrdiff_t, uint16_t *, ptrdiff_t,
-                        ptrdiff_t, int);
-static const bdot_fn bdot_nr4[4] = {0, bdot_1_4, bdot_2_4, bdot_3_4};
-static const bdot_fn bdot_nr3[5] = {0, bdot_1_3, bdot_2_3, bdot_3_3, bdot_4_3};
-static const bdot_fn bdot_nr1[5] = {0, bdot_1_1, bdot_2_1, bdot_3_1, bdot_4_1};
-
-/* Same blocking as gemm_dot (decode_kernels.c): 1 row x 8 weight rows, 2-3 rows x 4, 4-row groups x 3. */
-TGT static void bgemm_dot(const float *x, ptrdiff_t ldx, const uint16_t *w, ptrdiff_t ldw, uint16_t *y,
-                          ptrdiff_t ldy, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K)
-{
-    ptrdiff_t n = 0;
-    if (M == 1) {
-        for (; n + 8 <= N; n += 8) bdot_1_8(x, ldx, w + n * ldw, ldw, y + n, ldy, K, 0);
-    } else {
-        const int NR = M <= 3 ? 4 : 3;
-        const bdot_fn *tab = NR == 4 ? bdot_nr4 : bdot_nr3;
-        for (; n + NR <= N; n += NR) {
-            int pf = n + 2 * NR <= N;
-            for (ptrdiff_t m = 0; m < M;) {
-                int mr = M - m >= 4 ? 4 : (int)(M - m);
-                tab[mr](x + m * ldx, ldx, w + n * ldw, ldw, y + m * ldy + n, ldy, K, pf && m == 0);
-                m += mr;
-            }
-        }
-    }
-    for (; n < N; n++)
-        for (ptrdiff_t m = 0; m < M;) {
-            int mr = M - m >= 4 ? 4 : (int)(M - m);
-            bdot_nr1[mr](x + m * ldx, ldx, w + n * ldw, ldw, y + m * ldy + n, ldy, K, 0);
-            m += mr;
-        }
-}
+/* bdot_MR_NR and gemm_bdot (afd_native.h): bf16 weights widened by a shift, fp32 x, bf16 outputs
+   rounded once. */
+AFD_DOT_GEMM(bdot, uint16_t, uint16_t, afd_bf16x8_to_ps, afd_bf16_to_f32, afd_f32_to_bf16, 32)
 
 /* ---- AVX2: [K, N] layout -------------------------------------------------------------------- */
 
@@ -251,7 +190,7 @@ static int bgemm_part(const uint16_t *x, ptrdiff_t ldx, const float *xf, const u
     } else if (isa == AFD_ISA_AVX512BF16) {
         bgemm_dot512(x, ldx, w + n0 * ldw, ldw, y + n0, ldy, M, n1 - n0, K);
     } else {
-        bgemm_dot(xf, K, w + n0 * ldw, ldw, y + n0, ldy, M, n1 - n0, K);
+        gemm_bdot(xf, K, w + n0 * ldw, ldw, y + n0, ldy, M, n1 - n0, K);
     }
     return 0;
 }
