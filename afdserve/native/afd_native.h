@@ -133,6 +133,50 @@ static inline uint16_t afd_f32_to_bf16(float f)
                 m += mr;                                                                            \
             }                                                                                       \
     }
+
+/* ---- few-row GEMM over [K, N] (transposed) storage: the inner kernels, one template ---------------
+ * y[0:MR, 0:nt] (= when `first`, else +=) x[0:MR, 0:AFD_KB] @ wt[0:AFD_KB, 0:nt], y fp32:
+ * PREFIX_1 and PREFIX_2 (rows of x), and PREFIX_rows for the last K % AFD_KB rows of wt, one at a
+ * time. WT: the stored weight type; LOADW(p): eight weights as fp32; WF(v): one weight as float. */
+#define AFD_KB 8                   /* rows of wt streamed together */
+#define AFD_AXPY_KERNEL(PREFIX, WT, LOADW, WF, MR)                                                  \
+    TGT static void PREFIX##_##MR(const float *x, ptrdiff_t ldx, const WT *wt, ptrdiff_t ldw,      \
+                                  float *y, ptrdiff_t ldy, ptrdiff_t nt, int first)                 \
+    {                                                                                               \
+        __m256 b[MR][AFD_KB];                                                                       \
+        for (int m = 0; m < MR; m++)                                                                \
+            for (int j = 0; j < AFD_KB; j++) b[m][j] = _mm256_broadcast_ss(x + m * ldx + j);        \
+        ptrdiff_t v = 0;                                                                            \
+        for (; v + 8 <= nt; v += 8) {                                                               \
+            __m256 wv[AFD_KB];                                                                      \
+            for (int j = 0; j < AFD_KB; j++) wv[j] = LOADW(wt + j * ldw + v);                       \
+            for (int m = 0; m < MR; m++) {                                                          \
+                __m256 a = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + m * ldy + v);          \
+                for (int j = 0; j < AFD_KB; j++) a = _mm256_fmadd_ps(wv[j], b[m][j], a);            \
+                _mm256_storeu_ps(y + m * ldy + v, a);                                               \
+            }                                                                                       \
+        }                                                                                           \
+        for (; v < nt; v++)                                                                         \
+            for (int m = 0; m < MR; m++) {                                                          \
+                float s = first ? 0.f : y[m * ldy + v];                                             \
+                for (int j = 0; j < AFD_KB; j++) s += x[m * ldx + j] * WF(wt[j * ldw + v]);         \
+                y[m * ldy + v] = s;                                                                 \
+            }                                                                                       \
+    }
+
+#define AFD_AXPY_KERNELS(PREFIX, WT, LOADW, WF)                                                     \
+    AFD_AXPY_KERNEL(PREFIX, WT, LOADW, WF, 1)                                                       \
+    AFD_AXPY_KERNEL(PREFIX, WT, LOADW, WF, 2)                                                       \
+    static void PREFIX##_rows(const float *x, ptrdiff_t ldx, const WT *wt, ptrdiff_t ldw, float *y, \
+                              ptrdiff_t ldy, ptrdiff_t M, ptrdiff_t nt, ptrdiff_t rows, int first)  \
+    {                                                                                               \
+        for (ptrdiff_t m = 0; m < M; m++)                                                           \
+            for (ptrdiff_t v = 0; v < nt; v++) {                                                    \
+                float s = first ? 0.f : y[m * ldy + v];                                             \
+                for (ptrdiff_t j = 0; j < rows; j++) s += x[m * ldx + j] * WF(wt[j * ldw + v]);     \
+                y[m * ldy + v] = s;                                                                 \
+            }                                                                                       \
+    }
 #endif
 
 /* Smallest number of weight elements worth a thread of its own: below it the fork/join of the

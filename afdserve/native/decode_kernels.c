@@ -51,48 +51,11 @@ AFD_DOT_GEMM(dot, float, float, _mm256_loadu_ps, AFD_ID, AFD_ID, 16)
 
 /* ---- [K, N] layout: y[m, :] += x[m, k] * wt[k, :] -------------------------------------------- */
 
-#define KB 8                      /* rows of wt streamed together */
+#define KB AFD_KB
 #define Y_TILE_BYTES (64 * 1024)  /* the outputs' tile, all rows of x together */
 
-/* y[0:MR, 0:nt] (= or +=) x[0:MR, 0:KB] @ wt[0:KB, 0:nt] */
-#define DEFINE_AXPY(MR)                                                                             \
-    TGT static void axpy_##MR(const float *x, ptrdiff_t ldx, const float *wt, ptrdiff_t ldw,       \
-                              float *y, ptrdiff_t ldy, ptrdiff_t nt, int first)                     \
-    {                                                                                               \
-        __m256 b[MR][KB];                                                                           \
-        for (int m = 0; m < MR; m++)                                                                \
-            for (int j = 0; j < KB; j++) b[m][j] = _mm256_broadcast_ss(x + m * ldx + j);            \
-        ptrdiff_t v = 0;                                                                            \
-        for (; v + 8 <= nt; v += 8) {                                                               \
-            __m256 wv[KB];                                                                          \
-            for (int j = 0; j < KB; j++) wv[j] = _mm256_loadu_ps(wt + j * ldw + v);                 \
-            for (int m = 0; m < MR; m++) {                                                          \
-                __m256 a = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + m * ldy + v);          \
-                for (int j = 0; j < KB; j++) a = _mm256_fmadd_ps(wv[j], b[m][j], a);                \
-                _mm256_storeu_ps(y + m * ldy + v, a);                                               \
-            }                                                                                       \
-        }                                                                                           \
-        for (; v < nt; v++)                                                                         \
-            for (int m = 0; m < MR; m++) {                                                          \
-                float s = first ? 0.f : y[m * ldy + v];                                             \
-                for (int j = 0; j < KB; j++) s += x[m * ldx + j] * wt[j * ldw + v];                 \
-                y[m * ldy + v] = s;                                                                 \
-            }                                                                                       \
-    }
-
-DEFINE_AXPY(1) DEFINE_AXPY(2)
-
-/* the last K % KB rows of wt, one at a time */
-static void axpy_rows(const float *x, ptrdiff_t ldx, const float *wt, ptrdiff_t ldw, float *y,
-                      ptrdiff_t ldy, ptrdiff_t M, ptrdiff_t nt, ptrdiff_t rows, int first)
-{
-    for (ptrdiff_t m = 0; m < M; m++)
-        for (ptrdiff_t v = 0; v < nt; v++) {
-            float s = first ? 0.f : y[m * ldy + v];
-            for (ptrdiff_t j = 0; j < rows; j++) s += x[m * ldx + j] * wt[j * ldw + v];
-            y[m * ldy + v] = s;
-        }
-}
+/* axpy_1, axpy_2, axpy_rows (afd_native.h): fp32 weights. */
+AFD_AXPY_KERNELS(axpy, float, _mm256_loadu_ps, AFD_ID)
 
 /* y = x @ wt */
 TGT static void gemm_axpy(const float *x, ptrdiff_t ldx, const float *wt, ptrdiff_t ldw, float *y,

@@ -31,47 +31,11 @@ AFD_DOT_GEMM(bdot, uint16_t, uint16_t, afd_bf16x8_to_ps, afd_bf16_to_f32, afd_f3
 
 /* ---- AVX2: [K, N] layout -------------------------------------------------------------------- */
 
-#define BKB 8                      /* rows of wt streamed together */
+#define BKB AFD_KB
 #define BY_TILE_BYTES (64 * 1024)  /* fp32 tile of the outputs, all rows of x together */
 
-/* yt[0:MR, 0:nt] (= or +=) x[0:MR, 0:BKB] @ wt[0:BKB, 0:nt]; yt fp32 */
-#define DEFINE_BAXPY(MR)                                                                            \
-    TGT static void baxpy_##MR(const float *x, ptrdiff_t ldx, const uint16_t *wt, ptrdiff_t ldw,   \
-                               float *y, ptrdiff_t ldy, ptrdiff_t nt, int first)                    \
-    {                                                                                               \
-        __m256 b[MR][BKB];                                                                          \
-        for (int m = 0; m < MR; m++)                                                                \
-            for (int j = 0; j < BKB; j++) b[m][j] = _mm256_broadcast_ss(x + m * ldx + j);           \
-        ptrdiff_t v = 0;                                                                            \
-        for (; v + 8 <= nt; v += 8) {                                                               \
-            __m256 wv[BKB];                                                                         \
-            for (int j = 0; j < BKB; j++) wv[j] = afd_bf16x8_to_ps(wt + j * ldw + v);               \
-            for (int m = 0; m < MR; m++) {                                                          \
-                __m256 a = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + m * ldy + v);          \
-                for (int j = 0; j < BKB; j++) a = _mm256_fmadd_ps(wv[j], b[m][j], a);               \
-                _mm256_storeu_ps(y + m * ldy + v, a);                                               \
-            }                                                                                       \
-        }                                                                                           \
-        for (; v < nt; v++)                                                                         \
-            for (int m = 0; m < MR; m++) {                                                          \
-                float s = first ? 0.f : y[m * ldy + v];                                             \
-                for (int j = 0; j < BKB; j++) s += x[m * ldx + j] * afd_bf16_to_f32(wt[j * ldw + v]); \
-                y[m * ldy + v] = s;                                                                 \
-            }                                                                                       \
-    }
-
-DEFINE_BAXPY(1) DEFINE_BAXPY(2)
-
-static void baxpy_rows(const float *x, ptrdiff_t ldx, const uint16_t *wt, ptrdiff_t ldw, float *y,
-                       ptrdiff_t ldy, ptrdiff_t M, ptrdiff_t nt, ptrdiff_t rows, int first)
-{
-    for (ptrdiff_t m = 0; m < M; m++)
-        for (ptrdiff_t v = 0; v < nt; v++) {
-            float s = first ? 0.f : y[m * ldy + v];
-            for (ptrdiff_t j = 0; j < rows; j++) s += x[m * ldx + j] * afd_bf16_to_f32(wt[j * ldw + v]);
-            y[m * ldy + v] = s;
-        }
-}
+/* baxpy_1, baxpy_2, baxpy_rows (afd_native.h): bf16 weights widened by a shift, fp32 tile. */
+AFD_AXPY_KERNELS(baxpy, uint16_t, afd_bf16x8_to_ps, afd_bf16_to_f32)
 
 /* y = x @ wt over columns [0, N) of wt / y, through an fp32 tile `yt` of M x NT floats. */
 TGT static void bgemm_axpy(const float *x, ptrdiff_t ldx, const uint16_t *wt, ptrdiff_t ldw, uint16_t *y,
