@@ -212,6 +212,9 @@ def run_compare(args) -> int:
     context = args.context or int(meta.get("context", 64))
     measured = measured_stages(doc, set(arch.moe_layer_ids))
     m = next(s["micro_batches"] for s in meta["steps"] if s["step"] in busy)
+    # Fewer tokens than micro-batches leaves some micro-batches empty: the simulator models the
+    # non-empty ones (at most one token each).
+    m = min(m, batch)
     predicted = predicted_stages(meta, arch, batch, m, context, args.figures)
     rows = [(k, measured[k], predicted[k], (predicted[k] - measured[k]) / measured[k] * 100)
             for k in ("attention", "ffn", "dense_ffn", "a2f", "transfers", "step_ms") if k in measured and k in predicted]

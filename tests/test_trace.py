@@ -266,13 +266,15 @@ FIGURES = {"cpu": {"threads": 1, "read_bytes_per_s": 1e10, "matmul_flops": 5e10,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("topo", ["1A1F", "2A2F", None])
-def test_traced_run_validates_plots_and_compares(tiny_ckpt, tmp_path, topo, capsys):
+@pytest.mark.parametrize("topo, prompts, m", [("1A1F", 4, 2), ("2A2F", 4, 2), (None, 4, 2),
+                                              ("1A1F", 1, 3)])     # fewer tokens than micro-batches
+def test_traced_run_validates_plots_and_compares(tiny_ckpt, tmp_path, topo, prompts, m, capsys):
     from afdserve import LLM, SamplingParams
     from afdserve.cli import main
     path = tmp_path / "trace.json"
-    with LLM(model=str(tiny_ckpt), afd=topo, micro_batches=2, afd_trace_file=str(path)) as llm:
-        llm.generate([[5 + i, 6, 7, 8] for i in range(4)], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    with LLM(model=str(tiny_ckpt), afd=topo, micro_batches=m, afd_trace_file=str(path)) as llm:
+        llm.generate([[5 + i, 6, 7, 8] for i in range(prompts)],
+                     SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     doc = load_trace(path)                       # validates
     meta = doc["otherData"]
     tracks = {e["args"]["name"] for e in doc["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
