@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from afdserve.afd.executor import free_port
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install '.[test]')")
@@ -76,11 +78,6 @@ def browser(tmp_path_factory):
         driver.quit()
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _metrics(url: str) -> dict[str, float]:

@@ -199,9 +199,9 @@ def _sequence_attention(q, k, v, scale):
         # A whole prompt: heads as the batch (K/V broadcast to the query heads, a view) and
         # is_causal, which torch's fused CPU kernel takes (an explicit mask falls back to its
         # unfused math path, ~9x slower at 1024 tokens).
-        kh = k.transpose(0, 1).repeat_interleave(nq // g, 0) if g > 1 else k.transpose(0, 1).expand(nq, ctx, d)
-        vh = v.transpose(0, 1).repeat_interleave(nq // g, 0) if g > 1 else v.transpose(0, 1).expand(nq, ctx, d)
-        o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), kh.unsqueeze(0), vh.unsqueeze(0),
+        def per_head(x):        # [ctx, g, d] -> [1, nq, ctx, d], query head h reads KV head h // (nq / g)
+            return x.transpose(0, 1).unsqueeze(1).expand(g, nq // g, ctx, d).reshape(1, nq, ctx, d)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), per_head(k), per_head(v),
                                            is_causal=True, scale=scale)
         return o[0].transpose(0, 1)
     qg = _group_queries(q, g)                                    # [g, t*n_q/g, d]
