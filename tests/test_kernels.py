@@ -298,7 +298,8 @@ def _bf16_gemm_bound(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def _bf16_isas() -> list[int]:
-    return [kernels.ISA_AVX2] + ([kernels.ISA_AVX512BF16] if kernels.FEATURES.get("avx512bf16") else [])
+    return [kernels.ISA_AVX2] + ([kernels.ISA_AVX512BF16, kernels.ISA_AVX512BF16_PACKED]
+                                 if kernels.FEATURES.get("avx512bf16") else [])
 
 
 needs_native = pytest.mark.skipif(not kernels.NATIVE, reason="afdserve._native is not built on this machine")
@@ -306,10 +307,11 @@ needs_native = pytest.mark.skipif(not kernels.NATIVE, reason="afdserve._native i
 
 @needs_native
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 32])
-@pytest.mark.parametrize("shape", [(37, 29), (29, 37), (8, 8), (3, 100), (1, 17), (130, 7), (64, 768)])
+@pytest.mark.parametrize("shape", [(37, 29), (29, 37), (8, 8), (3, 100), (1, 17), (130, 7), (64, 768), (67, 66)])
 def test_native_bf16_gemms_within_the_bf16_bound_of_the_exact_product(rows, shape):
-    """Both layouts, both instruction sets, tails of every block size (8-wide vectors, 32-wide
-    vdpbf16ps steps with masked loads, 3/4/8 weight rows, 4-row groups), slices of fused matrices."""
+    """Both layouts, every instruction set, tails of every block size (8-wide vectors, 32-wide
+    vdpbf16ps steps with masked loads, 3/4/8 weight rows, 4-row groups; the repacked kernel's
+    32-output blocks, 16-pair transposes and 12-row groups), slices of fused matrices."""
     out, inp = shape
     g = torch.Generator().manual_seed(rows * 1000 + out)
     w = torch.randn(out + 5, inp + 3, generator=g).bfloat16()[2:2 + out, 1:1 + inp]
@@ -317,6 +319,10 @@ def test_native_bf16_gemms_within_the_bf16_bound_of_the_exact_product(rows, shap
     x = torch.randn(rows, inp + 4, generator=g).bfloat16()[:, 4:]
     exact, bound = _bf16_gemm_bound(x, w)
     for isa in _bf16_isas():
+        if isa == kernels.ISA_AVX512BF16_PACKED and inp % 2:
+            with pytest.raises(ValueError, match="even k"):       # it multiplies k pairs
+                kernels._native_linear(x, w, 1, isa)
+            continue
         got = kernels._native_linear(x, w, 1, isa)
         assert got.dtype is torch.bfloat16 and got.shape == (rows, out)
         err = (got.double() - exact).abs()
@@ -337,15 +343,15 @@ def test_native_bf16_gemms_within_the_bf16_bound_of_the_exact_product(rows, shap
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 8, 32])
 def test_native_gemms_are_bitwise_equal_on_any_thread_count(dtype, rows):
-    """Outputs are split over threads on multiples of 8 columns, each computed by the same
+    """Outputs are split over threads on multiples of 8 columns (32: the repacked kernel), each computed by the same
     instructions in the same order, so 1, 2, 3 and 8 threads give identical bits."""
     g = torch.Generator().manual_seed(rows)
-    for out, inp in ((4099, 257), (300, 1024)):               # enough work for several threads
+    for out, inp in ((4099, 257), (300, 1024), (1000, 258)):  # enough work for several threads
         w = torch.randn(out, inp, generator=g).to(dtype)
         x = torch.randn(rows, inp, generator=g).to(dtype)
         for weight in (w, w.t().contiguous().t()):
             isas = _bf16_isas() if dtype is torch.bfloat16 and not kernels.is_transposed(weight) else [None]
-            for isa in isas:
+            for isa in [i for i in isas if i != kernels.ISA_AVX512BF16_PACKED or inp % 2 == 0]:
                 one = kernels._native_linear(x, weight, 1, isa)
                 for threads in (2, 3, 8):
                     assert torch.equal(kernels._native_linear(x, weight, threads, isa), one), (threads, isa)
@@ -528,3 +534,56 @@ def test_bf16_model_logits_close_to_fp32(batch, policy_restored):
     assert got.dtype is torch.float32
     assert (got - via_torch).abs().max() <= 0.05 * scale
     assert (got - ref).abs().max() <= 0.15 * scale and (via_torch - ref).abs().max() <= 0.15 * scale
+
+
+# ----------------------------------------------------------------------------- element-wise steps
+def _with_policy(mode: str, fn):
+    kernels.use_policy(kernels.decide_policy(mode))
+    with torch.no_grad():
+        return fn()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_native_rope_is_bitwise_the_torch_formula(dtype, tokens, policy_restored):
+    """Same products and sum in fp32, one rounding: bit for bit the torch path, for q ([T, heads, d])
+    and for k sliced out of a fused qkv output (token stride > heads * d)."""
+    from afdserve.model.layers import RotaryEmbedding
+    g = torch.Generator().manual_seed(tokens)
+    rope = RotaryEmbedding(128, 5e5, 512)
+    q = torch.randn(tokens, 4, 128, generator=g).to(dtype)
+    k = torch.randn(tokens, 640, generator=g).to(dtype)[:, 384:512].view(tokens, 1, 128)
+    pos = torch.randint(0, 512, (tokens,), generator=g)
+    for x in (q, k):
+        def run():
+            rope._positions = None
+            return rope(x, pos)
+        assert _with_policy("auto", lambda: kernels.native_rope(x, pos, rope.cos, rope.sin)) is not None
+        assert torch.equal(_with_policy("auto", run), _with_policy("torch", run))
+    with pytest.raises(ValueError, match="position 512 outside"):
+        _with_policy("auto", lambda: kernels.native_rope(q, torch.full((tokens,), 512), rope.cos, rope.sin))
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 5, 70])
+def test_native_rms_norm_and_silu_mul_round_as_the_torch_formulas(rows, policy_restored):
+    """bf16: fp32 math and the formulas' roundings; only the mean of squares / exp may differ in
+    the last fp32 bit. That can move the intermediate bf16 value (x * r, silu(g)) by one ulp
+    (<= 2^-7 relative), which the product carries, plus a different final rounding (2^-8)."""
+    from afdserve.model.layers import RMSNorm, silu_mul
+    g = torch.Generator().manual_seed(rows)
+    norm = RMSNorm(768, 1e-5).bfloat16()
+    norm.weight.data = torch.randn(768, generator=g).bfloat16()
+    x = (torch.randn(rows, 800, generator=g) * 3).bfloat16()[:, 16:784]          # row stride 800
+    gu = (torch.randn(rows, 1030, generator=g) * 4).bfloat16()[:, 3:1027]       # a [M, 2W] slice
+    for fn in (lambda: norm(x), lambda: silu_mul(gu)):
+        got, ref = _with_policy("auto", fn), _with_policy("torch", fn)
+        assert got.dtype is torch.bfloat16 and got.shape == ref.shape
+        step = ref.float().abs() * 3 * U16 + 1e-30
+        assert ((got.float() - ref.float()).abs() <= step).all()
+        assert (got == ref).float().mean() > 0.99                                # not merely close
+    both = lambda: (kernels.native_rms_norm(x, norm.weight, 1e-5), kernels.native_silu_mul(gu))  # noqa: E731
+    assert all(y is not None for y in _with_policy("auto", both))
+    assert all(y is None for y in _with_policy("torch", both))                    # the reference path
+    assert kernels.native_rms_norm(x, norm.weight, 1e-5) is None                  # autograd wanted: torch's

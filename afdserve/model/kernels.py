@@ -52,7 +52,7 @@ FORCED_NATIVE_ROWS = 64          # `native` mode: few-row GEMMs up to this many 
 MKL_MAX_ROWS = 3
 PACKED_ROWS = 3
 OPENBLAS_MIN_ROWS = 4
-ISA_AVX2, ISA_AVX512BF16 = 1, 2  # afdserve._native.bgemm's `isa`
+ISA_AVX2, ISA_AVX512BF16, ISA_AVX512BF16_PACKED = 1, 2, 3  # afdserve._native.bgemm's `isa`
 # auto: rows up to which the native kernels beat torch's, per (dtype, transposed storage) and
 # one thread / more (benchmarks/kernel_bench.py; docs/kernels.md).
 AUTO_NATIVE_ROWS = {
@@ -64,6 +64,10 @@ AUTO_NATIVE_ROWS = {
 
 # bf16 over the checkpoint layout: vdpbf16ps up to this many rows, the AVX2 kernel above it.
 AUTO_BF16DP_ROWS = 4
+# ... and above AUTO_BF16DP_ROWS, up to this many rows, vdpbf16ps over weights repacked per 32
+# outputs (gemm_bf16.c): 1.2-1.9x oneDNN's bf16 GEMM from 5 to 64 rows, even with it at 256, a
+# few % behind it in prefill-sized products (benchmarks/kernel_bench.py; docs/kernels.md).
+AUTO_BF16_PACKED_ROWS = 256
 
 
 def _onednn_available() -> bool:
@@ -104,6 +108,7 @@ OPENBLAS = _openblas_available()
 FEATURES = _native_features()
 NATIVE = bool(FEATURES)
 if NATIVE:
+    from afdserve import _native
     from afdserve._native import bgemm as _bgemm
     from afdserve._native import decode_attention as _attention_kernel
     from afdserve._native import sgemm as _sgemm
@@ -173,6 +178,7 @@ class KernelPolicy:
     native_rows: dict = field(default_factory=dict)  # (dtype, transposed) -> most rows for native GEMMs
     bf16_isa: int = 0                                # ISA_AVX2 / ISA_AVX512BF16 for bf16 [out, in] GEMMs
     bf16dp_rows: int = 0                             # ... ISA_AVX512BF16 up to this many rows, AVX2 above
+    bf16_packed_rows: int = 0                        # ... then ISA_AVX512BF16_PACKED up to this many (even k)
     attention: frozenset = frozenset()               # dtypes of the native decode attention
     openblas: bool = False                           # numpy's OpenBLAS for fp32 (one thread only)
     onednn: bool = False                             # oneDNN inner products / prepacked LM head (fp32)
@@ -186,7 +192,8 @@ class KernelPolicy:
             r = [self.native_max_rows(dt, t) for t in (False, True)]
             return f"native <= {r[0]} rows [out,in], <= {r[1]} [in,out]" if any(r) else "torch"
         isa = {ISA_AVX2: "AVX2 shift-widened",
-               ISA_AVX512BF16: f"AVX512-BF16 vdpbf16ps <= {self.bf16dp_rows} rows, AVX2 above"}.get(self.bf16_isa, "-")
+               ISA_AVX512BF16: f"AVX512-BF16 vdpbf16ps <= {self.bf16dp_rows} rows, repacked <= "
+                               f"{self.bf16_packed_rows}, AVX2 above"}.get(self.bf16_isa, "-")
         fp32_rest = "OpenBLAS (1 thread)" if self.openblas else ("oneDNN/MKL" if self.onednn else "MKL")
         attn = "native " + "/".join(sorted(str(d).removeprefix("torch.") for d in self.attention)) \
             if self.attention else "gather + SDPA"
@@ -228,8 +235,9 @@ def decide_policy(mode: str | None = None, threads: int | None = None) -> Kernel
     else:
         rows = dict(AUTO_NATIVE_ROWS[min(threads, 2)])
     isa = ISA_AVX512BF16 if FEATURES.get("avx512bf16") else ISA_AVX2
-    return KernelPolicy(mode, threads if shared else 1, rows, isa,
-                        FORCED_NATIVE_ROWS if mode == "native" else AUTO_BF16DP_ROWS,
+    packed = 0 if isa != ISA_AVX512BF16 or not rows else \
+        FORCED_NATIVE_ROWS if mode == "native" else AUTO_BF16_PACKED_ROWS
+    return KernelPolicy(mode, threads if shared else 1, rows, isa, AUTO_BF16DP_ROWS, packed,
                         frozenset({torch.float32, torch.bfloat16}) if rows else frozenset(),
                         openblas=mode == "auto" and OPENBLAS and threads == 1, onednn=ONEDNN, omp_runtimes=omp)
 
@@ -326,9 +334,15 @@ def _native_or_none(p: KernelPolicy, x: torch.Tensor, w: torch.Tensor) -> torch.
     if w.dim() != 2 or not w.is_cpu or w.dtype is not x.dtype:
         return None
     layout = _native_layout(w)
-    if layout is None or x.shape[0] > p.native_rows.get((x.dtype, layout[1]), 0):
+    if layout is None:
         return None
-    return _native_call(x, w, *layout, p.threads, p.bf16_isa if x.shape[0] <= p.bf16dp_rows else ISA_AVX2)
+    rows = x.shape[0]
+    if p.bf16dp_rows < rows <= p.bf16_packed_rows and x.dtype is torch.bfloat16 and not layout[1] \
+            and x.shape[1] % 2 == 0:
+        return _native_call(x, w, *layout, p.threads, ISA_AVX512BF16_PACKED)
+    if rows > p.native_rows.get((x.dtype, layout[1]), 0):
+        return None
+    return _native_call(x, w, *layout, p.threads, p.bf16_isa if rows <= p.bf16dp_rows else ISA_AVX2)
 
 
 def _linear_fp32(p: KernelPolicy, x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
@@ -399,6 +413,59 @@ def native_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                       g, block_size, tables.data_ptr(), tables.shape[1], lens.data_ptr(), float(scale), out.data_ptr(),
                       p.threads, q.dtype is torch.bfloat16)
     return out
+
+
+def _elementwise_ok(p: KernelPolicy, *tensors: torch.Tensor) -> bool:
+    """The native element-wise kernels take these CPU tensors of one dtype the policy sends there
+    (`attention`: the dtypes of the native decode kernels) and no autograd is wanted."""
+    dt = tensors[0].dtype
+    return dt in p.attention and all(t.is_cpu and t.dtype is dt for t in tensors) and \
+        not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def native_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """bf16 RMSNorm of x [T, H] (unit stride along H) in one native pass (elementwise.c), or None
+    where the policy / layout does not send it there."""
+    p = _policy
+    if x.dtype is not torch.bfloat16 or x.dim() != 2 or x.stride(1) != 1 or not w.is_contiguous() or \
+            w.shape != x.shape[1:] or not _elementwise_ok(p, x, w):
+        return None
+    y = torch.empty(x.shape, dtype=x.dtype)
+    if x.shape[0]:
+        _native.rms_norm(x.data_ptr(), x.stride(0), w.data_ptr(), y.data_ptr(), x.shape[1], x.shape[0],
+                         x.shape[1], float(eps), p.threads)
+    return y
+
+
+def native_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """Rotate-half RoPE of x [T, heads, d] (heads contiguous) at int64 `positions` from the fp32
+    tables cos / sin [P, d] in one native pass, bitwise equal to the torch formula; or None."""
+    p = _policy
+    if x.dim() != 3 or x.stride(2) != 1 or x.stride(1) != x.shape[2] or positions.dtype is not torch.int64 or \
+            not positions.is_contiguous() or not (cos.is_contiguous() and sin.is_contiguous()) or \
+            cos.dtype is not torch.float32 or cos.shape != sin.shape or cos.shape[1] != x.shape[2] or \
+            positions.shape != x.shape[:1] or not _elementwise_ok(p, x) or not positions.is_cpu:
+        return None
+    y = torch.empty(x.shape, dtype=x.dtype)
+    if x.shape[0]:
+        _native.rope(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], x.shape[2], positions.data_ptr(),
+                     cos.data_ptr(), sin.data_ptr(), cos.shape[0], y.data_ptr(), x.dtype is torch.bfloat16, p.threads)
+    return y
+
+
+def native_silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for a fused bf16 [M, 2W] projection output in one native pass, or None
+    (fp32 keeps torch's: libm's exp differs from torch's in the last bit of some fp32 outputs)."""
+    p = _policy
+    if gate_up.dtype is not torch.bfloat16 or gate_up.dim() != 2 or gate_up.stride(1) != 1 or gate_up.shape[1] % 2 or not gate_up.shape[1] or \
+            not _elementwise_ok(p, gate_up):
+        return None
+    M, W = gate_up.shape[0], gate_up.shape[1] // 2
+    y = torch.empty((M, W), dtype=gate_up.dtype)
+    if M:
+        _native.silu_mul(gate_up.data_ptr(), gate_up.stride(0), M, W, y.data_ptr(),
+                         gate_up.dtype is torch.bfloat16, p.threads)
+    return y
 
 
 def prepack(w: torch.Tensor, rows_hint: int = 8) -> torch.Tensor | None:

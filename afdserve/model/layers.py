@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from afdserve.model.kernels import linear
+from afdserve.model.kernels import linear, native_rms_norm, native_rope, native_silu_mul
 
 
 class RMSNorm(nn.Module):
@@ -23,6 +23,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)   # same math, one kernel
+        y = native_rms_norm(x, self.weight, self.eps)                          # same math, one pass
+        if y is not None:
+            return y
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.to(x.dtype) * self.weight
@@ -44,6 +47,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, d], positions: [T] -> rotated x, same dtype."""
+        y = native_rope(x, positions, self.cos, self.sin)         # the same operations, one pass
+        if y is not None:
+            return y
         if positions is not self._positions:
             # Every layer (q and k) of a step rotates by the same positions: look them up once.
             self._positions = positions
@@ -81,6 +87,9 @@ class SwiGLU(nn.Module):
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for a fused [..., 2W] projection output."""
+    y = native_silu_mul(gate_up)                                     # the same roundings, one pass
+    if y is not None:
+        return y
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -128,7 +137,7 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights fp32 [T, k], global expert ids [T, k])."""
-        return route(self.gate(x), self.top_k, self.renormalize)
+        return route(linear(x, self.gate.weight), self.top_k, self.renormalize)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Local expert e applied to x [n, H]."""

@@ -207,7 +207,9 @@ static inline void afd_split(ptrdiff_t N, int parts, int i, ptrdiff_t align, ptr
     *n1 = b1 * align < N ? b1 * align : N;
 }
 
-enum afd_isa { AFD_ISA_AVX2 = 1, AFD_ISA_AVX512BF16 = 2 };
+/* AVX512BF16_PACKED: vdpbf16ps over weights repacked per 32-column block into k-pair-major order
+   (gemm_bf16.c), for many rows. */
+enum afd_isa { AFD_ISA_AVX2 = 1, AFD_ISA_AVX512BF16 = 2, AFD_ISA_AVX512BF16_PACKED = 3 };
 
 int afd_cpu_avx2(void);
 int afd_cpu_avx512bf16(void);

@@ -496,7 +496,8 @@ static PyObject *sgemm(PyObject *self, PyObject *args)
 PyDoc_STRVAR(bgemm_doc,
              "bgemm(x, ldx, w, ldw, y, ldy, m, n, k, transposed, nthreads, isa) -> None\n\n"
              "sgemm for bf16 buffers (fp32 accumulation, one rounding to nearest even per output).\n"
-             "isa: 1 = AVX2 + FMA (both layouts), 2 = AVX512-BF16 vdpbf16ps ([n, k] layout only).");
+             "isa: 1 = AVX2 + FMA (both layouts), 2 = AVX512-BF16 vdpbf16ps ([n, k] layout only), 3 = the\n"
+             "same over weights repacked per 32 outputs (many rows; [n, k] layout, even k).");
 
 static PyObject *bgemm(PyObject *self, PyObject *args)
 {
@@ -507,13 +508,18 @@ static PyObject *bgemm(PyObject *self, PyObject *args)
                           &nthreads, &isa))
         return NULL;
     if (!gemm_args_ok("bgemm", px, ldx, pw, ldw, py, ldy, M, N, K, transposed, nthreads)) return NULL;
-    if (isa != AFD_ISA_AVX2 && isa != AFD_ISA_AVX512BF16) {
-        PyErr_Format(PyExc_ValueError, "bgemm: isa must be 1 (AVX2) or 2 (AVX512-BF16), not %d", isa);
+    if (isa != AFD_ISA_AVX2 && isa != AFD_ISA_AVX512BF16 && isa != AFD_ISA_AVX512BF16_PACKED) {
+        PyErr_Format(PyExc_ValueError, "bgemm: isa must be 1 (AVX2), 2 (AVX512-BF16) or 3 (AVX512-BF16 "
+                     "repacked), not %d", isa);
         return NULL;
     }
-    if (isa == AFD_ISA_AVX512BF16 && (transposed || !afd_cpu_avx512bf16())) {
+    if (isa != AFD_ISA_AVX2 && (transposed || !afd_cpu_avx512bf16())) {
         PyErr_SetString(PyExc_ValueError, transposed ? "bgemm: AVX512-BF16 reads the [n, k] layout only"
                                                      : "bgemm: this CPU lacks AVX512-BF16");
+        return NULL;
+    }
+    if (isa == AFD_ISA_AVX512BF16_PACKED && K % 2) {
+        PyErr_SetString(PyExc_ValueError, "bgemm: the repacked AVX512-BF16 kernel needs an even k");
         return NULL;
     }
     int rc = 0;
@@ -601,8 +607,18 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "afdserve._native",
-    "fp32 and bf16 decode kernels: GEMMs for few rows, attention over the paged KV cache "
-    "(see afdserve/native/decode_kernels.c, gemm_bf16.c)", -1, methods, NULL, NULL, NULL, NULL,
+    "fp32 and bf16 decode kernels: GEMMs for few rows, attention over the paged KV cache, element-wise "
+    "steps (see afdserve/native/decode_kernels.c, gemm_bf16.c, elementwise.c)", -1, methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+extern PyMethodDef afd_elementwise_methods[];      /* elementwise.c */
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddFunctions(m, afd_elementwise_methods)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,181 @@
+/*
+ * afdserve._native's element-wise kernels of a decode step: RMSNorm, rotary embedding and SwiGLU's
+ * silu(gate) * up, each one pass over its rows instead of the 6-8 torch operations (and
+ * temporaries) the same formula takes at the Python level. A batch-1 decode step of a 12-layer
+ * model runs ~100 of them, and there a torch operation costs more than the arithmetic it does.
+ *
+ * Every kernel rounds where the torch formula it replaces rounds (afdserve/model/layers.py):
+ *  - rms_norm (bf16): r = 1/sqrt(mean(x^2) + eps) in fp32; t = bf16(x * r); y = bf16(t * w).
+ *  - rope (bf16 or fp32): y = x * cos + rotate_half(x) * sin, each product and the sum in fp32,
+ *    one rounding to the output dtype: the same operations in the same order as torch's, so the
+ *    result is bitwise equal (this file is compiled as ISO C, which keeps products and sums
+ *    apart: no fused multiply-add).
+ *  - silu_mul (bf16 or fp32): s = silu(g) rounded to the dtype, y = s * u rounded.
+ * The mean of squares and exp() may differ from torch's in the last fp32 bit (summation order,
+ * libm vs torch's vectorised exp), so rms_norm and silu_mul equal torch's up to one rounding
+ * (tests/test_kernels.py). Rows are split over up to `nthreads` OpenMP threads (prefill).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+
+#include "afd_native.h"
+
+#define ROWS_PER_THREAD 16         /* fewer rows than this per thread: not worth a fork */
+
+static int row_threads(Py_ssize_t rows, int nthreads)
+{
+    Py_ssize_t most = rows / ROWS_PER_THREAD;
+    if (most < 1) most = 1;
+    return nthreads < most ? (nthreads < 1 ? 1 : nthreads) : (int)most;
+}
+
+static inline float ld(const void *p, Py_ssize_t i, int bf16)
+{
+    return bf16 ? afd_bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void st(void *p, Py_ssize_t i, float v, int bf16)
+{
+    if (bf16)
+        ((uint16_t *)p)[i] = afd_f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+/* bf16 rounding of an fp32 value, as a float (what a bf16 tensor holds) */
+static inline float rb(float v) { return afd_bf16_to_f32(afd_f32_to_bf16(v)); }
+
+static void rms_norm_row(const uint16_t *x, const uint16_t *w, uint16_t *y, Py_ssize_t H, float eps)
+{
+    float ss = 0.f;
+    for (Py_ssize_t i = 0; i < H; i++) {
+        const float v = afd_bf16_to_f32(x[i]);
+        ss += v * v;
+    }
+    const float r = 1.f / sqrtf(ss / (float)H + eps);
+    for (Py_ssize_t i = 0; i < H; i++)
+        y[i] = afd_f32_to_bf16(rb(afd_bf16_to_f32(x[i]) * r) * afd_bf16_to_f32(w[i]));
+}
+
+static void rope_row(const void *x, void *y, Py_ssize_t heads, Py_ssize_t d, const float *c, const float *s,
+                     int bf16)
+{
+    const Py_ssize_t half = d / 2;
+    for (Py_ssize_t h = 0; h < heads; h++) {
+        const Py_ssize_t o = h * d;
+        for (Py_ssize_t i = 0; i < d; i++) {
+            const float rot = i < half ? -ld(x, o + i + half, bf16) : ld(x, o + i - half, bf16);
+            const float a = ld(x, o + i, bf16) * c[i];
+            const float b = rot * s[i];
+            st(y, o + i, a + b, bf16);
+        }
+    }
+}
+
+static void silu_mul_row(const void *gu, void *y, Py_ssize_t W, int bf16)
+{
+    for (Py_ssize_t i = 0; i < W; i++) {
+        const float g = ld(gu, i, bf16);
+        float sg = g / (1.f + expf(-g));
+        if (bf16) sg = rb(sg);
+        st(y, i, sg * ld(gu, W + i, bf16), bf16);
+    }
+}
+
+PyDoc_STRVAR(rms_norm_doc,
+             "rms_norm(x, ldx, w, y, ldy, rows, hidden, eps, nthreads) -> None\n\n"
+             "bf16 RMSNorm of `rows` rows of x (row stride ldx) into y (row stride ldy), weight w\n"
+             "[hidden] bf16; fp32 math, rounded as afdserve.model.layers.RMSNorm. Buffers by address.");
+
+static PyObject *rms_norm(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_ssize_t px, ldx, pw, py, ldy, M, H;
+    float eps;
+    int nthreads;
+    if (!PyArg_ParseTuple(args, "nnnnnnnfi", &px, &ldx, &pw, &py, &ldy, &M, &H, &eps, &nthreads)) return NULL;
+    if (M < 0 || H <= 0 || ldx < H || ldy < H || !px || !pw || !py) {
+        PyErr_SetString(PyExc_ValueError, "rms_norm: bad sizes or null buffer");
+        return NULL;
+    }
+    const uint16_t *x = (const uint16_t *)px, *w = (const uint16_t *)pw;
+    uint16_t *y = (uint16_t *)py;
+    const int nt = row_threads(M, nthreads);
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (Py_ssize_t m = 0; m < M; m++) rms_norm_row(x + m * ldx, w, y + m * ldy, H, eps);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(rope_doc,
+             "rope(x, ldx, tokens, heads, d, positions, cos, sin, table_rows, y, bf16, nthreads) -> None\n\n"
+             "Rotate-half RoPE: x [tokens, heads, d] (token stride ldx, heads contiguous) into\n"
+             "contiguous y; positions int64 [tokens] index the fp32 tables cos / sin [table_rows, d].\n"
+             "bf16 or fp32 x / y; bitwise equal to afdserve.model.layers.RotaryEmbedding.");
+
+static PyObject *rope(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_ssize_t px, ldx, T, heads, d, ppos, pc, ps, P, py;
+    int bf16, nthreads;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnnpi", &px, &ldx, &T, &heads, &d, &ppos, &pc, &ps, &P, &py, &bf16,
+                          &nthreads))
+        return NULL;
+    if (T < 0 || heads <= 0 || d <= 0 || d % 2 || ldx < heads * d || !px || !ppos || !pc || !ps || !py) {
+        PyErr_SetString(PyExc_ValueError, "rope: bad sizes (d must be even) or null buffer");
+        return NULL;
+    }
+    const int64_t *pos = (const int64_t *)ppos;
+    for (Py_ssize_t t = 0; t < T; t++)
+        if (pos[t] < 0 || pos[t] >= P) {
+            PyErr_Format(PyExc_ValueError, "rope: position %lld outside the table's 0..%zd", (long long)pos[t], P - 1);
+            return NULL;
+        }
+    const size_t es = bf16 ? 2 : 4;
+    const char *x = (const char *)px;
+    char *y = (char *)py;
+    const float *c = (const float *)pc, *s = (const float *)ps;
+    const int nt = row_threads(T, nthreads);
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (Py_ssize_t t = 0; t < T; t++)
+        rope_row(x + (size_t)(t * ldx) * es, y + (size_t)(t * heads * d) * es, heads, d, c + pos[t] * d,
+                 s + pos[t] * d, bf16);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(silu_mul_doc,
+             "silu_mul(gu, ldg, rows, width, y, bf16, nthreads) -> None\n\n"
+             "y[m, i] = silu(gu[m, i]) * gu[m, width + i] for a fused gate|up projection gu (row stride\n"
+             "ldg) into contiguous y [rows, width]; bf16 or fp32, rounded as afdserve.model.layers.silu_mul.");
+
+static PyObject *silu_mul(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_ssize_t pg, ldg, M, W, py;
+    int bf16, nthreads;
+    if (!PyArg_ParseTuple(args, "nnnnnpi", &pg, &ldg, &M, &W, &py, &bf16, &nthreads)) return NULL;
+    if (M < 0 || W <= 0 || ldg < 2 * W || !pg || !py) {
+        PyErr_SetString(PyExc_ValueError, "silu_mul: bad sizes or null buffer");
+        return NULL;
+    }
+    const size_t es = bf16 ? 2 : 4;
+    const char *gu = (const char *)pg;
+    char *y = (char *)py;
+    const int nt = row_threads(M, nthreads);
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (Py_ssize_t m = 0; m < M; m++) silu_mul_row(gu + (size_t)(m * ldg) * es, y + (size_t)(m * W) * es, W, bf16);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyMethodDef afd_elementwise_methods[] = {
+    {"rms_norm", rms_norm, METH_VARARGS, rms_norm_doc},
+    {"rope", rope, METH_VARARGS, rope_doc},
+    {"silu_mul", silu_mul, METH_VARARGS, silu_mul_doc},
+    {NULL, NULL, 0, NULL},
+};
