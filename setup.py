@@ -33,7 +33,7 @@ class BuildExt(build_ext):
 
 setup(ext_modules=[Extension("afdserve._native",
                              ["afdserve/native/decode_kernels.c", "afdserve/native/gemm_bf16.c",
-                              "afdserve/native/elementwise.c"],
+                              "afdserve/native/elementwise.c", "afdserve/native/moe.c"],
                              depends=["afdserve/native/afd_native.h"],
                              extra_compile_args=["-O3", "-std=c99", *OPENMP], extra_link_args=[*OPENMP],
                              libraries=["m"], optional=True),

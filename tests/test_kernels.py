@@ -587,3 +587,34 @@ def test_native_rms_norm_and_silu_mul_round_as_the_torch_formulas(rows, policy_r
     assert all(y is not None for y in _with_policy("auto", both))
     assert all(y is None for y in _with_policy("torch", both))                    # the reference path
     assert kernels.native_rms_norm(x, norm.weight, 1e-5) is None                  # autograd wanted: torch's
+
+
+@needs_native
+@pytest.mark.parametrize("mode", ["auto", "native"])
+def test_native_moe_is_bitwise_the_python_moe(mode, monkeypatch, policy_restored):
+    """The one-call MoE (moe.c) groups, multiplies and combines with the kernels and roundings of
+    MoE.forward, so its output is bit for bit the Python path's under the same policy; a local
+    slice of the experts (an FFN shard) and slots routed elsewhere included. An expert with more
+    rows than the policy's native GEMMs take sends the layer back to the Python path."""
+    from afdserve.model import layers
+    from afdserve.model.layers import MoE, route
+    kernels.use_policy(kernels.decide_policy(mode))
+    g = torch.Generator().manual_seed(3)
+    moe = MoE(96, 64, 8, 3, False, experts=(2, 7)).bfloat16()
+    for p in moe.parameters():
+        p.data = (torch.randn(p.shape, generator=g) * 0.1).bfloat16()
+    kernels.prepare_for_decode(moe)
+    with torch.no_grad():
+        for T in (1, 2, 9, 40):
+            x = torch.randn(T, 96, generator=g).bfloat16()
+            w, ids = route(torch.randn(T, 8, generator=g), 3, False)
+            fused = kernels.native_moe(x, w, ids, moe.gate_up, moe.down_proj.weight, moe.first)
+            with monkeypatch.context() as m:
+                m.setattr(layers, "native_moe", lambda *a: None)
+                python = moe(x, w, ids)
+            assert fused is not None and torch.equal(fused, python), T
+        skewed = torch.full((80, 3), 3)                  # 240 rows for one expert: > 64 in `native`
+        skewed[:, 1], skewed[:, 2] = 4, 5
+        x = torch.randn(80, 96, generator=g).bfloat16()
+        got = kernels.native_moe(x, torch.rand(80, 3, generator=g), skewed, moe.gate_up, moe.down_proj.weight, moe.first)
+        assert (got is None) == (mode == "native")

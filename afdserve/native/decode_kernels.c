@@ -608,15 +608,16 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "afdserve._native",
     "fp32 and bf16 decode kernels: GEMMs for few rows, attention over the paged KV cache, element-wise "
-    "steps (see afdserve/native/decode_kernels.c, gemm_bf16.c, elementwise.c)", -1, methods, NULL, NULL, NULL, NULL,
+    "steps, MoE experts (see afdserve/native/decode_kernels.c, gemm_bf16.c, elementwise.c, moe.c)", -1, methods, NULL, NULL, NULL, NULL,
 };
 
 extern PyMethodDef afd_elementwise_methods[];      /* elementwise.c */
+extern PyMethodDef afd_moe_methods[];              /* moe.c */
 
 PyMODINIT_FUNC PyInit__native(void)
 {
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddFunctions(m, afd_elementwise_methods)) {
+    if (m && (PyModule_AddFunctions(m, afd_elementwise_methods) || PyModule_AddFunctions(m, afd_moe_methods))) {
         Py_DECREF(m);
         return NULL;
     }

@@ -73,7 +73,7 @@ static void rope_row(const void *x, void *y, Py_ssize_t heads, Py_ssize_t d, con
     }
 }
 
-static void silu_mul_row(const void *gu, void *y, Py_ssize_t W, int bf16)
+void afd_silu_mul_row(const void *gu, void *y, ptrdiff_t W, int bf16)
 {
     for (Py_ssize_t i = 0; i < W; i++) {
         const float g = ld(gu, i, bf16);
@@ -168,7 +168,7 @@ static PyObject *silu_mul(PyObject *self, PyObject *args)
     const int nt = row_threads(M, nthreads);
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-    for (Py_ssize_t m = 0; m < M; m++) silu_mul_row(gu + (size_t)(m * ldg) * es, y + (size_t)(m * W) * es, W, bf16);
+    for (Py_ssize_t m = 0; m < M; m++) afd_silu_mul_row(gu + (size_t)(m * ldg) * es, y + (size_t)(m * W) * es, W, bf16);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
