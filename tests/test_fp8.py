@@ -382,3 +382,72 @@ def test_afd_1a1f_with_fp8_weights_equals_colocated_fp8(ckpts):
         assert llm.engine.health() is None
     same = sum(a == b for g, w in zip(got8, want) for a, b in zip(g, w))
     assert same >= sum(map(len, want)) // 2, (got8, want)
+
+
+@pytest.mark.parametrize("dtype,elem", [("bfloat16", 2), ("float32", 4)])
+def test_bench_counts_fp8_weights_at_their_stored_bytes(ckpts, dtype, elem):
+    """The decode bench's roofline counts what an FP8 model holds: the codes and scales of every
+    Fp8Weight plus the high-precision tensors (norms, router, LM head) at the run's dtype, and of
+    the embedding table only the rows a step reads. With every expert hit, a batch-1 step reads
+    every weight once."""
+    from afdserve.bench import decode
+    model = load_model(ckpts["fp8"], dtype, quantization="fp8")
+    c = model.config
+    fp8_bytes = sum(w.nbytes for w in _fp8_weights(model).values())
+    high = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    assert all(p.element_size() == elem for p in model.parameters())
+    for batch in (1, 3):
+        b = decode.step_bytes(c, batch, 0, elem, distinct_experts=c.moe_num_experts, quantization="fp8")
+        assert b["weights"] == fp8_bytes + high + batch * c.hidden_size * elem
+    unq = decode.step_bytes(c, 1, 0, elem, distinct_experts=c.moe_num_experts)
+    assert unq["weights"] > decode.step_bytes(c, 1, 0, elem, c.moe_num_experts, "fp8")["weights"]
+    r = {"batch": 1, "mean_context": 5.0, "step_s": 0.5, "distinct_experts": [2.0] * len(c.moe_layers_enum)}
+    by = decode.step_bytes(c, 1, 5.0, elem, r["distinct_experts"], "fp8")["total"]
+    assert decode.roofline(c, {**r, "quantization": "fp8"}, 1.0, 1.0, elem)["bytes_per_step"] == by
+    assert decode.roofline(c, r, 1.0, 1.0, elem)["bytes_per_step"] > by
+
+
+def _paths():
+    """The native kernels this CPU can run: (name, activation dtype, use the AVX512-BF16 kernel)."""
+    out = [("avx2-fp32x", torch.float32, False), ("avx2-bf16x", torch.bfloat16, False)]
+    return out + ([("avx512bf16", torch.bfloat16, True)] if fp8.NATIVE_BF16 else [])
+
+
+@native
+@pytest.mark.parametrize("name,dtype,bf16", _paths())
+def test_each_kernel_path_every_row_count_and_tail(monkeypatch, name, dtype, bf16):
+    """Every kernel path forced, rows 1..16 (register groups of 1-4 rows and their repeats), K with
+    and without a tail past the 64-/16-wide vectors and the 128-column blocks, N not a multiple of
+    the 4-row tiles or 32-row tasks, a row offset into the block grid and a row block that 32 does
+    not divide: equal to dequantize-then-matmul up to fp32 summation order (+ bf16 output rounding)."""
+    monkeypatch.setattr(fp8, "NATIVE_BF16", bf16)
+    torch.manual_seed(7)
+    for K, N, row_block in [(64, 5, 128), (200, 130, 128), (773, 37, 50)]:
+        full = quantize(torch.randn(N + 3, K))
+        scale = torch.rand(-(-(N + 3) // row_block), full.scale.shape[1]) + 0.5
+        q = Fp8Weight(full.codes, scale, row_block).rows(3, N + 3)
+        W = q.dequantize()
+        for rows in range(1, 17):
+            x = torch.randn(rows, K).to(dtype)
+            y = fp8.native_linear(x, q).float()
+            ref = F.linear(x.float(), W)
+            bound = 2 * K * EPS32 * F.linear(x.float().abs(), W.abs()) + (2.0 ** -8 * ref.abs() if dtype != torch.float32 else 0)
+            assert ((y - ref).abs() <= bound + 1e-30).all(), (K, N, row_block, rows)
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_threads_split_without_changing_results_in_either_dtype(dtype):
+    """Both kernels give bitwise the same products on one thread and on two (a 640-row product: five
+    128-row blocks, split in 32-row tasks / 4-row tiles)."""
+    torch.manual_seed(8)
+    q, x = quantize(torch.randn(640, 768)), torch.randn(5, 768).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [fp8.native_linear(x[:m], q) for m in (1, 2, 5)]
+        torch.set_num_threads(2)
+        two = [fp8.native_linear(x[:m], q) for m in (1, 2, 5)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))

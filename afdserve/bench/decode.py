@@ -9,7 +9,8 @@ Method (documented in benchmarks/README.md):
   cached values, and a real prefill of 64 x 4096 tokens would take minutes on a CPU.
   `prefill="real"` runs it for real.
 * Bytes a step needs: active weights (attention + dense + router + routed experts actually hit
-  + shared expert + LM head) + the KV it reads (B x C x L x 2 x kv_width x elem) + embeddings rows.
+  + shared expert + LM head) + the KV it reads (B x C x L x 2 x kv_width x elem) + embeddings rows,
+  each at its stored precision (FP8 weights: 1 byte each + fp32 block scales).
   FLOPs: 2 x per-token active weights x B + attention 4 x n_q x d x C x L x B.
 """
 from __future__ import annotations
@@ -40,9 +41,32 @@ def attention_params_per_layer(c: Step3Config) -> int:
     return H * c.share_q_dim + c.share_q_dim * c.q_width + 2 * H * c.kv_width + c.q_width * H
 
 
+def linear_bytes(out: int, inp: int, elem: int, quantization: str | None = None) -> int:
+    """Bytes of one linear weight [out, in] as stored: `elem` per weight, or for FP8 one byte per
+    weight plus one fp32 scale per 128 x 128 block (afdserve/model/fp8.py)."""
+    if quantization is None:
+        return out * inp * elem
+    if quantization != "fp8":
+        raise ValueError(f"unknown quantization {quantization!r} (expected None or 'fp8')")
+    return out * inp + 4 * -(-out // 128) * -(-inp // 128)
+
+
+def _layer_weight_bytes(c: Step3Config, elem: int, quantization: str | None) -> tuple[int, int, int, int]:
+    """(attention incl. norms, dense MLP, one routed expert, shared expert) bytes of one layer; the
+    linear weights at their stored precision, the RMSNorms at `elem`."""
+    H, lb = c.hidden_size, lambda o, i: linear_bytes(o, i, elem, quantization)
+    attn = (lb(c.share_q_dim, H) + 2 * lb(c.kv_width, H) + lb(c.q_width, c.share_q_dim) + lb(H, c.q_width)
+            + (c.share_q_dim + 2 * H) * elem)
+    mlp = lambda inter: 2 * lb(inter, H) + lb(H, inter)          # gate, up, down
+    return attn, mlp(c.intermediate_size), mlp(c.moe_intermediate_size), mlp(c.share_expert_dim)
+
+
 def step_bytes(c: Step3Config, batch: int, context: float, elem: int,
-               distinct_experts: float | list[float] | None = None) -> dict:
-    """Bytes one decode step of `batch` sequences at `context` must move (a lower bound)."""
+               distinct_experts: float | list[float] | None = None, quantization: str | None = None) -> dict:
+    """Bytes one decode step of `batch` sequences at `context` must move (a lower bound), each
+    tensor at the precision it is stored in: with `quantization="fp8"` the attention and MLP /
+    expert projections at one byte per weight plus their fp32 block scales, the embedding rows,
+    LM head, norms and router at `elem` (the run's dtype), as is the KV cache."""
     H = c.hidden_size
     moe_layers = list(c.moe_layers_enum)
     if distinct_experts is None:
@@ -52,13 +76,11 @@ def step_bytes(c: Step3Config, batch: int, context: float, elem: int,
     else:
         distinct = list(distinct_experts)
     n_dense = c.num_hidden_layers - len(moe_layers)
-    attn = c.num_hidden_layers * (attention_params_per_layer(c) + c.share_q_dim + 2 * H)
-    dense = n_dense * 3 * H * c.intermediate_size
-    routed = sum(distinct) * 3 * H * c.moe_intermediate_size
-    shared = len(moe_layers) * 3 * H * c.share_expert_dim
-    router = len(moe_layers) * c.moe_num_experts * H
-    head = c.vocab_size * H + H + batch * H          # LM head, final norm, embedding rows
-    weights = (attn + dense + routed + shared + router + head) * elem
+    attn, dense_mlp, expert, shared_mlp = _layer_weight_bytes(c, elem, quantization)
+    router = len(moe_layers) * c.moe_num_experts * H * elem
+    head = (c.vocab_size * H + H + batch * H) * elem          # LM head, final norm, embedding rows
+    weights = (c.num_hidden_layers * attn + n_dense * dense_mlp + sum(distinct) * expert
+               + len(moe_layers) * shared_mlp + router + head)
     kv = batch * context * c.num_hidden_layers * 2 * c.kv_width * elem
     return {"weights": weights, "kv": kv, "total": weights + kv,
             "distinct_experts_per_moe_layer": sum(distinct) / max(len(distinct), 1)}
@@ -157,8 +179,8 @@ def measure_decode(model_dir: str | Path, batch: int, context: int, steps: int =
     Returns tokens/s, time per output token (ms), the mean context of the timed steps, and the
     distinct experts hit per MoE layer (counted during warm-up when the model is reachable).
     `profile`: None, "cprofile" or "torch": also return a profile of the timed steps.
-    `quantization`: None or "fp8" (weights quantized at load; the roofline's bytes stay those of
-    the run's dtype, so `% of BW` understates an FP8 run's use of the bandwidth).
+    `quantization`: None or "fp8" (weights quantized at load; recorded in the result, so that
+    `roofline` counts the FP8 weights at their stored bytes).
     """
     from afdserve.engine.engine import EngineArgs, LLMEngine
     from afdserve.sampling import SamplingParams
@@ -217,7 +239,8 @@ def measure_decode(model_dir: str | Path, batch: int, context: int, steps: int =
         out = {"batch": batch, "context": context, "mean_context": ctx, "steps_timed": len(times),
                "step_s": step_s, "step_s_min": min(times), "tpot_ms": step_s * 1e3,
                "tokens_per_s": batch / step_s, "prefill": prefill, "prefill_s": prefill_s,
-               "distinct_experts": distinct, "afd": afd, "micro_batches": micro_batches}
+               "distinct_experts": distinct, "afd": afd, "micro_batches": micro_batches,
+               "quantization": quantization}
         if prof.summary is not None:
             out["profile"] = prof.summary
         return out
@@ -263,8 +286,9 @@ class _Profiler:
 
 
 def roofline(c: Step3Config, r: dict, bandwidth: float, matmul: float, elem: int) -> dict:
-    """Bytes and FLOPs of a measured step against the measured machine limits."""
-    b = step_bytes(c, r["batch"], r["mean_context"], elem, r.get("distinct_experts"))
+    """Bytes and FLOPs of a measured step against the measured machine limits (bytes at the stored
+    precision: `r["quantization"]` "fp8" counts FP8 weights at one byte plus scales)."""
+    b = step_bytes(c, r["batch"], r["mean_context"], elem, r.get("distinct_experts"), r.get("quantization"))
     f = step_flops(c, r["batch"], r["mean_context"])
     t = r["step_s"]
     bound = max(b["total"] / bandwidth, f / matmul)

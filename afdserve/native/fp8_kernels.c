@@ -74,6 +74,15 @@ TGT static INL float hsum8(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
+/* Software prefetch: PF_ROWS weight rows ahead of the row being read, into L2 (_MM_HINT_T1). Into L1
+   (T0) the streams ran at half the speed on AMD Zen 4 (benchmarks/fp8_kernel_bench.py, docs/fp8.md). */
+#ifndef PF_ROWS
+#define PF_ROWS 16
+#endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T1
+#endif
+
 /* 16 e4m3 codes -> 16 fp32 values / 2^8, in two registers. */
 TGT static INL void widen16(const uint8_t *p, __m256 *lo, __m256 *hi)
 {
@@ -95,7 +104,7 @@ TGT static INL void dot_tile(const float *xs, ptrdiff_t K, const uint8_t *w, ptr
     for (; k + 16 <= K; k += 16) {
         __m256 lo[4], hi[4];
         if ((k & 63) == 0)
-            UNROLL for (int r = 0; r < NR; r++) _mm_prefetch((const char *)(w + (r + 2 * NR) * ldw + k), _MM_HINT_T0);
+            UNROLL for (int r = 0; r < NR; r++) _mm_prefetch((const char *)(w + (r + PF_ROWS) * ldw + k), PF_HINT);
         UNROLL for (int r = 0; r < NR; r++) widen16(w + r * ldw + k, &lo[r], &hi[r]);
         UNROLL for (int m = 0; m < MG; m++) {
             __m256 a = _mm256_loadu_ps(xs + m * K + k), b = _mm256_loadu_ps(xs + m * K + k + 8);
@@ -138,18 +147,20 @@ TGT static void fp8_gemm(const float *x, ptrdiff_t ldx, const uint8_t *w, ptrdif
                          ptrdiff_t lds, ptrdiff_t row_block, ptrdiff_t row_off, ptrdiff_t col_off, float *y,
                          ptrdiff_t ldy, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, float *xs_all)
 {
-    /* One task per scale row of W (row_block rows); tasks are split over the OpenMP threads (torch's
-       pool), each with its own x' buffer. Small products stay on one thread. */
-    const ptrdiff_t nseg = (N + row_off + row_block - 1) / row_block;
-#pragma omp parallel if (N * K >= PAR_MIN && nseg > 1)
+    /* One task per CH rows of W sharing a scale row (32, or row_block when 32 does not divide it), so
+       that a few 128-row blocks still split evenly over the OpenMP threads (torch's pool); each task
+       scales x by its scale row into the thread's own x' buffer. Small products stay on one thread. */
+    const ptrdiff_t CH = row_block % 32 == 0 ? 32 : row_block;
+    const ptrdiff_t t0 = row_off / CH, ntask = (N + row_off + CH - 1) / CH - t0;
+#pragma omp parallel if (N * K >= PAR_MIN && ntask > 1)
     {
         float *xs = xs_all + (size_t)thread_id() * (size_t)(M * K);
 #pragma omp for schedule(static)
-        for (ptrdiff_t sg = 0; sg < nseg; sg++) {
-            ptrdiff_t n0 = sg * row_block - row_off, n1 = (sg + 1) * row_block - row_off;
+        for (ptrdiff_t task = t0; task < t0 + ntask; task++) {
+            ptrdiff_t n0 = task * CH - row_off, n1 = n0 + CH;
             n0 = n0 < 0 ? 0 : n0;
             n1 = n1 > N ? N : n1;
-            scale_x(x, ldx, M, K, S + sg * lds, col_off, xs);
+            scale_x(x, ldx, M, K, S + task * CH / row_block * lds, col_off, xs);
             for (ptrdiff_t m0 = 0; m0 < M; m0 += 4) {
                 int mg = (int)(M - m0 < 4 ? M - m0 : 4);
                 rows_group(xs + m0 * K, K, w + n0 * ldw, ldw, y + m0 * ldy + n0, ldy, n1 - n0, mg);
@@ -227,43 +238,73 @@ static INL float bf16_to_f32(uint16_t h)
     return v.f;
 }
 
-/* NR weight rows (scale rows s[r]) x MG rows of x; column blocks of 128 start at column 0. */
+
+/* The scalar part of one output: columns [K64, K) of weight row w (scale row s) times x row xr. */
+static INL float tail_bf16(const uint8_t *w, const float *s, const uint16_t *xr, ptrdiff_t K64, ptrdiff_t K)
+{
+    float v = 0.f;
+    for (ptrdiff_t k = K64; k < K; k++) v += LUT[w[k]] * s[k >> 7] * bf16_to_f32(xr[k]);
+    return v;
+}
+
+/* NR weight rows (scale rows s[r]) x MG rows of x (NR x MG <= 8), straight from registers: each 64-code
+   chunk of a row is widened once and meets every row of x before the next row is widened (so the
+   registers hold one widened chunk at a time: no spills). Per 128-column block the fp32 partial
+   sums are multiplied by the block's scale once. */
 TGT512 static INL void dot_tile_bf16(const uint16_t *xp, ptrdiff_t K64, const uint16_t *x, ptrdiff_t ldx,
                                      ptrdiff_t K, const uint8_t *w, ptrdiff_t ldw, const float *const *s,
                                      const bf16_tables *t, float *y, ptrdiff_t ldy, const int NR, const int MG)
 {
-    __m512 tot[8][4];
+    __m512 tot[4][4];
     UNROLL for (int r = 0; r < NR; r++)
         UNROLL for (int m = 0; m < MG; m++) tot[r][m] = _mm512_setzero_ps();
     for (ptrdiff_t k0 = 0; k0 < K64; k0 += 128) {
-        __m512 acc[8][4];
+        __m512 acc[4][4];
         UNROLL for (int r = 0; r < NR; r++)
             UNROLL for (int m = 0; m < MG; m++) acc[r][m] = _mm512_setzero_ps();
-        for (ptrdiff_t k = k0; k < k0 + 128 && k < K64; k += 64) {
-            __m512i a[8], b[8];
+        const ptrdiff_t kend = k0 + 128 < K64 ? k0 + 128 : K64;
+        for (ptrdiff_t k = k0; k < kend; k += 64)
             UNROLL for (int r = 0; r < NR; r++) {
-                _mm_prefetch((const char *)(w + (r + 2 * NR) * ldw + k), _MM_HINT_T0);   /* two tiles ahead */
-                widen64_bf16(w + r * ldw + k, t, &a[r], &b[r]);
+                __m512i a, b;
+                _mm_prefetch((const char *)(w + (r + PF_ROWS) * ldw + k), PF_HINT);
+                widen64_bf16(w + r * ldw + k, t, &a, &b);
+                UNROLL for (int m = 0; m < MG; m++) {
+                    __m512bh xa = (__m512bh)_mm512_loadu_si512((const void *)(xp + m * K64 + k));
+                    __m512bh xb = (__m512bh)_mm512_loadu_si512((const void *)(xp + m * K64 + k + 32));
+                    acc[r][m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][m], (__m512bh)a, xa), (__m512bh)b, xb);
+                }
             }
-            UNROLL for (int m = 0; m < MG; m++) {
-                __m512bh xa = (__m512bh)_mm512_loadu_si512((const void *)(xp + m * K64 + k));
-                __m512bh xb = (__m512bh)_mm512_loadu_si512((const void *)(xp + m * K64 + k + 32));
-                UNROLL for (int r = 0; r < NR; r++)
-                    acc[r][m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][m], (__m512bh)a[r], xa), (__m512bh)b[r], xb);
-            }
-        }
         UNROLL for (int r = 0; r < NR; r++) {
             __m512 sv = _mm512_set1_ps(s[r][k0 >> 7]);
             UNROLL for (int m = 0; m < MG; m++) tot[r][m] = _mm512_fmadd_ps(acc[r][m], sv, tot[r][m]);
         }
     }
     for (int r = 0; r < NR; r++)
-        for (int m = 0; m < MG; m++) {
-            float v = _mm512_reduce_add_ps(tot[r][m]);
-            for (ptrdiff_t k = K64; k < K; k++)
-                v += LUT[w[r * ldw + k]] * s[r][k >> 7] * bf16_to_f32(x[m * ldx + k]);
-            y[m * ldy + r] = v;
+        for (int m = 0; m < MG; m++)
+            y[m * ldy + r] = _mm512_reduce_add_ps(tot[r][m]) + tail_bf16(w + r * ldw, s[r], x + m * ldx, K64, K);
+}
+
+/* One tile: weight rows [n0, n0 + nr) (nr <= 4) times all M rows of x, in groups of up to 4 rows of x
+   (with more rows the codes are widened once per group: measured as fast as widening them once
+   into an L1 buffer that every row reads, at 8 and 16 rows). */
+TGT512 static void tile_bf16(const uint16_t *xp, ptrdiff_t K64, const uint16_t *x, ptrdiff_t ldx, ptrdiff_t K,
+                             const uint8_t *w, ptrdiff_t ldw, const float *const *s, const bf16_tables *t, float *y,
+                             ptrdiff_t ldy, int nr, ptrdiff_t M)
+{
+    for (ptrdiff_t m0 = 0; m0 < M; m0 += 4) {
+        const int mg = M - m0 < 4 ? (int)(M - m0) : 4;
+        const uint16_t *xm = xp + m0 * K64, *xr = x + m0 * ldx;
+        float *ym = y + m0 * ldy;
+        int r = 0;
+#define TILE(NR, MG) dot_tile_bf16(xm, K64, xr, ldx, K, w + r * ldw, ldw, s + r, t, ym + r, ldy, NR, MG)
+        switch (mg) {
+        case 1: for (; r + 4 <= nr; r += 4) TILE(4, 1); for (; r < nr; r++) TILE(1, 1); break;
+        case 2: for (; r + 4 <= nr; r += 4) TILE(4, 2); for (; r < nr; r++) TILE(1, 2); break;
+        case 3: for (; r + 2 <= nr; r += 2) TILE(2, 3); for (; r < nr; r++) TILE(1, 3); break;
+        default: for (; r + 2 <= nr; r += 2) TILE(2, 4); for (; r < nr; r++) TILE(1, 4); break;
         }
+#undef TILE
+    }
 }
 
 TGT512 static void fp8_gemm_bf16(const uint16_t *x, ptrdiff_t ldx, const uint8_t *w, ptrdiff_t ldw, const float *S,
@@ -274,28 +315,14 @@ TGT512 static void fp8_gemm_bf16(const uint16_t *x, ptrdiff_t ldx, const uint8_t
     bf16_tables t = {_mm512_loadu_si512(BF16_HI), _mm512_loadu_si512(BF16_HI + 64), _mm512_loadu_si512(BF16_LO),
                      _mm512_loadu_si512(BF16_LO + 64), _mm512_set1_epi8((char)0x80)};
     permute_x(x, ldx, M, K64, xp);
-    const int TN = M == 1 ? 8 : 4;            /* weight rows per tile: 8 for one row of x, 4 for more */
-    const ptrdiff_t ntiles = (N + TN - 1) / TN;
+    const ptrdiff_t ntiles = (N + 3) / 4;
+    /* Each thread takes one contiguous range of tiles (static schedule): it streams one region. */
 #pragma omp parallel for schedule(static) if (N * K >= PAR_MIN && ntiles > 1)
     for (ptrdiff_t tile = 0; tile < ntiles; tile++) {
-        ptrdiff_t n0 = tile * TN, nr = N - n0 < TN ? N - n0 : TN;
-        const float *s[8];
+        ptrdiff_t n0 = tile * 4, nr = N - n0 < 4 ? N - n0 : 4;
+        const float *s[4];
         for (ptrdiff_t r = 0; r < nr; r++) s[r] = S + (n0 + r + row_off) / row_block * lds;
-        for (ptrdiff_t m0 = 0; m0 < M; m0 += 2) {
-            const uint16_t *xm = xp + m0 * K64, *xr = x + m0 * ldx;
-            const uint8_t *wt = w + n0 * ldw;
-            float *yt = y + m0 * ldy + n0;
-            if (M - m0 >= 2) {
-                if (nr == 4) dot_tile_bf16(xm, K64, xr, ldx, K, wt, ldw, s, &t, yt, ldy, 4, 2);
-                else for (ptrdiff_t r = 0; r < nr; r++)
-                    dot_tile_bf16(xm, K64, xr, ldx, K, wt + r * ldw, ldw, s + r, &t, yt + r, ldy, 1, 2);
-            } else {
-                if (nr == 8) dot_tile_bf16(xm, K64, xr, ldx, K, wt, ldw, s, &t, yt, ldy, 8, 1);
-                else if (nr == 4) dot_tile_bf16(xm, K64, xr, ldx, K, wt, ldw, s, &t, yt, ldy, 4, 1);
-                else for (ptrdiff_t r = 0; r < nr; r++)
-                    dot_tile_bf16(xm, K64, xr, ldx, K, wt + r * ldw, ldw, s + r, &t, yt + r, ldy, 1, 1);
-            }
-        }
+        tile_bf16(xp, K64, x, ldx, K, w + n0 * ldw, ldw, s, &t, y + n0, ldy, (int)nr, M);
     }
 }
 
