@@ -597,22 +597,26 @@ def test_native_moe_is_bitwise_the_python_moe(mode, monkeypatch, policy_restored
     slice of the experts (an FFN shard) and slots routed elsewhere included. An expert with more
     rows than the policy's native GEMMs take sends the layer back to the Python path."""
     from afdserve.model import layers
-    from afdserve.model.layers import MoE, route
+    from afdserve.model.layers import MoE, SwiGLU, route
     kernels.use_policy(kernels.decide_policy(mode))
     g = torch.Generator().manual_seed(3)
-    moe = MoE(96, 64, 8, 3, False, experts=(2, 7)).bfloat16()
-    for p in moe.parameters():
+    moe, shared = MoE(96, 64, 8, 3, False, experts=(2, 7)).bfloat16(), SwiGLU(96, 40).bfloat16()
+    for p in [*moe.parameters(), *shared.parameters()]:
         p.data = (torch.randn(p.shape, generator=g) * 0.1).bfloat16()
     kernels.prepare_for_decode(moe)
+    kernels.prepare_for_decode(shared)
     with torch.no_grad():
         for T in (1, 2, 9, 40):
             x = torch.randn(T, 96, generator=g).bfloat16()
             w, ids = route(torch.randn(T, 8, generator=g), 3, False)
             fused = kernels.native_moe(x, w, ids, moe.gate_up, moe.down_proj.weight, moe.first)
+            with_shared = kernels.native_moe(x, w, ids, moe.gate_up, moe.down_proj.weight, moe.first,
+                                             (shared.gate_up, shared.down_proj.weight))
             with monkeypatch.context() as m:
                 m.setattr(layers, "native_moe", lambda *a: None)
                 python = moe(x, w, ids)
             assert fused is not None and torch.equal(fused, python), T
+            assert torch.equal(with_shared, python + shared(x)), T        # as Step3DecoderLayer.ffn_half adds it
         skewed = torch.full((80, 3), 3)                  # 240 rows for one expert: > 64 in `native`
         skewed[:, 1], skewed[:, 2] = 4, 5
         x = torch.randn(80, 96, generator=g).bfloat16()

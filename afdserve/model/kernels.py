@@ -468,19 +468,23 @@ def native_silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     return y
 
 
-def native_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up, down, first: int) -> torch.Tensor | None:
+def native_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up, down, first: int,
+               shared: tuple | None = None) -> torch.Tensor | None:
     """The routed experts of a bf16 MoE layer in one native call (moe.c), bitwise MoE.forward's
     result under the same policy: x [T, H]; weights fp32 / ids int64 [T, k]; gate_up [E, 2W, H] and
-    down [E, H, W] the local experts (global ids first..first+E-1). None where the policy, dtypes
-    or layouts do not send it there, or an expert gets more rows than the native GEMMs take."""
+    down [E, H, W] the local experts (global ids first..first+E-1); `shared`: the shared expert's
+    (gate_up [2Ws, H], down [H, Ws]), added as `y + shared(x)`. None where the policy, dtypes or
+    layouts do not send it there, or a GEMM gets more rows than the native kernels take."""
     p = _policy
-    if x.dtype is not torch.bfloat16 or not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor) \
-            or x.dim() != 2 or gate_up.dim() != 3 or not p.native_rows.get((torch.bfloat16, False)) \
-            or not (gate_up.is_contiguous() and down.is_contiguous()) or weights.dtype is not torch.float32 \
-            or ids.dtype is not torch.int64 or not _elementwise_ok(p, x, gate_up, down):
+    mats = (gate_up, down) + (tuple(shared) if shared else ())
+    if x.dtype is not torch.bfloat16 or x.dim() != 2 or not p.native_rows.get((torch.bfloat16, False)) \
+            or not all(isinstance(m, torch.Tensor) and m.is_contiguous() for m in mats) \
+            or weights.dtype is not torch.float32 or ids.dtype is not torch.int64 or not _elementwise_ok(p, x, *mats):
         return None
     (T, H), (E, W2, _) = x.shape, gate_up.shape
-    if gate_up.shape[2] != H or down.shape != (E, H, W2 // 2) or ids.shape != weights.shape or ids.shape[0] != T:
+    Ws2 = shared[0].shape[0] if shared else 0
+    if gate_up.shape[2:] != (H,) or down.shape != (E, H, W2 // 2) or ids.shape != weights.shape or \
+            ids.shape[0] != T or (shared and (shared[0].shape != (Ws2, H) or shared[1].shape != (H, Ws2 // 2))):
         return None
     x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
     y = torch.empty((T, H), dtype=x.dtype)
@@ -488,7 +492,8 @@ def native_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_u
         return y
     small = p.bf16_isa if p.bf16_isa else ISA_AVX2
     done = _native.moe_bf16(x.data_ptr(), T, H, ids.data_ptr(), weights.data_ptr(), ids.shape[1], first, E,
-                            gate_up.data_ptr(), down.data_ptr(), W2 // 2, y.data_ptr(), p.bf16dp_rows,
+                            gate_up.data_ptr(), down.data_ptr(), W2 // 2, shared[0].data_ptr() if shared else 0,
+                            shared[1].data_ptr() if shared else 0, Ws2 // 2, y.data_ptr(), p.bf16dp_rows,
                             p.bf16_packed_rows, p.native_rows[(torch.bfloat16, False)], small, p.threads)
     return y if done else None
 

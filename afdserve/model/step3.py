@@ -21,7 +21,7 @@ from torch import nn
 from afdserve.config import Step3Config
 from afdserve.engine.schedule import LocalFFN, run_layers
 from afdserve.model.attention import AttentionMetadata, KVCache, MFAttention
-from afdserve.model.kernels import linear
+from afdserve.model.kernels import linear, native_moe
 from afdserve.model.layers import MoE, RMSNorm, RotaryEmbedding, SwiGLU
 
 Role = Literal["full", "attention", "ffn"]
@@ -87,10 +87,23 @@ class Step3DecoderLayer(nn.Module):
         """FFN output (a partial sum when this module holds one shard); no residual."""
         if not self.is_moe:
             return self.mlp(inp.x)
+        y = self._native_ffn(inp)
+        if y is not None:
+            return y
         y = self.moe(inp.x, inp.weights, inp.ids)
         if hasattr(self, "share_expert"):
             y = y + self.share_expert(inp.x)
         return y
+
+
+    def _native_ffn(self, inp: FFNInput) -> torch.Tensor | None:
+        """The MoE half (routed + shared experts) in one native call where the kernel policy takes
+        it (bf16, afdserve/native/moe.c; bitwise the modules' result), else None."""
+        moe, se = self.moe, getattr(self, "share_expert", None)
+        if moe.gate_up is None or (se is not None and se.gate_up is None):
+            return None
+        shared = (se.gate_up, se.down_proj.weight) if se is not None else None
+        return native_moe(inp.x, inp.weights, inp.ids, moe.gate_up, moe.down_proj.weight, moe.first, shared)
 
 
 class Step3Model(nn.Module):

@@ -11,7 +11,8 @@
  *      GEMM on the instruction set the caller's kernel policy picks for n rows (afd_bgemm splits
  *      its outputs over the threads);
  *   3. per token: y = bf16(sum over slots j, in order, of bf16(out_j * bf16(w_j))), slots whose
- *      expert is not local adding nothing.
+ *      expert is not local adding nothing;
+ *   4. optionally the shared expert: y = bf16(y + shared(x)), as Step3DecoderLayer.ffn_half adds it.
  * Every rounding is the Python path's, and each GEMM row is computed independently of the other
  * rows, so the result is bitwise that of MoE.forward under the same policy (tests/test_kernels.py).
  * An expert with more pairs than the policy sends to the native kernels makes the call return
@@ -37,24 +38,43 @@ static int isa_for(const moe_policy *p, ptrdiff_t n, ptrdiff_t K)
 
 typedef struct {
     const uint16_t *x, *gate_up, *down;    /* x [T, H]; gate_up [E, 2W, H]; down [E, H, W] */
+    const uint16_t *s_gate_up, *s_down;    /* the shared expert: [2Ws, H], [H, Ws]; NULL: none */
+    ptrdiff_t Ws;
     const int64_t *ids;                    /* [T, k] global expert ids */
     const float *weights;                  /* [T, k] */
     uint16_t *y;                           /* [T, H] */
     ptrdiff_t T, H, W, k, first, E;
 } moe_args;
 
-/* Expert e's n pairs (flat indices `rows`) through gate|up, silu * up and down into out[pair]. */
+/* oe [n, H] = down(silu(gate(xe)) * up(xe)) for xe [n, H]: a SwiGLU of width W; gu, act: scratch. */
+static int swiglu(const moe_policy *p, const uint16_t *xe, ptrdiff_t n, ptrdiff_t H, ptrdiff_t W,
+                  const uint16_t *gate_up, const uint16_t *down, uint16_t *gu, uint16_t *act, uint16_t *oe,
+                  int nthreads)
+{
+    if (afd_bgemm(xe, H, gate_up, H, gu, 2 * W, n, 2 * W, H, 0, isa_for(p, n, H), nthreads)) return -1;
+    for (ptrdiff_t r = 0; r < n; r++) afd_silu_mul_row(gu + r * 2 * W, act + r * W, W, 1);
+    return afd_bgemm(act, W, down, W, oe, H, n, H, W, 0, isa_for(p, n, W), nthreads) ? -1 : 0;
+}
+
+/* Expert e's n pairs (flat indices `rows`) through its SwiGLU into out[pair]. */
 static int run_expert(const moe_args *a, const moe_policy *p, ptrdiff_t e, const ptrdiff_t *rows, ptrdiff_t n,
                       uint16_t *buf, uint16_t *out, int nthreads)
 {
     const ptrdiff_t H = a->H, W = a->W;
     uint16_t *xe = buf, *gu = xe + n * H, *act = gu + n * 2 * W, *oe = act + n * W;
     for (ptrdiff_t r = 0; r < n; r++) memcpy(xe + r * H, a->x + (rows[r] / a->k) * H, sizeof(uint16_t) * (size_t)H);
-    if (afd_bgemm(xe, H, a->gate_up + e * 2 * W * H, H, gu, 2 * W, n, 2 * W, H, 0, isa_for(p, n, H), nthreads))
-        return -1;
-    for (ptrdiff_t r = 0; r < n; r++) afd_silu_mul_row(gu + r * 2 * W, act + r * W, W, 1);
-    if (afd_bgemm(act, W, a->down + e * H * W, W, oe, H, n, H, W, 0, isa_for(p, n, W), nthreads)) return -1;
+    if (swiglu(p, xe, n, H, W, a->gate_up + e * 2 * W * H, a->down + e * H * W, gu, act, oe, nthreads)) return -1;
     for (ptrdiff_t r = 0; r < n; r++) memcpy(out + rows[r] * H, oe + r * H, sizeof(uint16_t) * (size_t)H);
+    return 0;
+}
+
+/* y += the shared expert of every token, y and the sum rounded to bf16 as `y + shared(x)`. */
+static int add_shared(const moe_args *a, const moe_policy *p, uint16_t *buf, int nthreads)
+{
+    const ptrdiff_t T = a->T, H = a->H, Ws = a->Ws;
+    uint16_t *gu = buf, *act = gu + T * 2 * Ws, *os = act + T * Ws;
+    if (swiglu(p, a->x, T, H, Ws, a->s_gate_up, a->s_down, gu, act, os, nthreads)) return -1;
+    for (ptrdiff_t i = 0; i < T * H; i++) a->y[i] = afd_f32_to_bf16(afd_bf16_to_f32(a->y[i]) + afd_bf16_to_f32(os[i]));
     return 0;
 }
 
@@ -94,9 +114,11 @@ static int moe_run(const moe_args *a, const moe_policy *p, int nthreads)
     rc = 0;
     for (ptrdiff_t e = 0; e < a->E; e++)
         if (count[e] && (!isa_for(p, count[e], a->H) || !isa_for(p, count[e], a->W))) goto done;
+    if (a->s_gate_up && (!isa_for(p, a->T, a->H) || !isa_for(p, a->T, a->Ws))) goto done;
     rc = -1;
     out = malloc(sizeof(uint16_t) * (size_t)(pairs * a->H + 1));
-    buf = malloc(sizeof(uint16_t) * (size_t)(most * (2 * a->H + 3 * a->W) + 1));
+    const ptrdiff_t expert_buf = most * (2 * a->H + 3 * a->W), shared_buf = a->s_gate_up ? a->T * (a->H + 3 * a->Ws) : 0;
+    buf = malloc(sizeof(uint16_t) * (size_t)((expert_buf > shared_buf ? expert_buf : shared_buf) + 1));
     if (!out || !buf) goto done;
     ptrdiff_t start = 0;                                /* counting sort: pairs grouped by expert */
     for (ptrdiff_t e = 0; e < a->E; e++) {
@@ -109,6 +131,7 @@ static int moe_run(const moe_args *a, const moe_policy *p, int nthreads)
     for (ptrdiff_t e = 0, s = 0; e < a->E; s = count[e++])
         if (count[e] > s && run_expert(a, p, e, order + s, count[e] - s, buf, out, nthreads)) goto done;
     combine(a, out, local, nthreads);
+    if (a->s_gate_up && add_shared(a, p, buf, nthreads)) goto done;
     rc = 1;
 done:
     free(count);
@@ -120,24 +143,27 @@ done:
 }
 
 PyDoc_STRVAR(moe_bf16_doc,
-             "moe_bf16(x, T, H, ids, weights, k, first, E, gate_up, down, W, y, dp_rows, packed_rows,\n"
-             "         native_rows, small_isa, nthreads) -> bool\n\n"
+             "moe_bf16(x, T, H, ids, weights, k, first, E, gate_up, down, W, shared_gate_up, shared_down, Ws,\n"
+             "         y, dp_rows, packed_rows, native_rows, small_isa, nthreads) -> bool\n\n"
              "The routed experts of a bf16 MoE layer (buffers by address, contiguous): x [T, H];\n"
              "ids int64 / weights fp32 [T, k] (global expert ids, local ones are first..first+E-1);\n"
-             "gate_up [E, 2W, H], down [E, H, W]; y [T, H]. The GEMMs' instruction sets follow the\n"
+             "gate_up [E, 2W, H], down [E, H, W]; y [T, H]; plus, unless shared_gate_up is 0, the\n"
+             "shared expert [2Ws, H], [H, Ws] of every token. The GEMMs' instruction sets follow the\n"
              "kernel policy's bf16 row limits. False (nothing written) where an expert has more pairs\n"
              "than the native kernels take; the GIL is released.");
 
 static PyObject *moe_bf16(PyObject *self, PyObject *args)
 {
     (void)self;
-    Py_ssize_t px, T, H, pids, pw, k, first, E, pgu, pdn, W, py;
+    Py_ssize_t px, T, H, pids, pw, k, first, E, pgu, pdn, W, psgu, psdn, Ws, py;
     moe_policy p;
     int nthreads;
-    if (!PyArg_ParseTuple(args, "nnnnnnnnnnnniiiii", &px, &T, &H, &pids, &pw, &k, &first, &E, &pgu, &pdn, &W, &py,
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnnnnnnniiiii", &px, &T, &H, &pids, &pw, &k, &first, &E, &pgu, &pdn, &W,
+                          &psgu, &psdn, &Ws, &py,
                           &p.dp_rows, &p.packed_rows, &p.native_rows, &p.small_isa, &nthreads))
         return NULL;
-    if (T < 0 || H <= 0 || k <= 0 || E < 0 || W <= 0 || nthreads < 1 || !px || !pids || !pw || !pgu || !pdn || !py) {
+    if (T < 0 || H <= 0 || k <= 0 || E < 0 || W <= 0 || nthreads < 1 || !px || !pids || !pw || !pgu || !pdn || !py ||
+        (psgu && (!psdn || Ws <= 0))) {
         PyErr_SetString(PyExc_ValueError, "moe_bf16: bad sizes or null buffer");
         return NULL;
     }
@@ -149,8 +175,9 @@ static PyObject *moe_bf16(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "moe_bf16: this CPU lacks AVX512-BF16");
         return NULL;
     }
-    moe_args a = {(const uint16_t *)px, (const uint16_t *)pgu, (const uint16_t *)pdn, (const int64_t *)pids,
-                  (const float *)pw, (uint16_t *)py, T, H, W, k, first, E};
+    moe_args a = {(const uint16_t *)px, (const uint16_t *)pgu, (const uint16_t *)pdn, (const uint16_t *)psgu,
+                  (const uint16_t *)psdn, Ws, (const int64_t *)pids, (const float *)pw, (uint16_t *)py,
+                  T, H, W, k, first, E};
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = moe_run(&a, &p, nthreads);
