@@ -418,8 +418,7 @@ def _paths():
 def test_each_kernel_path_every_row_count_and_tail(monkeypatch, name, dtype, bf16):
     """Every kernel path forced, rows 1..16 (register groups of 1-4 rows and their repeats), K with
     and without a tail past the 64-/16-wide vectors and the 128-column blocks, N not a multiple of
-    the 4-row tiles or 32-row tasks, a row offset into the block grid and a row block that 32 does
-    not divide: equal to dequantize-then-matmul up to fp32 summation order (+ bf16 output rounding)."""
+    the 4-row tiles, a row offset into the block grid and a row block other than 128: equal to dequantize-then-matmul up to fp32 summation order (+ bf16 output rounding)."""
     monkeypatch.setattr(fp8, "NATIVE_BF16", bf16)
     torch.manual_seed(7)
     for K, N, row_block in [(64, 5, 128), (200, 130, 128), (773, 37, 50)]:
@@ -439,7 +438,7 @@ def test_each_kernel_path_every_row_count_and_tail(monkeypatch, name, dtype, bf1
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_threads_split_without_changing_results_in_either_dtype(dtype):
     """Both kernels give bitwise the same products on one thread and on two (a 640-row product: five
-    128-row blocks, split in 32-row tasks / 4-row tiles)."""
+    128-row blocks, split by scale rows / 4-row tiles)."""
     torch.manual_seed(8)
     q, x = quantize(torch.randn(640, 768)), torch.randn(5, 768).to(dtype)
     threads = torch.get_num_threads()

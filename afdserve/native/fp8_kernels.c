@@ -136,7 +136,7 @@ TGT static void rows_group(const float *xs, ptrdiff_t K, const uint8_t *w, ptrdi
 }
 
 /* x'[m, k] = x[m, k] * 2^8 * s[(k + col_off) / 128] for one scale row s. */
-static void scale_x(const float *x, ptrdiff_t ldx, ptrdiff_t M, ptrdiff_t K, const float *s, ptrdiff_t col_off,
+TGT static void scale_x(const float *x, ptrdiff_t ldx, ptrdiff_t M, ptrdiff_t K, const float *s, ptrdiff_t col_off,
                     float *xs)
 {
     for (ptrdiff_t m = 0; m < M; m++)
@@ -147,20 +147,20 @@ TGT static void fp8_gemm(const float *x, ptrdiff_t ldx, const uint8_t *w, ptrdif
                          ptrdiff_t lds, ptrdiff_t row_block, ptrdiff_t row_off, ptrdiff_t col_off, float *y,
                          ptrdiff_t ldy, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, float *xs_all)
 {
-    /* One task per CH rows of W sharing a scale row (32, or row_block when 32 does not divide it), so
-       that a few 128-row blocks still split evenly over the OpenMP threads (torch's pool); each task
-       scales x by its scale row into the thread's own x' buffer. Small products stay on one thread. */
-    const ptrdiff_t CH = row_block % 32 == 0 ? 32 : row_block;
-    const ptrdiff_t t0 = row_off / CH, ntask = (N + row_off + CH - 1) / CH - t0;
-#pragma omp parallel if (N * K >= PAR_MIN && ntask > 1)
+    /* One task per scale row of W (row_block rows), each scaling x by its scale row into the thread's
+       own x' buffer, split over the OpenMP threads (torch's pool). Smaller tasks (32 rows) balance 5
+       blocks over 2 threads better but cost more than they gain: x' is formed 4x as often (measured
+       with benchmarks/fp8_kernel_bench.py). Small products stay on one thread. */
+    const ptrdiff_t nseg = (N + row_off + row_block - 1) / row_block;
+#pragma omp parallel if (N * K >= PAR_MIN && nseg > 1)
     {
         float *xs = xs_all + (size_t)thread_id() * (size_t)(M * K);
 #pragma omp for schedule(static)
-        for (ptrdiff_t task = t0; task < t0 + ntask; task++) {
-            ptrdiff_t n0 = task * CH - row_off, n1 = n0 + CH;
+        for (ptrdiff_t sg = 0; sg < nseg; sg++) {
+            ptrdiff_t n0 = sg * row_block - row_off, n1 = n0 + row_block;
             n0 = n0 < 0 ? 0 : n0;
             n1 = n1 > N ? N : n1;
-            scale_x(x, ldx, M, K, S + task * CH / row_block * lds, col_off, xs);
+            scale_x(x, ldx, M, K, S + sg * lds, col_off, xs);
             for (ptrdiff_t m0 = 0; m0 < M; m0 += 4) {
                 int mg = (int)(M - m0 < 4 ? M - m0 : 4);
                 rows_group(xs + m0 * K, K, w + n0 * ldw, ldw, y + m0 * ldy + n0, ldy, n1 - n0, mg);
