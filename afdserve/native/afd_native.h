@@ -209,6 +209,16 @@ static inline void afd_split(ptrdiff_t N, int parts, int i, ptrdiff_t align, ptr
 
 /* AVX512BF16_PACKED: vdpbf16ps over weights repacked per 32-column block into k-pair-major order
    (gemm_bf16.c), for many rows. */
+/* This thread's number in the OpenMP team running it (0 outside one, or without OpenMP). */
+static inline int afd_thread_num(void)
+{
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
 enum afd_isa { AFD_ISA_AVX2 = 1, AFD_ISA_AVX512BF16 = 2, AFD_ISA_AVX512BF16_PACKED = 3 };
 
 int afd_cpu_avx2(void);

@@ -294,11 +294,15 @@ int afd_bgemm(const uint16_t *x, ptrdiff_t ldx, const uint16_t *w, ptrdiff_t ldw
     }
     const int nt = afd_threads_for(N * K, nthreads);
     int failed = 0;
-#pragma omp parallel for num_threads(nt) schedule(static) reduction(| : failed) if (nt > 1)
-    for (int i = 0; i < nt; i++) {
-        ptrdiff_t n0, n1;
-        afd_split(N, nt, i, isa == AFD_ISA_AVX512BF16_PACKED ? PK_NB : 8, &n0, &n1);
-        failed |= bgemm_part(x, ldx, xf, w, ldw, y, ldy, M, n0, n1, K, transposed, isa);
+    if (nt == 1)                   /* no OpenMP construct at all: callers may run inside a team */
+        failed = bgemm_part(x, ldx, xf, w, ldw, y, ldy, M, 0, N, K, transposed, isa);
+    else {
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(| : failed)
+        for (int i = 0; i < nt; i++) {
+            ptrdiff_t n0, n1;
+            afd_split(N, nt, i, isa == AFD_ISA_AVX512BF16_PACKED ? PK_NB : 8, &n0, &n1);
+            failed |= bgemm_part(x, ldx, xf, w, ldw, y, ldy, M, n0, n1, K, transposed, isa);
+        }
     }
     free(xf);
     return failed ? -1 : 0;

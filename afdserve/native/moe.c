@@ -116,9 +116,17 @@ static int moe_run(const moe_args *a, const moe_policy *p, int nthreads)
         if (count[e] && (!isa_for(p, count[e], a->H) || !isa_for(p, count[e], a->W))) goto done;
     if (a->s_gate_up && (!isa_for(p, a->T, a->H) || !isa_for(p, a->T, a->Ws))) goto done;
     rc = -1;
-    out = malloc(sizeof(uint16_t) * (size_t)(pairs * a->H + 1));
+    int active = 0;
+    for (ptrdiff_t e = 0; e < a->E; e++) active += count[e] > 0;
+    /* Enough experts hit for every thread: whole experts per thread (one team for the layer, each
+       thread streaming its own experts' weights); else each GEMM's outputs split over the threads.
+       Either way every output is computed by the same instructions: the same bits. */
+    const int per_expert = nthreads > 1 && active >= 2 * nthreads;
+    const int bufs = per_expert ? nthreads : 1;
     const ptrdiff_t expert_buf = most * (2 * a->H + 3 * a->W), shared_buf = a->s_gate_up ? a->T * (a->H + 3 * a->Ws) : 0;
-    buf = malloc(sizeof(uint16_t) * (size_t)((expert_buf > shared_buf ? expert_buf : shared_buf) + 1));
+    const ptrdiff_t per_buf = expert_buf > shared_buf ? expert_buf : shared_buf;
+    out = malloc(sizeof(uint16_t) * (size_t)(pairs * a->H + 1));
+    buf = malloc(sizeof(uint16_t) * (size_t)(per_buf * bufs + 1));
     if (!out || !buf) goto done;
     ptrdiff_t start = 0;                                /* counting sort: pairs grouped by expert */
     for (ptrdiff_t e = 0; e < a->E; e++) {
@@ -127,9 +135,20 @@ static int moe_run(const moe_args *a, const moe_policy *p, int nthreads)
         start += c;
     }
     for (ptrdiff_t f = 0; f < pairs; f++)
-        if (local[f]) order[count[a->ids[f] - a->first]++] = f;
-    for (ptrdiff_t e = 0, s = 0; e < a->E; s = count[e++])
-        if (count[e] > s && run_expert(a, p, e, order + s, count[e] - s, buf, out, nthreads)) goto done;
+        if (local[f]) order[count[a->ids[f] - a->first]++] = f;   /* count[e]: now the end of e's pairs */
+    int failed = 0;
+    if (per_expert) {
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) reduction(| : failed)
+        for (ptrdiff_t e = 0; e < a->E; e++) {
+            const ptrdiff_t s = e ? count[e - 1] : 0;
+            if (count[e] > s)
+                failed |= run_expert(a, p, e, order + s, count[e] - s, buf + per_buf * afd_thread_num(), out, 1);
+        }
+    } else {                           /* not inside a team: afd_bgemm's own team is the top level */
+        for (ptrdiff_t e = 0, s = 0; e < a->E && !failed; s = count[e++])
+            if (count[e] > s) failed = run_expert(a, p, e, order + s, count[e] - s, buf, out, nthreads);
+    }
+    if (failed) goto done;
     combine(a, out, local, nthreads);
     if (a->s_gate_up && add_shared(a, p, buf, nthreads)) goto done;
     rc = 1;
