@@ -545,7 +545,7 @@ def _with_policy(mode: str, fn):
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("tokens", [1, 3, 40])
+@pytest.mark.parametrize("tokens", [1, 3, 40, 300])         # 300: rows split over the threads
 def test_native_rope_is_bitwise_the_torch_formula(dtype, tokens, policy_restored):
     """Same products and sum in fp32, one rounding: bit for bit the torch path, for q ([T, heads, d])
     and for k sliced out of a fused qkv output (token stride > heads * d)."""
@@ -566,7 +566,7 @@ def test_native_rope_is_bitwise_the_torch_formula(dtype, tokens, policy_restored
 
 
 @needs_native
-@pytest.mark.parametrize("rows", [1, 5, 70])
+@pytest.mark.parametrize("rows", [1, 5, 70, 400])            # 400: rows split over the threads
 def test_native_rms_norm_and_silu_mul_round_as_the_torch_formulas(rows, policy_restored):
     """bf16: fp32 math and the formulas' roundings; only the mean of squares / exp may differ in
     the last fp32 bit. That can move the intermediate bf16 value (x * r, silu(g)) by one ulp

@@ -21,11 +21,11 @@
 
 #include "afd_native.h"
 
-#define ROWS_PER_THREAD 16         /* fewer rows than this per thread: not worth a fork */
+#define ELEMS_PER_THREAD (1 << 17)  /* less work than this per thread (prefill-sized): not worth a fork */
 
-static int row_threads(Py_ssize_t rows, int nthreads)
+static int row_threads(Py_ssize_t rows, Py_ssize_t width, int nthreads)
 {
-    Py_ssize_t most = rows / ROWS_PER_THREAD;
+    Py_ssize_t most = rows * width / ELEMS_PER_THREAD;
     if (most < 1) most = 1;
     return nthreads < most ? (nthreads < 1 ? 1 : nthreads) : (int)most;
 }
@@ -101,7 +101,7 @@ static PyObject *rms_norm(PyObject *self, PyObject *args)
     }
     const uint16_t *x = (const uint16_t *)px, *w = (const uint16_t *)pw;
     uint16_t *y = (uint16_t *)py;
-    const int nt = row_threads(M, nthreads);
+    const int nt = row_threads(M, H, nthreads);
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (Py_ssize_t m = 0; m < M; m++) rms_norm_row(x + m * ldx, w, y + m * ldy, H, eps);
@@ -137,7 +137,7 @@ static PyObject *rope(PyObject *self, PyObject *args)
     const char *x = (const char *)px;
     char *y = (char *)py;
     const float *c = (const float *)pc, *s = (const float *)ps;
-    const int nt = row_threads(T, nthreads);
+    const int nt = row_threads(T, heads * d, nthreads);
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (Py_ssize_t t = 0; t < T; t++)
@@ -165,7 +165,7 @@ static PyObject *silu_mul(PyObject *self, PyObject *args)
     const size_t es = bf16 ? 2 : 4;
     const char *gu = (const char *)pg;
     char *y = (char *)py;
-    const int nt = row_threads(M, nthreads);
+    const int nt = row_threads(M, W, nthreads);
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (Py_ssize_t m = 0; m < M; m++) afd_silu_mul_row(gu + (size_t)(m * ldg) * es, y + (size_t)(m * W) * es, W, bf16);

@@ -82,7 +82,7 @@ static int add_shared(const moe_args *a, const moe_policy *p, uint16_t *buf, int
 static void combine(const moe_args *a, const uint16_t *out, const char *local, int nthreads)
 {
     const ptrdiff_t H = a->H, k = a->k;
-    const int nt = a->T >= 16 * nthreads ? nthreads : 1;
+    const int nt = a->T * H >= (1 << 17) * nthreads ? nthreads : 1;   /* prefill-sized only */
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (ptrdiff_t t = 0; t < a->T; t++)
         for (ptrdiff_t h = 0; h < H; h++) {
