@@ -68,6 +68,10 @@ AUTO_BF16DP_ROWS = 4
 # outputs (gemm_bf16.c): 1.2-1.9x oneDNN's bf16 GEMM from 5 to 64 rows, even with it at 256, a
 # few % behind it in prefill-sized products (benchmarks/kernel_bench.py; docs/kernels.md).
 AUTO_BF16_PACKED_ROWS = 256
+# The native MoE (moe.c) takes the repacked kernel to any row count in `auto`: from 256 rows on it
+# is within 0-8% of oneDNN's GEMM, and one call saves the Python path's grouping, gathers and
+# scatters of a prefill's thousands of (token, expert) rows.
+AUTO_MOE_ROWS = 1 << 30
 
 
 def _onednn_available() -> bool:
@@ -179,6 +183,7 @@ class KernelPolicy:
     bf16_isa: int = 0                                # ISA_AVX2 / ISA_AVX512BF16 for bf16 [out, in] GEMMs
     bf16dp_rows: int = 0                             # ... ISA_AVX512BF16 up to this many rows, AVX2 above
     bf16_packed_rows: int = 0                        # ... then ISA_AVX512BF16_PACKED up to this many (even k)
+    moe_rows: int = 0                                # the native MoE's repacked GEMMs: up to this many rows
     attention: frozenset = frozenset()               # dtypes of the native decode attention
     openblas: bool = False                           # numpy's OpenBLAS for fp32 (one thread only)
     onednn: bool = False                             # oneDNN inner products / prepacked LM head (fp32)
@@ -238,6 +243,7 @@ def decide_policy(mode: str | None = None, threads: int | None = None) -> Kernel
     packed = 0 if isa != ISA_AVX512BF16 or not rows else \
         FORCED_NATIVE_ROWS if mode == "native" else AUTO_BF16_PACKED_ROWS
     return KernelPolicy(mode, threads if shared else 1, rows, isa, AUTO_BF16DP_ROWS, packed,
+                        AUTO_MOE_ROWS if packed and mode == "auto" else packed,
                         frozenset({torch.float32, torch.bfloat16}) if rows else frozenset(),
                         openblas=mode == "auto" and OPENBLAS and threads == 1, onednn=ONEDNN, omp_runtimes=omp)
 
@@ -470,11 +476,13 @@ def native_silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
 
 def native_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up, down, first: int,
                shared: tuple | None = None) -> torch.Tensor | None:
-    """The routed experts of a bf16 MoE layer in one native call (moe.c), bitwise MoE.forward's
-    result under the same policy: x [T, H]; weights fp32 / ids int64 [T, k]; gate_up [E, 2W, H] and
+    """The routed experts of a bf16 MoE layer in one native call (moe.c): x [T, H]; weights fp32 / ids int64 [T, k]; gate_up [E, 2W, H] and
     down [E, H, W] the local experts (global ids first..first+E-1); `shared`: the shared expert's
-    (gate_up [2Ws, H], down [H, Ws]), added as `y + shared(x)`. None where the policy, dtypes or
-    layouts do not send it there, or a GEMM gets more rows than the native kernels take."""
+    (gate_up [2Ws, H], down [H, Ws]), added as `y + shared(x)`. Bitwise MoE.forward's result (+ the
+    shared expert's) under the same policy while every GEMM has at most `bf16_packed_rows` rows;
+    above, the repacked kernel runs up to `moe_rows` where the Python path would take torch's GEMM
+    (equal up to rounding). None where the policy, dtypes or layouts do not send it there, or a
+    GEMM gets more rows than that."""
     p = _policy
     mats = (gate_up, down) + (tuple(shared) if shared else ())
     if x.dtype is not torch.bfloat16 or x.dim() != 2 or not p.native_rows.get((torch.bfloat16, False)) \
@@ -494,7 +502,7 @@ def native_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_u
     done = _native.moe_bf16(x.data_ptr(), T, H, ids.data_ptr(), weights.data_ptr(), ids.shape[1], first, E,
                             gate_up.data_ptr(), down.data_ptr(), W2 // 2, shared[0].data_ptr() if shared else 0,
                             shared[1].data_ptr() if shared else 0, Ws2 // 2, y.data_ptr(), p.bf16dp_rows,
-                            p.bf16_packed_rows, p.native_rows[(torch.bfloat16, False)], small, p.threads)
+                            p.moe_rows, p.native_rows[(torch.bfloat16, False)], small, p.threads)
     return y if done else None
 
 
