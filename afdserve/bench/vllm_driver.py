@@ -52,12 +52,17 @@ def load_job(path: str) -> dict:
     return job
 
 
+def step_budget(job: dict) -> int:
+    """Tokens per engine step: the job's budget, at least one whole prompt."""
+    return max(int(job["max_num_batched_tokens"]), int(job["max_model_len"]))
+
+
 def build_llm(job: dict):
     from vllm import LLM
     return LLM(model=job["model"], dtype=job["dtype"], seed=int(job["seed"]), skip_tokenizer_init=True,
                max_model_len=int(job["max_model_len"]), max_num_seqs=int(job["max_num_seqs"]),
-               max_num_batched_tokens=max(int(job["max_num_batched_tokens"]), int(job["max_model_len"])),
-               enable_prefix_caching=False, enforce_eager=bool(job["enforce_eager"]))
+               max_num_batched_tokens=step_budget(job), enable_prefix_caching=False,
+               enforce_eager=bool(job["enforce_eager"]))
 
 
 def full_decode(before: dict, after: dict) -> bool:
@@ -75,13 +80,15 @@ def _prompt(ids):
     return TokensPrompt(prompt_token_ids=[int(t) for t in ids])
 
 
-def measure_point(llm, batch: int, context: int, steps: int, warmup: int, seed: int = 0) -> dict:
+def measure_point(llm, batch: int, context: int, steps: int, warmup: int, seed: int = 0, budget: int = 2048) -> dict:
     engine = llm.llm_engine
     vocab = engine.model_config.get_vocab_size()
     rng = random.Random(seed * 1000003 + batch * 7919 + context)
     ids = [f"p{batch}x{context}-{time.monotonic_ns()}-{i}" for i in range(batch)]
     counts = {r: 0 for r in ids}
-    params = _params(warmup + steps + 3)
+    # early requests decode while later ones still prefill (chunked prefill, `budget` tokens a
+    # step): every request must still be running when the last prefill ends
+    params = _params(warmup + steps + 3 + -(-batch * context // max(budget, 1)))
     t0 = time.perf_counter()
     for r in ids:
         engine.add_request(r, _prompt(rng.randrange(2, vocab) for _ in range(context)), params)
@@ -120,13 +127,13 @@ def greedy_tokens(llm, prompts: list, max_tokens: int) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def handle(llm, req: dict, seed: int) -> dict | None:
+def handle(llm, req: dict, seed: int, budget: int = 2048) -> dict | None:
     op = req.get("op")
     if op == "quit":
         return None
     if op == "point":
         return {"ok": True, **measure_point(llm, int(req["batch"]), int(req["context"]), int(req.get("steps", 16)),
-                                            int(req.get("warmup", 2)), seed)}
+                                            int(req.get("warmup", 2)), seed, budget)}
     if op == "greedy":
         return {"ok": True, "tokens": greedy_tokens(llm, req["prompts"], int(req.get("max_tokens", 16)))}
     raise ValueError(f"unknown op {op!r}")
@@ -171,7 +178,7 @@ def main(argv: list[str]) -> int:
         if not line.strip():
             continue
         try:
-            answer = handle(llm, json.loads(line), int(job["seed"]))
+            answer = handle(llm, json.loads(line), int(job["seed"]), step_budget(job))
         except Exception as exc:  # one failing request does not end the session
             traceback.print_exc(file=sys.stderr)
             answer = {"ok": False, "error": one_line(exc)}
