@@ -68,32 +68,77 @@ static int run_expert(const moe_args *a, const moe_policy *p, ptrdiff_t e, const
     return 0;
 }
 
+#ifdef AFD_X86
+/* y[0:n] = bf16(y + o), eight at a time; returns where the scalar tail starts. */
+TGT static ptrdiff_t add_bf16x8(uint16_t *y, const uint16_t *o, ptrdiff_t n)
+{
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        afd_store_bf16x8(y + i, afd_round_bf16_ps(_mm256_add_ps(afd_bf16x8_to_ps(y + i), afd_bf16x8_to_ps(o + i))));
+    return i;
+}
+#endif
+
 /* y += the shared expert of every token, y and the sum rounded to bf16 as `y + shared(x)`. */
 static int add_shared(const moe_args *a, const moe_policy *p, uint16_t *buf, int nthreads)
 {
     const ptrdiff_t T = a->T, H = a->H, Ws = a->Ws;
     uint16_t *gu = buf, *act = gu + T * 2 * Ws, *os = act + T * Ws;
     if (swiglu(p, a->x, T, H, Ws, a->s_gate_up, a->s_down, gu, act, os, nthreads)) return -1;
-    for (ptrdiff_t i = 0; i < T * H; i++) a->y[i] = afd_f32_to_bf16(afd_bf16_to_f32(a->y[i]) + afd_bf16_to_f32(os[i]));
+    ptrdiff_t i = 0;
+#ifdef AFD_X86
+    i = add_bf16x8(a->y, os, T * H);
+#endif
+    for (; i < T * H; i++) a->y[i] = afd_f32_to_bf16(afd_bf16_to_f32(a->y[i]) + afd_bf16_to_f32(os[i]));
     return 0;
 }
 
-/* y[t] = bf16(sum_j bf16(out[t, j] * bf16(w[t, j]))) over the local slots of token t. */
-static void combine(const moe_args *a, const uint16_t *out, const char *local, int nthreads)
+/* y[t, h0:] = bf16(sum_j bf16(out[t, j] * bf16(w[t, j]))) over the local slots of token t. */
+static void combine_tail(const moe_args *a, const uint16_t *out, const char *local, ptrdiff_t t, ptrdiff_t h0)
 {
     const ptrdiff_t H = a->H, k = a->k;
-    const int nt = a->T * H >= (1 << 17) * nthreads ? nthreads : 1;   /* prefill-sized only */
+    for (ptrdiff_t h = h0; h < H; h++) {
+        float s = 0.f;
+        for (ptrdiff_t j = 0; j < k; j++)
+            if (local[t * k + j]) {
+                const float w = afd_bf16_to_f32(afd_f32_to_bf16(a->weights[t * k + j]));
+                s += afd_bf16_to_f32(afd_f32_to_bf16(afd_bf16_to_f32(out[(t * k + j) * H + h]) * w));
+            }
+        a->y[t * H + h] = afd_f32_to_bf16(s);
+    }
+}
+
+#ifdef AFD_X86
+/* The same sums eight outputs at a time (the same roundings, the same order); returns where the
+   scalar tail starts. */
+TGT static ptrdiff_t combine_x8(const moe_args *a, const uint16_t *out, const char *local, ptrdiff_t t)
+{
+    const ptrdiff_t H = a->H, k = a->k;
+    ptrdiff_t h = 0;
+    for (; h + 8 <= H; h += 8) {
+        __m256 s = _mm256_setzero_ps();
+        for (ptrdiff_t j = 0; j < k; j++)
+            if (local[t * k + j]) {
+                const __m256 w = _mm256_set1_ps(afd_bf16_to_f32(afd_f32_to_bf16(a->weights[t * k + j])));
+                s = _mm256_add_ps(s, afd_round_bf16_ps(_mm256_mul_ps(afd_bf16x8_to_ps(out + (t * k + j) * H + h), w)));
+            }
+        afd_store_bf16x8(a->y + t * H + h, afd_round_bf16_ps(s));
+    }
+    return h;
+}
+#endif
+
+static void combine(const moe_args *a, const uint16_t *out, const char *local, int nthreads)
+{
+    const int nt = a->T * a->H >= (1 << 17) * nthreads ? nthreads : 1;   /* prefill-sized only */
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-    for (ptrdiff_t t = 0; t < a->T; t++)
-        for (ptrdiff_t h = 0; h < H; h++) {
-            float s = 0.f;
-            for (ptrdiff_t j = 0; j < k; j++)
-                if (local[t * k + j]) {
-                    const float w = afd_bf16_to_f32(afd_f32_to_bf16(a->weights[t * k + j]));
-                    s += afd_bf16_to_f32(afd_f32_to_bf16(afd_bf16_to_f32(out[(t * k + j) * H + h]) * w));
-                }
-            a->y[t * H + h] = afd_f32_to_bf16(s);
-        }
+    for (ptrdiff_t t = 0; t < a->T; t++) {
+        ptrdiff_t h0 = 0;
+#ifdef AFD_X86
+        h0 = combine_x8(a, out, local, t);
+#endif
+        combine_tail(a, out, local, t, h0);
+    }
 }
 
 /* 1 done, 0 not handled (an expert's row count outside the native kernels), -1 out of memory. */
