@@ -450,3 +450,21 @@ def test_threads_split_without_changing_results_in_either_dtype(dtype):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+@native
+@pytest.mark.parametrize("name,dtype,bf16", _paths())
+@pytest.mark.parametrize("col", [5, 70, 130])       # in the first / second 64-code chunk, the second 128-block
+def test_every_finite_code_through_each_vector_path(monkeypatch, name, dtype, bf16, col):
+    """Each of the 254 finite codes, in the vectorised body of every kernel path (K = 192: three
+    64-code chunks, two 128-column blocks), times a one-hot x gives exactly code value x scale
+    (e4m3 values have 4 significant bits: exact in bf16 too)."""
+    monkeypatch.setattr(fp8, "NATIVE_BF16", bf16)
+    codes = torch.zeros(256, 192, dtype=torch.uint8)
+    codes[:, col] = torch.arange(256, dtype=torch.uint8)
+    scale = torch.tensor([[0.5, 4.0], [2.0, 0.25]])                      # two row blocks x two column blocks
+    x = torch.zeros(1, 192, dtype=dtype)
+    x[0, col] = 1.0
+    y = fp8.native_linear(x, Fp8Weight(codes, scale))[0].float()
+    want = torch.arange(256, dtype=torch.uint8).view(FP8).float() * scale[:, col // 128].repeat_interleave(128)
+    assert torch.equal(y[FINITE], want[FINITE])
