@@ -468,3 +468,16 @@ def test_every_finite_code_through_each_vector_path(monkeypatch, name, dtype, bf
     y = fp8.native_linear(x, Fp8Weight(codes, scale))[0].float()
     want = torch.arange(256, dtype=torch.uint8).view(FP8).float() * scale[:, col // 128].repeat_interleave(128)
     assert torch.equal(y[FINITE], want[FINITE])
+
+
+def test_bench_profiles_the_quantized_model_it_measures(tmp_path, monkeypatch):
+    """`afdserve bench --quantization fp8` profiles the FP8 model, not the unquantized one."""
+    import argparse
+    from afdserve.bench import cli, decode
+    seen = []
+    monkeypatch.setattr(decode, "measure_decode",
+                        lambda *a, **kw: seen.append(kw.get("quantization")) or {"profile": "p", "step_s": 1.0})
+    args = argparse.Namespace(batches=[1], contexts=[16], afd_batch=2, steps=2, warmup=1, device="cpu",
+                              dtype="float32", quantization="fp8")
+    cli._profile(args, tmp_path, lambda m: None, tmp_path)
+    assert seen and all(q == "fp8" for q in seen)

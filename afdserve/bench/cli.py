@@ -261,7 +261,7 @@ def _profile(args, model_dir: Path, log, out: Path) -> dict:
         key = f"{kind}_b{b}_c{c}"
         try:
             r = decode.measure_decode(model_dir, b, c, max(2, min(args.steps, 8)), args.warmup, args.device,
-                                      args.dtype, profile=kind)
+                                      args.dtype, profile=kind, quantization=args.quantization)
             path = out / f"profile_{key}.txt"
             path.write_text(r["profile"])
             res[key] = {"kind": kind, "batch": b, "context": c, "file": str(path), "step_s": r["step_s"],
