@@ -168,15 +168,12 @@ static inline uint32_t pk_pair(const uint16_t *p)
     return v;
 }
 
-/* b[kp][0:32] = k pair kp of weight rows 0..nr-1 of w (rows nr..31: zero), kp < K2. `next`: the
-   following block's 32 rows exist; they are prefetched into L2, to arrive while b is multiplied. */
-TGT_BF16 static void pk_pack(const uint16_t *w, ptrdiff_t ldw, ptrdiff_t nr, ptrdiff_t K2, uint32_t *b, int next)
+/* b[kp][0:32] = k pair kp of weight rows 0..nr-1 of w (rows nr..31: zero), kp < K2. */
+TGT_BF16 static void pk_pack(const uint16_t *w, ptrdiff_t ldw, ptrdiff_t nr, ptrdiff_t K2, uint32_t *b)
 {
     ptrdiff_t kp = 0;
     if (nr == PK_NB)
         for (; kp + 16 <= K2; kp += 16) {
-            if (next)
-                for (int n = 0; n < PK_NB; n++) __builtin_prefetch(w + (PK_NB + n) * ldw + 2 * kp, 0, 1);
             pk_transpose16(w + 2 * kp, ldw, b + kp * PK_NB, PK_NB);
             pk_transpose16(w + 16 * ldw + 2 * kp, ldw, b + kp * PK_NB + 16, PK_NB);
         }
@@ -197,13 +194,21 @@ TGT_BF16 static inline __m256i pk_round(__m512 v)
     return _mm512_cvtepi32_epi16(r);
 }
 
+/* While the first group of rows is multiplied, the next block's 32 weight rows are prefetched into
+   L2, two 64-byte lines per k pair (K2 pairs: 32 rows x K/32 lines): spread over the block's
+   arithmetic instead of a burst the memory system drops. `next`: NULL for none. */
 #define DEFINE_PK(MR)                                                                                 \
     TGT_BF16 static void pk_##MR(const uint16_t *x, ptrdiff_t ldx, const uint32_t *b, ptrdiff_t K2,  \
-                                 uint16_t *y, ptrdiff_t ldy, __mmask32 nmask)                        \
+                                 uint16_t *y, ptrdiff_t ldy, __mmask32 nmask, const uint16_t *next,   \
+                                 ptrdiff_t ldw)                                                       \
     {                                                                                                 \
         __m512 acc[MR][2];                                                                            \
+        const ptrdiff_t lines = (2 * K2 + 31) / 32;                                                   \
         for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();                     \
         for (ptrdiff_t kp = 0; kp < K2; kp++) {                                                       \
+            if (next)                                                                                 \
+                for (ptrdiff_t l = 2 * kp; l < 2 * kp + 2; l++)                                       \
+                    __builtin_prefetch(next + (l / lines) * ldw + (l % lines) * 32, 0, 1);            \
             const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + kp * PK_NB);                        \
             const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + kp * PK_NB + 16);                   \
             for (int r = 0; r < MR; r++) {                                                            \
@@ -221,7 +226,8 @@ TGT_BF16 static inline __m256i pk_round(__m512 v)
 DEFINE_PK(1) DEFINE_PK(2) DEFINE_PK(3) DEFINE_PK(4) DEFINE_PK(5) DEFINE_PK(6)
 DEFINE_PK(7) DEFINE_PK(8) DEFINE_PK(9) DEFINE_PK(10) DEFINE_PK(11) DEFINE_PK(12)
 
-typedef void (*pk_fn)(const uint16_t *, ptrdiff_t, const uint32_t *, ptrdiff_t, uint16_t *, ptrdiff_t, __mmask32);
+typedef void (*pk_fn)(const uint16_t *, ptrdiff_t, const uint32_t *, ptrdiff_t, uint16_t *, ptrdiff_t, __mmask32,
+                      const uint16_t *, ptrdiff_t);
 static const pk_fn pk_rows[PK_MR + 1] = {0, pk_1, pk_2, pk_3, pk_4, pk_5, pk_6, pk_7, pk_8, pk_9, pk_10, pk_11, pk_12};
 
 /* y[:, 0:N] for weight rows w[0:N] (one thread's share); 1 when the buffer cannot be had. */
@@ -234,11 +240,12 @@ TGT_BF16 static int bgemm_packed(const uint16_t *x, ptrdiff_t ldx, const uint16_
     uint32_t *b = (uint32_t *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
     for (ptrdiff_t n = 0; n < N; n += PK_NB) {
         const ptrdiff_t nr = N - n < PK_NB ? N - n : PK_NB;
-        pk_pack(w + n * ldw, ldw, nr, K2, b, n + 2 * PK_NB <= N);
+        pk_pack(w + n * ldw, ldw, nr, K2, b);
         const __mmask32 mask = nr == PK_NB ? (__mmask32)0xffffffffu : (__mmask32)((1u << nr) - 1u);
+        const uint16_t *next = n + 2 * PK_NB <= N ? w + (n + PK_NB) * ldw : NULL;
         for (ptrdiff_t m = 0; m < M; m += PK_MR) {
             const int mr = M - m < PK_MR ? (int)(M - m) : PK_MR;
-            pk_rows[mr](x + m * ldx, ldx, b, K2, y + m * ldy + n, ldy, mask);
+            pk_rows[mr](x + m * ldx, ldx, b, K2, y + m * ldy + n, ldy, mask, m ? NULL : next, ldw);
         }
     }
     free(raw);
