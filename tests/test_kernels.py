@@ -622,3 +622,29 @@ def test_native_moe_is_bitwise_the_python_moe(mode, monkeypatch, policy_restored
         x = torch.randn(80, 96, generator=g).bfloat16()
         got = kernels.native_moe(x, torch.rand(80, 3, generator=g), skewed, moe.gate_up, moe.down_proj.weight, moe.first)
         assert (got is None) == (mode == "native")
+
+
+@needs_native
+@pytest.mark.parametrize("t,ctx", [(1, 1), (5, 5), (128, 128), (200, 200), (70, 300), (1, 40)])
+def test_native_causal_attention_matches_the_naive_reference(t, ctx, policy_restored):
+    """The last t positions of a sequence (a whole prompt, or a later chunk: t < ctx) over MFA's
+    single KV head, block by block with native fp32 scores and softmax: against the slow fp32
+    reference within bf16 rounding (probabilities rounded to bf16 before the product with V:
+    <= 2^-8 relative per term), and against the SDPA path."""
+    from afdserve.model import attention
+    if not kernels.FEATURES.get("avx512bf16"):
+        pytest.skip("the scores kernel needs AVX512-BF16")
+    g = torch.Generator().manual_seed(t * 1000 + ctx)
+    q = torch.randn(t, 16, 128, generator=g).bfloat16()
+    k = (torch.randn(ctx, 1, 128, generator=g) * 2).bfloat16()
+    v = torch.randn(ctx, 1, 128, generator=g).bfloat16()
+    kernels.use_policy(kernels.decide_policy("auto"))
+    with torch.no_grad():
+        got = attention._mfa_causal_attention(q, k, v, 0.088)
+        assert got is not None and got.shape == q.shape and got.dtype is torch.bfloat16
+        ref = attention.naive_attention(q.float(), k.float(), v.float(), 0.088)
+        bound = 2 ** -7 * v.float().abs().max()
+        assert (got.float() - ref).abs().max() <= bound
+        kernels.use_policy(kernels.decide_policy("torch"))
+        assert attention._mfa_causal_attention(q, k, v, 0.088) is None          # the reference path: SDPA
+        assert (got.float() - attention._sequence_attention(q, k, v, 0.088).float()).abs().max() <= bound

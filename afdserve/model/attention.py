@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from afdserve.config import Step3Config
-from afdserve.model.kernels import linear, native_decode_attention
+from afdserve.model.kernels import linear, native_causal_softmax, native_decode_attention, native_scores
 from afdserve.model.layers import RMSNorm, RotaryEmbedding
 
 
@@ -191,10 +191,45 @@ def _gathered_decode_attention(q, k_cache, v_cache, meta, scale):
     return _ungroup(o, 1, nq).squeeze(1)
 
 
+PROMPT_BLOCK = 128           # query positions per block of the native causal attention ...
+PROMPT_SCORES = 1 << 22      # ... fewer where a block's scores would pass this many (16 MiB fp32)
+
+
+def _mfa_causal_attention(q, k, v, scale):
+    """Causal attention of the last t positions of a sequence (a whole prompt, or a later chunk of
+    one) over ONE KV head (MFA), block by block of query positions: the scores of a block (all its
+    heads as rows) against the keys up to the block's last position in one native GEMM with fp32
+    outputs, one native pass of causal softmax in fp32 whose probabilities are rounded to bf16,
+    then one GEMM with V (torch's). Scores and probabilities live in the thread's reused buffers
+    (fresh multi-MB tensors per block page-fault every time). None where the native kernels are
+    not available (then SDPA). q [t, n_q, d]; k, v [ctx, 1, d]."""
+    t, nq, d = q.shape
+    ctx = k.shape[0]
+    if k.shape[1] != 1 or q.dtype is not torch.bfloat16 or torch.is_grad_enabled():
+        return None
+    keys, values, off = k[:, 0], v[:, 0], ctx - t                    # query i is position off + i
+    B = max(1, min(PROMPT_BLOCK, t, PROMPT_SCORES // (nq * ctx)))
+    out = torch.empty_like(q)
+    scores_buf = _workspace.get("scores", B * nq * ctx, torch.float32, q.device)
+    probs_buf = _workspace.get("probs", B * nq * ctx, torch.bfloat16, q.device)
+    for s in range(0, t, B):
+        e = min(t, s + B)
+        rows, seen = (e - s) * nq, off + e
+        scores = native_scores(q[s:e].reshape(rows, d), keys[:seen], scores_buf[:rows * seen].view(rows, seen))
+        if scores is None:
+            return None
+        probs = native_causal_softmax(scores, scale, nq, off + s, probs_buf[:rows * seen].view(rows, seen))
+        torch.mm(probs, values[:seen], out=out[s:e].view(rows, d))
+    return out
+
+
 def _sequence_attention(q, k, v, scale):
     # q [t, n_q, d] are the last t positions of a sequence whose K/V are k, v [ctx, g, d].
     t, nq, d = q.shape
     ctx, g, _ = k.shape
+    o = _mfa_causal_attention(q, k, v, scale)
+    if o is not None:
+        return o
     if t == ctx:
         # A whole prompt: heads as the batch (K/V broadcast to the query heads, a view) and
         # is_causal, which torch's fused CPU kernel takes (an explicit mask falls back to its

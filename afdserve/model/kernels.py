@@ -474,6 +474,41 @@ def native_silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     return y
 
 
+def native_scores(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """q @ k^T in fp32, not rounded, for bf16 q [M, d] and k [N, d] (unit stride along d, d even):
+    attention scores through the repacked AVX512-BF16 kernel (products exact, fp32 sums), into
+    `out` (a contiguous fp32 [M, N]) when given. None where the policy has no such kernel (it needs
+    AVX512-BF16 and the native kernels)."""
+    p = _policy
+    if q.dtype is not torch.bfloat16 or k.dtype is not torch.bfloat16 or not p.bf16_packed_rows or \
+            q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1] or q.shape[1] % 2 or \
+            q.stride(1) != 1 or k.stride(1) != 1 or not _elementwise_ok(p, q, k):
+        return None
+    (M, d), N = q.shape, k.shape[0]
+    y = torch.empty((M, N), dtype=torch.float32) if out is None else out
+    if y.shape != (M, N) or y.dtype is not torch.float32 or not y.is_contiguous():
+        raise ValueError(f"native_scores: out must be a contiguous fp32 [{M}, {N}] tensor")
+    if M and N:
+        _native.bgemm_f32(q.data_ptr(), q.stride(0) if M > 1 else d, k.data_ptr(), k.stride(0) if N > 1 else d,
+                          y.data_ptr(), N, M, N, d, p.threads)
+    return y
+
+
+def native_causal_softmax(scores: torch.Tensor, scale: float, heads: int, first: int,
+                          out: torch.Tensor) -> torch.Tensor:
+    """bf16 probabilities of fp32 attention scores [rows, n] (overwritten: scratch) into `out`
+    (bf16 [rows, n]): row r is query position first + r // heads and sees keys 0..that position;
+    one native pass (elementwise.c: scale, mask, max, exp, sum, normalise, round)."""
+    rows, n = scores.shape
+    if not (scores.is_contiguous() and out.is_contiguous()) or out.shape != scores.shape or \
+            scores.dtype is not torch.float32 or out.dtype is not torch.bfloat16:
+        raise ValueError("native_causal_softmax: contiguous fp32 scores and bf16 out of one shape")
+    if rows:
+        _native.softmax_bf16(scores.data_ptr(), n, rows, n, float(scale), heads, first, out.data_ptr(), n,
+                             _policy.threads)
+    return out
+
+
 def native_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up, down, first: int,
                shared: tuple | None = None) -> torch.Tensor | None:
     """The routed experts of a bf16 MoE layer in one native call (moe.c): x [T, H]; weights fp32 / ids int64 [T, k]; gate_up [E, 2W, H] and

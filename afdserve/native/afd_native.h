@@ -271,6 +271,9 @@ int afd_cpu_avx512bf16(void);
 int afd_bgemm(const uint16_t *x, ptrdiff_t ldx, const uint16_t *w, ptrdiff_t ldw, uint16_t *y, ptrdiff_t ldy,
               ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int transposed, int isa, int nthreads);
 
+int afd_bgemm_f32(const uint16_t *x, ptrdiff_t ldx, const uint16_t *w, ptrdiff_t ldw, float *y, ptrdiff_t ldy,
+                  ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int nthreads);
+
 /* elementwise.c: y[0:W] = silu(gu[0:W]) * gu[W:2W] of one row, bf16 (bf16 != 0) or fp32 */
 void afd_silu_mul_row(const void *gu, void *y, ptrdiff_t W, int bf16);
 

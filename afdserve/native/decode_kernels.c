@@ -537,6 +537,36 @@ static PyObject *bgemm(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(bgemm_f32_doc,
+             "bgemm_f32(x, ldx, w, ldw, y, ldy, m, n, k, nthreads) -> None\n\n"
+             "y[m, n] = x[m, k] @ W^T for bf16 x and W [n, k] into fp32 y, not rounded (attention\n"
+             "scores): the repacked AVX512-BF16 kernel; k even; the GIL is released.");
+
+static PyObject *bgemm_f32(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_ssize_t px, ldx, pw, ldw, py, ldy, M, N, K;
+    int nthreads;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnni", &px, &ldx, &pw, &ldw, &py, &ldy, &M, &N, &K, &nthreads)) return NULL;
+    if (!gemm_args_ok("bgemm_f32", px, ldx, pw, ldw, py, ldy, M, N, K, 0, nthreads)) return NULL;
+    if (!afd_cpu_avx512bf16() || K % 2) {
+        PyErr_SetString(PyExc_ValueError, K % 2 ? "bgemm_f32: needs an even k" : "bgemm_f32: this CPU lacks AVX512-BF16");
+        return NULL;
+    }
+    int rc = 0;
+    if (M > 0 && N > 0) {
+        if (K == 0)
+            for (Py_ssize_t m = 0; m < M; m++) memset((float *)py + m * ldy, 0, sizeof(float) * (size_t)N);
+        else {
+            Py_BEGIN_ALLOW_THREADS
+            rc = afd_bgemm_f32((const uint16_t *)px, ldx, (const uint16_t *)pw, ldw, (float *)py, ldy, M, N, K, nthreads);
+            Py_END_ALLOW_THREADS
+        }
+    }
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(decode_attention_doc,
              "decode_attention(q, S, nq, d, k, v, num_blocks, g, bs, tables, max_blocks, lens, scale, out,\n"
              "                 nthreads=1, bf16=False) -> None\n\n"
@@ -601,6 +631,7 @@ static PyMethodDef methods[] = {
     {"features", features, METH_NOARGS, features_doc},
     {"sgemm", sgemm, METH_VARARGS, sgemm_doc},
     {"bgemm", bgemm, METH_VARARGS, bgemm_doc},
+    {"bgemm_f32", bgemm_f32, METH_VARARGS, bgemm_f32_doc},
     {"decode_attention", decode_attention, METH_VARARGS, decode_attention_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -211,7 +211,74 @@ static PyObject *silu_mul(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+#ifdef AFD_X86
+/* One row of causal softmax: p[j] = bf16(exp(scale s[j] - max) / sum) for keys j < n_valid, 0 after. */
+TGT static void softmax_row(float *s, uint16_t *p, Py_ssize_t n, Py_ssize_t n_valid, float scale)
+{
+    const __m256 sc = _mm256_set1_ps(scale);
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    Py_ssize_t j = 0;
+    for (; j + 8 <= n_valid; j += 8) mv = _mm256_max_ps(mv, _mm256_mul_ps(_mm256_loadu_ps(s + j), sc));
+    float mx = -INFINITY, tmp[8];
+    _mm256_storeu_ps(tmp, mv);
+    for (int i = 0; i < 8; i++) mx = tmp[i] > mx ? tmp[i] : mx;
+    for (Py_ssize_t i = j; i < n_valid; i++) mx = s[i] * scale > mx ? s[i] * scale : mx;
+    const __m256 m8 = _mm256_set1_ps(mx);
+    __m256 sum8 = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n_valid; j += 8)                 /* exp kept in place of the scores: s is scratch */
+    {
+        const __m256 e = afd_exp_ps(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(s + j), sc), m8));
+        _mm256_storeu_ps(s + j, e);
+        sum8 = _mm256_add_ps(sum8, e);
+    }
+    float sum = afd_hsum8(sum8);
+    for (Py_ssize_t i = j; i < n_valid; i++) {
+        const float e = expf(s[i] * scale - mx);
+        s[i] = e;
+        sum += e;
+    }
+    const __m256 inv = _mm256_set1_ps(1.f / sum);
+    for (j = 0; j + 8 <= n_valid; j += 8)
+        afd_store_bf16x8(p + j, afd_round_bf16_ps(_mm256_mul_ps(_mm256_loadu_ps(s + j), inv)));
+    for (; j < n_valid; j++) p[j] = afd_f32_to_bf16(s[j] * (1.f / sum));
+    for (; j < n; j++) p[j] = 0;
+}
+#endif
+
+PyDoc_STRVAR(softmax_bf16_doc,
+             "softmax_bf16(s, lds, rows, n, scale, heads, first, p, ldp, nthreads) -> None\n\n"
+             "Causal softmax of attention scores into bf16 probabilities: row r of the fp32 scores s\n"
+             "(row stride lds; overwritten, it is scratch) is query position first + r // heads, which\n"
+             "sees keys 0..first + r // heads; p[r, j] = bf16(softmax(scale * s[r, :visible])[j]), 0 for\n"
+             "later keys. AVX2 exp (within a few fp32 ulp).");
+
+static PyObject *softmax_bf16(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_ssize_t ps, lds, M, N, heads, first, pp, ldp;
+    float scale;
+    int nthreads;
+    if (!PyArg_ParseTuple(args, "nnnnfnnnni", &ps, &lds, &M, &N, &scale, &heads, &first, &pp, &ldp, &nthreads))
+        return NULL;
+    if (M < 0 || N <= 0 || heads <= 0 || first < 0 || lds < N || ldp < N || !ps || !pp ||
+        (M && first + (M - 1) / heads >= N)) {
+        PyErr_SetString(PyExc_ValueError, "softmax_bf16: bad sizes (a query position beyond the keys) or null buffer");
+        return NULL;
+    }
+#ifdef AFD_X86
+    float *sc = (float *)ps;
+    uint16_t *p = (uint16_t *)pp;
+    const int nt = row_threads(M, N, nthreads);
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (Py_ssize_t r = 0; r < M; r++) softmax_row(sc + r * lds, p + r * ldp, N, first + r / heads + 1, scale);
+    Py_END_ALLOW_THREADS
+#endif
+    Py_RETURN_NONE;
+}
+
 PyMethodDef afd_elementwise_methods[] = {
+    {"softmax_bf16", softmax_bf16, METH_VARARGS, softmax_bf16_doc},
     {"rms_norm", rms_norm, METH_VARARGS, rms_norm_doc},
     {"rope", rope, METH_VARARGS, rope_doc},
     {"silu_mul", silu_mul, METH_VARARGS, silu_mul_doc},

@@ -199,8 +199,8 @@ TGT_BF16 static inline __m256i pk_round(__m512 v)
    arithmetic instead of a burst the memory system drops. `next`: NULL for none. */
 #define DEFINE_PK(MR)                                                                                 \
     TGT_BF16 static void pk_##MR(const uint16_t *x, ptrdiff_t ldx, const uint32_t *b, ptrdiff_t K2,  \
-                                 uint16_t *y, ptrdiff_t ldy, __mmask32 nmask, const uint16_t *next,   \
-                                 ptrdiff_t ldw)                                                       \
+                                 uint16_t *y, float *yf, ptrdiff_t ldy, __mmask32 nmask,              \
+                                 const uint16_t *next, ptrdiff_t ldw)                                 \
     {                                                                                                 \
         __m512 acc[MR][2];                                                                            \
         const ptrdiff_t lines = (2 * K2 + 31) / 32;                                                   \
@@ -217,22 +217,27 @@ TGT_BF16 static inline __m256i pk_round(__m512 v)
                 acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);                                       \
             }                                                                                         \
         }                                                                                             \
-        for (int r = 0; r < MR; r++) {                                                                \
-            _mm256_mask_storeu_epi16(y + r * ldy, (__mmask16)nmask, pk_round(acc[r][0]));             \
-            _mm256_mask_storeu_epi16(y + r * ldy + 16, (__mmask16)(nmask >> 16), pk_round(acc[r][1])); \
-        }                                                                                             \
+        for (int r = 0; r < MR; r++)                                                                  \
+            if (yf) {                                                                                 \
+                _mm512_mask_storeu_ps(yf + r * ldy, (__mmask16)nmask, acc[r][0]);                    \
+                _mm512_mask_storeu_ps(yf + r * ldy + 16, (__mmask16)(nmask >> 16), acc[r][1]);       \
+            } else {                                                                                  \
+                _mm256_mask_storeu_epi16(y + r * ldy, (__mmask16)nmask, pk_round(acc[r][0]));         \
+                _mm256_mask_storeu_epi16(y + r * ldy + 16, (__mmask16)(nmask >> 16), pk_round(acc[r][1])); \
+            }                                                                                         \
     }
 
 DEFINE_PK(1) DEFINE_PK(2) DEFINE_PK(3) DEFINE_PK(4) DEFINE_PK(5) DEFINE_PK(6)
 DEFINE_PK(7) DEFINE_PK(8) DEFINE_PK(9) DEFINE_PK(10) DEFINE_PK(11) DEFINE_PK(12)
 
-typedef void (*pk_fn)(const uint16_t *, ptrdiff_t, const uint32_t *, ptrdiff_t, uint16_t *, ptrdiff_t, __mmask32,
-                      const uint16_t *, ptrdiff_t);
+typedef void (*pk_fn)(const uint16_t *, ptrdiff_t, const uint32_t *, ptrdiff_t, uint16_t *, float *, ptrdiff_t,
+                      __mmask32, const uint16_t *, ptrdiff_t);
 static const pk_fn pk_rows[PK_MR + 1] = {0, pk_1, pk_2, pk_3, pk_4, pk_5, pk_6, pk_7, pk_8, pk_9, pk_10, pk_11, pk_12};
 
-/* y[:, 0:N] for weight rows w[0:N] (one thread's share); 1 when the buffer cannot be had. */
+/* y[:, 0:N] (bf16; or yf, fp32, unrounded, when y is NULL) for weight rows w[0:N] (one thread's
+   share); 1 when the buffer cannot be had. */
 TGT_BF16 static int bgemm_packed(const uint16_t *x, ptrdiff_t ldx, const uint16_t *w, ptrdiff_t ldw, uint16_t *y,
-                                 ptrdiff_t ldy, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K)
+                                 float *yf, ptrdiff_t ldy, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K)
 {
     const ptrdiff_t K2 = K / 2;
     char *raw = malloc(sizeof(uint32_t) * (size_t)(K2 * PK_NB) + 64);
@@ -245,7 +250,8 @@ TGT_BF16 static int bgemm_packed(const uint16_t *x, ptrdiff_t ldx, const uint16_
         const uint16_t *next = n + 2 * PK_NB <= N ? w + (n + PK_NB) * ldw : NULL;
         for (ptrdiff_t m = 0; m < M; m += PK_MR) {
             const int mr = M - m < PK_MR ? (int)(M - m) : PK_MR;
-            pk_rows[mr](x + m * ldx, ldx, b, K2, y + m * ldy + n, ldy, mask, m ? NULL : next, ldw);
+            pk_rows[mr](x + m * ldx, ldx, b, K2, y ? y + m * ldy + n : NULL, y ? NULL : yf + m * ldy + n, ldy,
+                        mask, m ? NULL : next, ldw);
         }
     }
     free(raw);
@@ -280,7 +286,7 @@ static int bgemm_part(const uint16_t *x, ptrdiff_t ldx, const float *xf, const u
         bgemm_axpy(xf, K, w + n0, ldw, y + n0, ldy, M, n1 - n0, K, yt, NT);
         free(yt);
     } else if (isa == AFD_ISA_AVX512BF16_PACKED) {
-        return bgemm_packed(x, ldx, w + n0 * ldw, ldw, y + n0, ldy, M, n1 - n0, K);
+        return bgemm_packed(x, ldx, w + n0 * ldw, ldw, y + n0, NULL, ldy, M, n1 - n0, K);
     } else if (isa == AFD_ISA_AVX512BF16) {
         bgemm_dot512(x, ldx, w + n0 * ldw, ldw, y + n0, ldy, M, n1 - n0, K);
     } else {
@@ -315,7 +321,35 @@ int afd_bgemm(const uint16_t *x, ptrdiff_t ldx, const uint16_t *w, ptrdiff_t ldw
     return failed ? -1 : 0;
 }
 
+/* y (fp32, unrounded) = x @ W^T for bf16 x [M, K] and W [N, K] with the repacked AVX512-BF16
+   kernel (K even); outputs split over the threads on multiples of 32 columns. */
+int afd_bgemm_f32(const uint16_t *x, ptrdiff_t ldx, const uint16_t *w, ptrdiff_t ldw, float *y, ptrdiff_t ldy,
+                  ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int nthreads)
+{
+    const int nt = afd_threads_for(N * K, nthreads);
+    int failed = 0;
+    if (nt == 1)
+        failed = bgemm_packed(x, ldx, w, ldw, NULL, y, ldy, M, N, K);
+    else {
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(| : failed)
+        for (int i = 0; i < nt; i++) {
+            ptrdiff_t n0, n1;
+            afd_split(N, nt, i, PK_NB, &n0, &n1);
+            if (n0 < n1) failed |= bgemm_packed(x, ldx, w + n0 * ldw, ldw, NULL, y + n0, ldy, M, n1 - n0, K);
+        }
+    }
+    return failed ? -1 : 0;
+}
+
 #else  /* not x86-64 */
+
+int afd_bgemm_f32(const uint16_t *x, ptrdiff_t ldx, const uint16_t *w, ptrdiff_t ldw, float *y, ptrdiff_t ldy,
+                  ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int nthreads)
+{
+    (void)x; (void)ldx; (void)w; (void)ldw; (void)y; (void)ldy; (void)M; (void)N; (void)K; (void)nthreads;
+    return -1;
+}
+
 
 int afd_cpu_avx2(void) { return 0; }
 int afd_cpu_avx512bf16(void) { return 0; }
