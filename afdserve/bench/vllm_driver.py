@@ -87,8 +87,9 @@ def measure_point(llm, batch: int, context: int, steps: int, warmup: int, seed: 
     ids = [f"p{batch}x{context}-{time.monotonic_ns()}-{i}" for i in range(batch)]
     counts = {r: 0 for r in ids}
     # early requests decode while later ones still prefill (chunked prefill, `budget` tokens a
-    # step): every request must still be running when the last prefill ends
-    params = _params(warmup + steps + 3 + -(-batch * context // max(budget, 1)))
+    # step, shared with the decoding requests): every request must still be running when the last
+    # prefill ends, with room to spare (requests are aborted once the steps are timed)
+    params = _params(warmup + steps + 8 + 2 * -(-batch * context // max(budget, 1)))
     t0 = time.perf_counter()
     for r in ids:
         engine.add_request(r, _prompt(rng.randrange(2, vocab) for _ in range(context)), params)
