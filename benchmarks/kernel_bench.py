@@ -20,7 +20,8 @@ thresholds of afdserve/model/kernels.py were chosen (benchmarks/README.md, "Kern
 
 bf16 candidates: torch-bf16 / torch-bf16-T (F.linear in bf16, i.e. oneDNN, over either layout),
 native-avx2 (shift-widened bf16, fp32 FMA) over either layout, native-bf16dp (AVX512-BF16
-vdpbf16ps, checkpoint layout; where the CPU has it). Native kernels run on --threads threads.
+vdpbf16ps, checkpoint layout; where the CPU has it), native-packed (vdpbf16ps over weights repacked
+per 32 outputs, the kernel for 5-256 rows). Native kernels run on --threads threads.
 """
 from __future__ import annotations
 
@@ -62,6 +63,9 @@ def candidates(ws: list[torch.Tensor], rows: int, threads: int) -> dict:
             if kernels.FEATURES.get("avx512bf16"):
                 out["native-bf16dp"] = lambda x: [kernels._native_linear(x, w, threads, kernels.ISA_AVX512BF16)
                                                   for w in ws]
+                if ws[0].shape[1] % 2 == 0:
+                    out["native-packed"] = lambda x: [
+                        kernels._native_linear(x, w, threads, kernels.ISA_AVX512BF16_PACKED) for w in ws]
         out["dispatch"] = lambda x: [kernels.linear(x, w) for w in ws]
         return out
     if kernels.ONEDNN:
