@@ -645,6 +645,13 @@ def test_native_causal_attention_matches_the_naive_reference(t, ctx, policy_rest
         ref = attention.naive_attention(q.float(), k.float(), v.float(), 0.088)
         bound = 2 ** -7 * v.float().abs().max()
         assert (got.float() - ref).abs().max() <= bound
+        scores = kernels.native_scores(q.reshape(-1, 128), k[:, 0])         # fp32, not rounded
+        xd, wd = q.reshape(-1, 128).double(), k[:, 0].double()
+        assert ((scores.double() - xd @ wd.t()).abs() <= 132 * U32 * (xd.abs() @ wd.abs().t())).all()
+        from afdserve import _native
+        with pytest.raises(ValueError, match="fp32 outputs"):               # only the repacked kernel has them
+            _native.bgemm(q.data_ptr(), 128, k.data_ptr(), 128, scores.data_ptr(), ctx, 1, ctx, 128, False, 1,
+                          kernels.ISA_AVX512BF16, True)
         kernels.use_policy(kernels.decide_policy("torch"))
         assert attention._mfa_causal_attention(q, k, v, 0.088) is None          # the reference path: SDPA
         assert (got.float() - attention._sequence_attention(q, k, v, 0.088).float()).abs().max() <= bound

@@ -489,8 +489,8 @@ def native_scores(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor | None = N
     if y.shape != (M, N) or y.dtype is not torch.float32 or not y.is_contiguous():
         raise ValueError(f"native_scores: out must be a contiguous fp32 [{M}, {N}] tensor")
     if M and N:
-        _native.bgemm_f32(q.data_ptr(), q.stride(0) if M > 1 else d, k.data_ptr(), k.stride(0) if N > 1 else d,
-                          y.data_ptr(), N, M, N, d, p.threads)
+        _bgemm(q.data_ptr(), q.stride(0) if M > 1 else d, k.data_ptr(), k.stride(0) if N > 1 else d,
+               y.data_ptr(), N, M, N, d, False, p.threads, ISA_AVX512BF16_PACKED, True)
     return y
 
 

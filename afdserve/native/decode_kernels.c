@@ -494,18 +494,19 @@ static PyObject *sgemm(PyObject *self, PyObject *args)
 }
 
 PyDoc_STRVAR(bgemm_doc,
-             "bgemm(x, ldx, w, ldw, y, ldy, m, n, k, transposed, nthreads, isa) -> None\n\n"
+             "bgemm(x, ldx, w, ldw, y, ldy, m, n, k, transposed, nthreads, isa, f32_out=False) -> None\n\n"
              "sgemm for bf16 buffers (fp32 accumulation, one rounding to nearest even per output).\n"
              "isa: 1 = AVX2 + FMA (both layouts), 2 = AVX512-BF16 vdpbf16ps ([n, k] layout only), 3 = the\n"
-             "same over weights repacked per 32 outputs (many rows; [n, k] layout, even k).");
+             "same over weights repacked per 32 outputs (many rows; [n, k] layout, even k). f32_out (isa 3\n"
+             "only): y is fp32 and not rounded (attention scores).");
 
 static PyObject *bgemm(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_ssize_t px, ldx, pw, ldw, py, ldy, M, N, K;
-    int transposed, nthreads, isa;
-    if (!PyArg_ParseTuple(args, "nnnnnnnnnpii", &px, &ldx, &pw, &ldw, &py, &ldy, &M, &N, &K, &transposed,
-                          &nthreads, &isa))
+    int transposed, nthreads, isa, f32_out = 0;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnpii|p", &px, &ldx, &pw, &ldw, &py, &ldy, &M, &N, &K, &transposed,
+                          &nthreads, &isa, &f32_out))
         return NULL;
     if (!gemm_args_ok("bgemm", px, ldx, pw, ldw, py, ldy, M, N, K, transposed, nthreads)) return NULL;
     if (isa != AFD_ISA_AVX2 && isa != AFD_ISA_AVX512BF16 && isa != AFD_ISA_AVX512BF16_PACKED) {
@@ -522,44 +523,23 @@ static PyObject *bgemm(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "bgemm: the repacked AVX512-BF16 kernel needs an even k");
         return NULL;
     }
-    int rc = 0;
-    if (M > 0 && N > 0) {
-        if (K == 0)
-            for (Py_ssize_t m = 0; m < M; m++) memset((uint16_t *)py + m * ldy, 0, sizeof(uint16_t) * (size_t)N);
-        else {
-            Py_BEGIN_ALLOW_THREADS
-            rc = afd_bgemm((const uint16_t *)px, ldx, (const uint16_t *)pw, ldw, (uint16_t *)py, ldy, M, N, K,
-                           transposed, isa, nthreads);
-            Py_END_ALLOW_THREADS
-        }
-    }
-    if (rc) return PyErr_NoMemory();
-    Py_RETURN_NONE;
-}
-
-PyDoc_STRVAR(bgemm_f32_doc,
-             "bgemm_f32(x, ldx, w, ldw, y, ldy, m, n, k, nthreads) -> None\n\n"
-             "y[m, n] = x[m, k] @ W^T for bf16 x and W [n, k] into fp32 y, not rounded (attention\n"
-             "scores): the repacked AVX512-BF16 kernel; k even; the GIL is released.");
-
-static PyObject *bgemm_f32(PyObject *self, PyObject *args)
-{
-    (void)self;
-    Py_ssize_t px, ldx, pw, ldw, py, ldy, M, N, K;
-    int nthreads;
-    if (!PyArg_ParseTuple(args, "nnnnnnnnni", &px, &ldx, &pw, &ldw, &py, &ldy, &M, &N, &K, &nthreads)) return NULL;
-    if (!gemm_args_ok("bgemm_f32", px, ldx, pw, ldw, py, ldy, M, N, K, 0, nthreads)) return NULL;
-    if (!afd_cpu_avx512bf16() || K % 2) {
-        PyErr_SetString(PyExc_ValueError, K % 2 ? "bgemm_f32: needs an even k" : "bgemm_f32: this CPU lacks AVX512-BF16");
+    if (f32_out && isa != AFD_ISA_AVX512BF16_PACKED) {
+        PyErr_SetString(PyExc_ValueError, "bgemm: fp32 outputs come from the repacked kernel (isa 3) only");
         return NULL;
     }
+    const size_t elem = f32_out ? sizeof(float) : sizeof(uint16_t);
     int rc = 0;
     if (M > 0 && N > 0) {
         if (K == 0)
-            for (Py_ssize_t m = 0; m < M; m++) memset((float *)py + m * ldy, 0, sizeof(float) * (size_t)N);
+            for (Py_ssize_t m = 0; m < M; m++) memset((char *)py + (size_t)(m * ldy) * elem, 0, elem * (size_t)N);
         else {
             Py_BEGIN_ALLOW_THREADS
-            rc = afd_bgemm_f32((const uint16_t *)px, ldx, (const uint16_t *)pw, ldw, (float *)py, ldy, M, N, K, nthreads);
+            if (f32_out)
+                rc = afd_bgemm_f32((const uint16_t *)px, ldx, (const uint16_t *)pw, ldw, (float *)py, ldy, M, N, K,
+                                   nthreads);
+            else
+                rc = afd_bgemm((const uint16_t *)px, ldx, (const uint16_t *)pw, ldw, (uint16_t *)py, ldy, M, N, K,
+                               transposed, isa, nthreads);
             Py_END_ALLOW_THREADS
         }
     }
@@ -631,7 +611,6 @@ static PyMethodDef methods[] = {
     {"features", features, METH_NOARGS, features_doc},
     {"sgemm", sgemm, METH_VARARGS, sgemm_doc},
     {"bgemm", bgemm, METH_VARARGS, bgemm_doc},
-    {"bgemm_f32", bgemm_f32, METH_VARARGS, bgemm_f32_doc},
     {"decode_attention", decode_attention, METH_VARARGS, decode_attention_doc},
     {NULL, NULL, 0, NULL},
 };
