@@ -27,7 +27,8 @@ def test_driver_job_covers_every_point_and_prompt():
     assert job["max_model_len"] == 2000 + 16 + 2          # the long agreement prompt decides
     assert job["max_num_seqs"] == 8 and job["max_num_batched_tokens"] == 2048
     job = vllm_peer.driver_job("/x/m", "float32", [(32, 128)], steps=4, warmup=1)
-    assert job["max_model_len"] == 128 + 4 + 1 + 4 and job["max_num_seqs"] == 32
+    # the driver's tokens per request: warm-up + steps + 8 + twice the chunked-prefill steps
+    assert job["max_model_len"] == 128 + 1 + 4 + 8 + 2 * 2 and job["max_num_seqs"] == 32
     with pytest.raises(ValueError, match="no batch"):
         vllm_peer.driver_job("/x/m", "float32", [], 4, 1)
 

@@ -222,8 +222,11 @@ def driver_job(model_dir: str | Path, dtype: str, points: list[tuple[int, int]],
     """The job file of one driver session (sizes cover every point and the agreement prompts)."""
     if not points:
         raise ValueError("no batch x context points")
-    gen = warmup + steps + 4
-    lens = [c + gen for _, c in points] + [len(p) + agree_tokens + 2 for p in agree_prompts or []]
+    def gen(b: int, c: int) -> int:
+        # the tokens the driver asks of a request at point (b, c) (vllm_driver.measure_point): vLLM
+        # ends a request at max_model_len whatever its max_tokens, so the length must cover them
+        return warmup + steps + 8 + 2 * -(-b * c // max(budget, 1))
+    lens = [c + gen(b, c) for b, c in points] + [len(p) + agree_tokens + 2 for p in agree_prompts or []]
     seqs = [b for b, _ in points] + [len(agree_prompts or [])]
     return {"model": str(Path(model_dir).resolve()), "dtype": dtype, "seed": seed, "max_model_len": max(lens),
             "max_num_seqs": max(seqs), "max_num_batched_tokens": max(budget, max(seqs)),
