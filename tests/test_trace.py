@@ -162,6 +162,12 @@ def test_validator_rejects_what_viewers_cannot_read():
     xs = [e for e in bad["traceEvents"] if e["ph"] == "X" and e["tid"] == 1 and e["cat"] != "step"]
     xs[0]["dur"] = xs[1]["ts"] - xs[0]["ts"] + 50.0          # overlaps the next slice
     assert any("overlaps" in p for p in validate_trace(bad))
+    # A machine up for hours: microsecond timestamps near 1.1e10, where a slice that starts where
+    # the previous one ended can land a float rounding step (~2e-6 us) before that end.
+    late = {"traceEvents": [{"ph": "X", "name": n, "cat": n, "pid": 1, "tid": 1, "ts": ts, "dur": dur}
+                            for n, ts, dur in (("attention", 1.1e10, 123.4567),
+                                               ("a2f", 1.1e10 + 123.4567 - 2e-6, 5.0))]}
+    assert validate_trace(late) == []
 
 
 def test_trace_log_ring_writes_bounded_chrome_json_and_jsonl(tmp_path):
