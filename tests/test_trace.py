@@ -306,8 +306,11 @@ def test_traced_run_validates_plots_and_compares(tiny_ckpt, tmp_path, topo, prom
     assert main(["trace", "compare", str(path), "--context", "8", "--figures", str(figures), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     stages = {r["stage"]: r for r in report["stages"]}
-    want = {"attention", "ffn", "step_ms"} | ({"a2f", "transfers"} if topo else set())
-    assert want <= set(stages)
+    # "transfers" (the round trip net of the FFN's compute) is only measured in layers where the
+    # attention worker was already waiting when the FFN began computing; with a fast FFN and
+    # several micro-batches in flight a short run can have none, so it is checked when present
+    want = {"attention", "ffn", "step_ms"} | ({"a2f"} if topo else set())
+    assert want <= set(stages) and set(stages) <= want | {"transfers", "dense_ffn"}
     for r in stages.values():
         assert r["measured"] > 0 and r["predicted"] > 0
         assert r["error_pct"] == pytest.approx((r["predicted"] - r["measured"]) / r["measured"] * 100)
