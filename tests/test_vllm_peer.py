@@ -300,3 +300,13 @@ def test_vllm_loads_our_checkpoint_and_agrees_in_fp32(tmp_path):
         r = peer.point(2, 16, 3, 1)
     assert vllm_peer.agreement(ours, theirs)["identical"] == 2, (ours, theirs)
     assert r["steps_timed"] == 3 and r["tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
+
+
+def test_driver_refuses_a_point_its_max_model_len_cannot_time():
+    """Each request generates all the job's max_model_len leaves; too little for warm-up + steps is
+    a clear error before anything is sent to vLLM."""
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(get_vocab_size=lambda: 100, max_model_len=140)
+    llm = SimpleNamespace(llm_engine=SimpleNamespace(model_config=cfg))
+    with pytest.raises(ValueError, match="leaves 12 tokens, fewer than warm-up \\+ steps \\+ 1 = 19"):
+        vllm_driver.measure_point(llm, 8, 128, 16, 2)

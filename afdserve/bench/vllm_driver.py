@@ -80,16 +80,21 @@ def _prompt(ids):
     return TokensPrompt(prompt_token_ids=[int(t) for t in ids])
 
 
-def measure_point(llm, batch: int, context: int, steps: int, warmup: int, seed: int = 0, budget: int = 2048) -> dict:
+def measure_point(llm, batch: int, context: int, steps: int, warmup: int, seed: int = 0,
+                  max_len: int | None = None) -> dict:
     engine = llm.llm_engine
     vocab = engine.model_config.get_vocab_size()
     rng = random.Random(seed * 1000003 + batch * 7919 + context)
     ids = [f"p{batch}x{context}-{time.monotonic_ns()}-{i}" for i in range(batch)]
     counts = {r: 0 for r in ids}
-    # early requests decode while later ones still prefill (chunked prefill, `budget` tokens a
-    # step, shared with the decoding requests): every request must still be running when the last
-    # prefill ends, with room to spare (requests are aborted once the steps are timed)
-    params = _params(warmup + steps + 8 + 2 * -(-batch * context // max(budget, 1)))
+    # early requests decode while later ones still prefill (chunked prefill): every request must
+    # still be running when the last prefill ends, so each may generate all the job's max_model_len
+    # leaves (vllm_peer.driver_job sizes it for that; requests are aborted once the steps are timed)
+    room = (max_len or engine.model_config.max_model_len) - context
+    if room < warmup + steps + 1:
+        raise ValueError(f"batch {batch} context {context}: max_model_len leaves {room} tokens, "
+                         f"fewer than warm-up + steps + 1 = {warmup + steps + 1}")
+    params = _params(room)
     t0 = time.perf_counter()
     for r in ids:
         engine.add_request(r, _prompt(rng.randrange(2, vocab) for _ in range(context)), params)
@@ -128,13 +133,13 @@ def greedy_tokens(llm, prompts: list, max_tokens: int) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def handle(llm, req: dict, seed: int, budget: int = 2048) -> dict | None:
+def handle(llm, req: dict, seed: int, max_len: int | None = None) -> dict | None:
     op = req.get("op")
     if op == "quit":
         return None
     if op == "point":
         return {"ok": True, **measure_point(llm, int(req["batch"]), int(req["context"]), int(req.get("steps", 16)),
-                                            int(req.get("warmup", 2)), seed, budget)}
+                                            int(req.get("warmup", 2)), seed, max_len)}
     if op == "greedy":
         return {"ok": True, "tokens": greedy_tokens(llm, req["prompts"], int(req.get("max_tokens", 16)))}
     raise ValueError(f"unknown op {op!r}")
@@ -179,7 +184,7 @@ def main(argv: list[str]) -> int:
         if not line.strip():
             continue
         try:
-            answer = handle(llm, json.loads(line), int(job["seed"]), step_budget(job))
+            answer = handle(llm, json.loads(line), int(job["seed"]), int(job["max_model_len"]))
         except Exception as exc:  # one failing request does not end the session
             traceback.print_exc(file=sys.stderr)
             answer = {"ok": False, "error": one_line(exc)}

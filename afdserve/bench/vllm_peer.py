@@ -223,8 +223,10 @@ def driver_job(model_dir: str | Path, dtype: str, points: list[tuple[int, int]],
     if not points:
         raise ValueError("no batch x context points")
     def gen(b: int, c: int) -> int:
-        # the tokens the driver asks of a request at point (b, c) (vllm_driver.measure_point): vLLM
-        # ends a request at max_model_len whatever its max_tokens, so the length must cover them
+        # tokens a request at point (b, c) must be able to generate: vLLM ends a request at
+        # max_model_len whatever its max_tokens, and early requests decode while the batch's later
+        # prompts still prefill (chunked, sharing each step's budget): twice those steps of slack.
+        # The driver asks for all the length leaves (vllm_driver.measure_point).
         return warmup + steps + 8 + 2 * -(-b * c // max(budget, 1))
     lens = [c + gen(b, c) for b, c in points] + [len(p) + agree_tokens + 2 for p in agree_prompts or []]
     seqs = [b for b, _ in points] + [len(agree_prompts or [])]
