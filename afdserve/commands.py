@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto: bfloat16 where the checkpoint is bf16 or the CPU has bf16 arithmetic, else float32")
     add_kernels_argument(g)
     add_quantization_argument(g)
+    add_kv_cache_dtype_argument(g)
     add_afd_arguments(g)
     g.set_defaults(func=_generate)
 
@@ -44,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--n", type=int, default=40, help="held-out prompts to score")
     d.add_argument("--afd", default="1A1F", help="topology for the disaggregated run ('none' to skip)")
     d.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    add_kv_cache_dtype_argument(d)
     add_kernels_argument(d)
     d.set_defaults(func=_demo)
 
@@ -63,6 +65,13 @@ def add_quantization_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", choices=["fp8"], default=None,
                    help="fp8: quantize the linear weights to block-scaled FP8 at load (8 bits in memory; an "
                    "FP8 checkpoint loads as FP8 without this flag; docs/fp8.md)")
+
+
+def add_kv_cache_dtype_argument(p: argparse.ArgumentParser) -> None:
+    from afdserve.model.attention import KV_CACHE_DTYPES
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="auto: the KV cache in the run's dtype; fp8: float8 e4m3, 1 byte per element (twice the "
+                   "blocks of bf16 for the same memory; docs/fp8.md)")
 
 
 def _ids(text: str) -> list[int]:
@@ -92,7 +101,7 @@ def _generate(args: argparse.Namespace) -> int:
                             seed=args.seed, max_tokens=args.max_tokens,
                             stop_token_ids=_ids(args.stop_token_ids))
     with LLM(model=args.model, dtype=args.dtype, quantization=args.quantization,
-             **engine_kwargs_from_args(args)) as llm:
+             kv_cache_dtype=args.kv_cache_dtype, **engine_kwargs_from_args(args)) as llm:
         if args.prompt and llm.tokenizer is None:
             raise ValueError("this model has no tokenizer.json: use --prompt-ids")
         for out in llm.generate(prompts, params):
@@ -116,7 +125,7 @@ def _demo(args: argparse.Namespace) -> int:
     answers = {}
     for label, afd in modes:
         t0 = time.perf_counter()
-        with LLM(model=args.model, afd=afd, dtype=args.dtype) as llm:
+        with LLM(model=args.model, afd=afd, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype) as llm:
             if llm.tokenizer is None:
                 raise ValueError("the demo needs a model with a tokenizer (the embedded default model has one)")
             # The chat template's form of each question; the tokenizer adds BOS itself when configured to.

@@ -195,7 +195,7 @@ def test_afd_runs_on_equal_threads(tmp_path, monkeypatch):
     seen = []
 
     def fake(model_dir, b, c, steps, warmup, device, dtype, afd=None, micro_batches=1, afd_options=None,
-             quantization=None):
+             quantization=None, kv_cache_dtype="auto"):
         threads = afd_options["threads_per_worker"] if afd else torch.get_num_threads()
         seen.append((afd, threads, afd_options))
         step = {None: 1.0}.get(afd, 0.8) * (0.5 if threads == 4 else 1.0)    # 4 threads: twice as fast

@@ -478,6 +478,6 @@ def test_bench_profiles_the_quantized_model_it_measures(tmp_path, monkeypatch):
     monkeypatch.setattr(decode, "measure_decode",
                         lambda *a, **kw: seen.append(kw.get("quantization")) or {"profile": "p", "step_s": 1.0})
     args = argparse.Namespace(batches=[1], contexts=[16], afd_batch=2, steps=2, warmup=1, device="cpu",
-                              dtype="float32", quantization="fp8")
+                              dtype="float32", quantization="fp8", kv_cache_dtype="auto")
     cli._profile(args, tmp_path, lambda m: None, tmp_path)
     assert seen and all(q == "fp8" for q in seen)

@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "on this machine, bf16 on CUDA and on CPUs with bf16 arithmetic, else float32)")
     p.add_argument("--quantization", choices=["fp8"], default=None,
                    help="fp8: decode with block-scaled FP8 weights (quantized at load, docs/fp8.md)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                   help="auto: the KV cache in the run's dtype; fp8: float8 e4m3, 1 byte per element (docs/fp8.md)")
     p.add_argument("--prefill", choices=("synthetic", "real"), default="synthetic",
                    help="synthetic: skip the prefill model work, KV stays zero (default); real: run it")
     p.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
@@ -162,7 +164,8 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
         decode.make_checkpoint(args.preset, model_dir, "float32")
     cfg = Step3Config.from_file(model_dir)
     result["model"] = {"preset": None if args.model else args.preset, "dir": str(model_dir) if args.model else None,
-                       **cfg.num_parameters(), "dtype": args.dtype, "quantization": args.quantization}
+                       **cfg.num_parameters(), "dtype": args.dtype, "quantization": args.quantization,
+                       "kv_cache_dtype": args.kv_cache_dtype}
     try:
         # ---------------------------------------------------------------- decode grid + peer
         peer_model, peer_note = None, None
@@ -188,7 +191,7 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
                 if c + gen + 2 > cfg.max_position_embedding:
                     row["skipped"] = f"context {c} exceeds the model's {cfg.max_position_embedding}"
                     continue
-                _, kv = decode.kv_bytes_needed(cfg, b, c, gen, elem)
+                _, kv = decode.kv_bytes_needed(cfg, b, c, gen, decode.kv_elem_bytes(args.kv_cache_dtype, elem))
                 peer_kv = (b * (c + args.steps + 2) * cfg.num_hidden_layers * 2 * cfg.kv_width * elem
                            if peer_model is not None else 0)
                 need = kv + max(peer_kv, kv // 4) + weights_bytes   # ours and the peer run one after the other
@@ -201,7 +204,8 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
                 log(f"decode batch {b} context {c}")
                 try:
                     r = decode.measure_decode(model_dir, b, c, args.steps, args.warmup, args.device, args.dtype,
-                                              prefill=args.prefill, quantization=args.quantization)
+                                              prefill=args.prefill, quantization=args.quantization,
+                                              kv_cache_dtype=args.kv_cache_dtype)
                     row.update(r)
                 except Exception as exc:
                     row["error"] = f"{type(exc).__name__}: {exc}"
@@ -261,7 +265,8 @@ def _profile(args, model_dir: Path, log, out: Path) -> dict:
         key = f"{kind}_b{b}_c{c}"
         try:
             r = decode.measure_decode(model_dir, b, c, max(2, min(args.steps, 8)), args.warmup, args.device,
-                                      args.dtype, profile=kind, quantization=args.quantization)
+                                      args.dtype, profile=kind, quantization=args.quantization,
+                                      kv_cache_dtype=args.kv_cache_dtype)
             path = out / f"profile_{key}.txt"
             path.write_text(r["profile"])
             res[key] = {"kind": kind, "batch": b, "context": c, "file": str(path), "step_s": r["step_s"],
@@ -312,7 +317,8 @@ def _afd_row(args, model_dir: Path, log, b: int, c: int, name: str, topo: str | 
     torch.set_num_threads(args.threads if topo else threads)
     try:
         r = decode.measure_decode(model_dir, b, c, args.steps, args.warmup, args.device, args.dtype,
-                                  afd=topo, micro_batches=m, afd_options=opts, quantization=args.quantization)
+                                  afd=topo, micro_batches=m, afd_options=opts, quantization=args.quantization,
+                                  kv_cache_dtype=args.kv_cache_dtype)
         row.update({k: r[k] for k in ("tokens_per_s", "tpot_ms", "step_s", "steps_timed")})
     except BaseException as exc:  # an AFD runtime that is missing or fails must not end the run
         if isinstance(exc, KeyboardInterrupt):

@@ -62,11 +62,13 @@ def _layer_weight_bytes(c: Step3Config, elem: int, quantization: str | None) -> 
 
 
 def step_bytes(c: Step3Config, batch: int, context: float, elem: int,
-               distinct_experts: float | list[float] | None = None, quantization: str | None = None) -> dict:
+               distinct_experts: float | list[float] | None = None, quantization: str | None = None,
+               kv_elem: int | None = None) -> dict:
     """Bytes one decode step of `batch` sequences at `context` must move (a lower bound), each
     tensor at the precision it is stored in: with `quantization="fp8"` the attention and MLP /
     expert projections at one byte per weight plus their fp32 block scales, the embedding rows,
-    LM head, norms and router at `elem` (the run's dtype), as is the KV cache."""
+    LM head, norms and router at `elem` (the run's dtype), the KV cache at `kv_elem` bytes per
+    element (default `elem`; 1 for an fp8 cache)."""
     H = c.hidden_size
     moe_layers = list(c.moe_layers_enum)
     if distinct_experts is None:
@@ -81,7 +83,7 @@ def step_bytes(c: Step3Config, batch: int, context: float, elem: int,
     head = (c.vocab_size * H + H + batch * H) * elem          # LM head, final norm, embedding rows
     weights = (c.num_hidden_layers * attn + n_dense * dense_mlp + sum(distinct) * expert
                + len(moe_layers) * shared_mlp + router + head)
-    kv = batch * context * c.num_hidden_layers * 2 * c.kv_width * elem
+    kv = batch * context * c.num_hidden_layers * 2 * c.kv_width * (elem if kv_elem is None else kv_elem)
     return {"weights": weights, "kv": kv, "total": weights + kv,
             "distinct_experts_per_moe_layer": sum(distinct) / max(len(distinct), 1)}
 
@@ -116,6 +118,11 @@ def kv_bytes_needed(c: Step3Config, batch: int, context: int, steps: int, elem: 
     blocks = batch * per_seq + 1
     per_block = 2 * c.num_hidden_layers * block_size * c.kv_width * elem
     return blocks, blocks * per_block
+
+
+def kv_elem_bytes(kv_cache_dtype: str, elem: int) -> int:
+    """Bytes per KV cache element: the run's `elem`, or 1 for an fp8 cache."""
+    return 1 if kv_cache_dtype == "fp8" else elem
 
 
 def tokens_to_generate(batch: int, context: int, steps: int, warmup: int, budget: int = 2048) -> int:
@@ -173,14 +180,15 @@ def measure_decode(model_dir: str | Path, batch: int, context: int, steps: int =
                    device: str = "cpu", dtype: str = "float32", afd: str | None = None,
                    micro_batches: int = 1, prefill: str = "synthetic", seed: int = 0,
                    afd_options: dict | None = None, profile: str | None = None,
-                   quantization: str | None = None) -> dict:
+                   quantization: str | None = None, kv_cache_dtype: str = "auto") -> dict:
     """Time `steps` decode steps of `batch` sequences at prompt length `context` (after `warmup`).
 
     Returns tokens/s, time per output token (ms), the mean context of the timed steps, and the
     distinct experts hit per MoE layer (counted during warm-up when the model is reachable).
     `profile`: None, "cprofile" or "torch": also return a profile of the timed steps.
     `quantization`: None or "fp8" (weights quantized at load; recorded in the result, so that
-    `roofline` counts the FP8 weights at their stored bytes).
+    `roofline` counts the FP8 weights at their stored bytes). `kv_cache_dtype`: "auto" or "fp8"
+    (an 8-bit KV cache; recorded too).
     """
     from afdserve.engine.engine import EngineArgs, LLMEngine
     from afdserve.sampling import SamplingParams
@@ -190,12 +198,12 @@ def measure_decode(model_dir: str | Path, batch: int, context: int, steps: int =
     elem = ELEM_BYTES[tdtype]
     budget = max(2048, batch)
     max_tokens = tokens_to_generate(batch, context, steps, warmup, budget)
-    blocks, _ = kv_bytes_needed(c, batch, context, max_tokens, elem)
+    blocks, _ = kv_bytes_needed(c, batch, context, max_tokens, kv_elem_bytes(kv_cache_dtype, elem))
     args = EngineArgs(model=str(model_dir), dtype=dtype, device=device, num_kv_blocks=blocks,
                       max_num_seqs=max(batch, 1), max_num_batched_tokens=budget,
                       max_model_len=min(context + max_tokens + 2, c.max_position_embedding),
                       afd=afd, micro_batches=micro_batches, afd_options=afd_options or {},
-                      quantization=quantization)
+                      quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     engine = LLMEngine(args)
     try:
         probe = engine.executor = _StepProbe(engine.executor, prefill == "synthetic", c.vocab_size, seed)
@@ -240,7 +248,7 @@ def measure_decode(model_dir: str | Path, batch: int, context: int, steps: int =
                "step_s": step_s, "step_s_min": min(times), "tpot_ms": step_s * 1e3,
                "tokens_per_s": batch / step_s, "prefill": prefill, "prefill_s": prefill_s,
                "distinct_experts": distinct, "afd": afd, "micro_batches": micro_batches,
-               "quantization": quantization}
+               "quantization": quantization, "kv_cache_dtype": kv_cache_dtype}
         if prof.summary is not None:
             out["profile"] = prof.summary
         return out
@@ -288,7 +296,8 @@ class _Profiler:
 def roofline(c: Step3Config, r: dict, bandwidth: float, matmul: float, elem: int) -> dict:
     """Bytes and FLOPs of a measured step against the measured machine limits (bytes at the stored
     precision: `r["quantization"]` "fp8" counts FP8 weights at one byte plus scales)."""
-    b = step_bytes(c, r["batch"], r["mean_context"], elem, r.get("distinct_experts"), r.get("quantization"))
+    b = step_bytes(c, r["batch"], r["mean_context"], elem, r.get("distinct_experts"), r.get("quantization"),
+                   kv_elem_bytes(r.get("kv_cache_dtype", "auto"), elem))
     f = step_flops(c, r["batch"], r["mean_context"])
     t = r["step_s"]
     bound = max(b["total"] / bandwidth, f / matmul)

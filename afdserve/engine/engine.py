@@ -56,6 +56,8 @@ class EngineArgs:
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_bytes: int = 512 * 2**20
+    kv_cache_dtype: str = "auto"
+    """"auto": the KV cache in the run's dtype; "fp8": float8_e4m3fn, 1 byte per element (docs/fp8.md)."""
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -149,7 +151,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer.load(self.model_dir)
         self.max_model_len = min(args.max_model_len or min(self.config.max_position_embedding, 8192),
                                  self.config.max_position_embedding)
-        cache = CacheConfig(args.block_size, args.num_kv_blocks, args.kv_cache_bytes)
+        cache = CacheConfig(args.block_size, args.num_kv_blocks, args.kv_cache_bytes, args.kv_cache_dtype)
         self.executor = self._make_executor(cache)
         sched = SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len)
         self.schedulers = [Scheduler(sched, BlockManager(self.executor.num_kv_blocks, args.block_size))

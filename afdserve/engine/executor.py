@@ -15,7 +15,7 @@ import torch
 
 from afdserve.config import Step3Config
 from afdserve.engine.runner import ModelRunner, StepInput
-from afdserve.model.attention import KVCache
+from afdserve.model.attention import KV_CACHE_DTYPES, KVCache, kv_cache_dtype
 from afdserve.model.checkpoint import load_model, parse_dtype
 from afdserve.model.kernels import prepare_for_decode
 from afdserve.sampling import Sample
@@ -66,6 +66,17 @@ class CacheConfig:
     num_blocks: int | None = None
     """Explicit block count per attention worker; else derived from `memory_bytes`."""
     memory_bytes: int = 512 * 2**20
+    dtype: str = "auto"
+    """`kv_cache_dtype`: "auto" (the run's dtype) or "fp8" (float8_e4m3fn, 1 byte per element:
+    twice the blocks of bf16 for the same `memory_bytes`; docs/fp8.md)."""
+
+    def __post_init__(self):
+        if self.dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {self.dtype!r}")
+
+    def torch_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The cache's element type in a run of `dtype`."""
+        return kv_cache_dtype(self.dtype, dtype)
 
     def blocks_for(self, config: Step3Config, dtype: torch.dtype) -> int:
         if self.num_blocks is not None:
@@ -73,13 +84,14 @@ class CacheConfig:
                 raise ValueError("num_kv_blocks must be >= 1")
             return self.num_blocks
         per_block = KVCache.bytes_per_block(config.num_hidden_layers, self.block_size,
-                                            config.num_attention_groups, config.head_dim, dtype)
+                                            config.num_attention_groups, config.head_dim, self.torch_dtype(dtype))
         return max(1, self.memory_bytes // per_block)
 
 
 def make_kv_cache(config: Step3Config, cache: CacheConfig, dtype: torch.dtype, device="cpu") -> KVCache:
+    """The paged cache of a run in `dtype` (its elements: `cache.dtype`)."""
     return KVCache(config.num_hidden_layers, cache.blocks_for(config, dtype), cache.block_size,
-                   config.num_attention_groups, config.head_dim, dtype, device)
+                   config.num_attention_groups, config.head_dim, cache.torch_dtype(dtype), device)
 
 
 def default_device() -> str:

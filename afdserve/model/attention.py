@@ -7,6 +7,11 @@ step is one [n_q, d] x [d, ctx] matmul per sequence.
 
 Shapes: T = new tokens in the flattened batch, S = sequences, n_q query heads, g KV heads,
 d head dim, bs block size.
+
+The cache is in the run's dtype, or in 8 bits (`kv_cache_dtype="fp8"`: float8_e4m3fn, a
+per-tensor scale, docs/fp8.md): new K/V are rounded to e4m3 when written (`write_kv`), and every
+read widens them back (`dequantize_kv`; the native decode kernel in registers), so prefill,
+chunked prefill and decode all attend over the same rounded values.
 """
 from __future__ import annotations
 
@@ -23,10 +28,50 @@ from afdserve.model.kernels import linear, native_causal_softmax, native_decode_
 from afdserve.model.layers import RMSNorm, RotaryEmbedding
 
 
+KV_CACHE_DTYPES = ("auto", "fp8")
+"""`kv_cache_dtype` values: auto = the run's dtype; fp8 = float8_e4m3fn (one byte per element)."""
+FP8_KV = torch.float8_e4m3fn
+FP8_MAX = 448.0               # largest finite e4m3 value: K/V are clamped to +-FP8_MAX x scale
+FP8_KV_SCALES = (1.0, 1.0)    # (keys, values): the per-tensor scale of an fp8 cache (not calibrated)
+
+
+def kv_cache_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The cache dtype `kv_cache_dtype` names for a run in `dtype`; ValueError for other names."""
+    if name == "auto":
+        return dtype
+    if name == "fp8":
+        return FP8_KV
+    raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {name!r}")
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor, scales: tuple[float, float] = FP8_KV_SCALES) -> None:
+    """Write new tokens' K/V [T, g, d] into cache slots [T]; an fp8 cache stores
+    clamp(x / scale, +-448) rounded to nearest e4m3 (index_copy_ on its bytes: torch has no
+    float8 index_copy_ on the CPU)."""
+    if k_cache.dtype is not FP8_KV:
+        k_cache.index_copy_(0, slots, k)
+        v_cache.index_copy_(0, slots, v)
+        return
+    for cache, x, scale in ((k_cache, k, scales[0]), (v_cache, v, scales[1])):
+        x = x if scale == 1.0 else x / scale
+        cache.view(torch.uint8).index_copy_(0, slots, x.clamp(-FP8_MAX, FP8_MAX).to(FP8_KV).view(torch.uint8))
+
+
+def dequantize_kv(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """K or V read from the cache, in the queries' dtype (the tensor itself unless fp8)."""
+    if x.dtype is not FP8_KV:
+        return x
+    x = x.to(dtype)
+    return x if scale == 1.0 else x * scale
+
+
 class KVCache:
     """Paged K/V storage: per layer, `k[layer]` is `[num_blocks * block_size, g, d]` (flat slots).
 
     A token at position p of a sequence lives in slot `block_table[p // bs] * bs + p % bs`.
+    `dtype` is the run's dtype or float8_e4m3fn (an 8-bit cache; `scales[layer]` = (k, v) scale,
+    1.0 today: the structure is per layer, the engine does not calibrate them).
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
@@ -36,6 +81,12 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.dtype = dtype
+        self.scales = [FP8_KV_SCALES] * num_layers
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """New K/V [T, g, d] of `layer` into `slots` [T] (rounded to e4m3 in an fp8 cache)."""
+        write_kv(self.k[layer], self.v[layer], slots, k, v, self.scales[layer])
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -98,18 +149,21 @@ class AttentionMetadata:
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float,
+                    kv_scales: tuple[float, float] = FP8_KV_SCALES) -> torch.Tensor:
     """Causal attention of new queries over each sequence's cached K/V (new tokens included).
 
-    q: [T, n_q, d]; k_cache, v_cache: [slots, g, d] -> [T, n_q, d].
+    q: [T, n_q, d]; k_cache, v_cache: [slots, g, d] (q's dtype, or fp8 with `kv_scales`) -> [T, n_q, d].
     """
     if meta.is_decode_only:
-        return _decode_attention(q, k_cache, v_cache, meta, scale)
+        return _decode_attention(q, k_cache, v_cache, meta, scale, kv_scales)
     out = torch.empty_like(q)
     tok = 0
     for s, (nq, ctx) in enumerate(zip(meta.query_lens, meta.context_lens)):
         slots = meta.context_slots[s, :ctx]
-        out[tok:tok + nq] = _sequence_attention(q[tok:tok + nq], k_cache[slots], v_cache[slots], scale)
+        k = dequantize_kv(k_cache[slots], q.dtype, kv_scales[0])
+        v = dequantize_kv(v_cache[slots], q.dtype, kv_scales[1])
+        out[tok:tok + nq] = _sequence_attention(q[tok:tok + nq], k, v, scale)
         tok += nq
     return out
 
@@ -171,19 +225,20 @@ def _gather_blocks(cache: torch.Tensor, meta: AttentionMetadata, name: str) -> t
     return out.view(S, -1, g, d)[:, :meta.context_mask.shape[1]]
 
 
-def _decode_attention(q, k_cache, v_cache, meta, scale):
+def _decode_attention(q, k_cache, v_cache, meta, scale, kv_scales=FP8_KV_SCALES):
     out = native_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                  meta.block_size, scale)
-    return out if out is not None else _gathered_decode_attention(q, k_cache, v_cache, meta, scale)
+                                  meta.block_size, scale, kv_scales)
+    return out if out is not None else _gathered_decode_attention(q, k_cache, v_cache, meta, scale, kv_scales)
 
 
-def _gathered_decode_attention(q, k_cache, v_cache, meta, scale):
+def _gathered_decode_attention(q, k_cache, v_cache, meta, scale, kv_scales=FP8_KV_SCALES):
     # One new token per sequence: gather each sequence's K/V ([S, ctx, g, d]) block by block and
-    # attend with a padding mask; the n_q heads sharing a KV head become rows of one matmul.
+    # attend with a padding mask; the n_q heads sharing a KV head become rows of one matmul. An
+    # fp8 cache is gathered in 8 bits and widened to q's dtype after.
     S, nq, d = q.shape
     g = k_cache.shape[1]
-    k = _gather_blocks(k_cache, meta, "k").transpose(1, 2)     # [S, g, ctx, d]
-    v = _gather_blocks(v_cache, meta, "v").transpose(1, 2)
+    k = dequantize_kv(_gather_blocks(k_cache, meta, "k"), q.dtype, kv_scales[0]).transpose(1, 2)   # [S, g, ctx, d]
+    v = dequantize_kv(_gather_blocks(v_cache, meta, "v"), q.dtype, kv_scales[1]).transpose(1, 2)
     qg = _group_queries(q.unsqueeze(1), g)                       # [S, g, n_q/g, d]
     # [S, 1, 1, ctx]; none needed when every sequence has the same context length
     mask = None if min(meta.context_lens) == max(meta.context_lens) else meta.context_mask[:, None, None, :]
@@ -298,9 +353,9 @@ class MFAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, meta: AttentionMetadata,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """x [T, H] -> [T, H]; writes the new tokens' K/V into the cache first."""
+        """x [T, H] -> [T, H]; writes the new tokens' K/V into the cache first (rounded to e4m3 in
+        an fp8 cache, at the default scales; attention then reads them back from the cache)."""
         q, k, v = self.qkv(x, rope, meta.positions)
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+        write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
         o = paged_attention(q, k_cache, v_cache, meta, self.scale)
         return linear(o.reshape(x.shape[0], -1), self.o_proj.weight)

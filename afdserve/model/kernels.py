@@ -390,17 +390,23 @@ def linear(x: torch.Tensor, w, packed: torch.Tensor | None = None) -> torch.Tens
 
 def native_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, context_lens: list[int], block_size: int,
-                            scale: float) -> torch.Tensor | None:
+                            scale: float, kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor | None:
     """Decode attention (one new token per sequence) straight from the paged cache with the native
     kernel, or None where the policy does not send it there (not built, `--kernels torch`, a dtype
     other than fp32 / bf16 or mixed, not on the CPU, autograd needed). q [S, n_q, d]; k_cache,
     v_cache [slots, g, d]; block_tables [S, max_blocks]; context_lens [S] (new token included).
-    No K/V is copied: each block's keys and values are read where they lie."""
+    No K/V is copied: each block's keys and values are read where they lie. The cache is in q's
+    dtype, or float8_e4m3fn (an 8-bit cache: keys and values are code x `kv_scales` = (k, v);
+    widened in registers, needs F16C, else None)."""
     p = _policy
     if q.dtype not in p.attention or q.dim() != 3 or k_cache.dim() != 3:
         return None
+    e4m3 = k_cache.dtype is torch.float8_e4m3fn
+    if e4m3 and not FEATURES.get("f16c"):
+        return None
     tensors = (q, k_cache, v_cache)
-    if any(not t.is_cpu or t.dtype is not q.dtype for t in tensors) or \
+    if any(not t.is_cpu for t in tensors) or k_cache.dtype is not v_cache.dtype or \
+            k_cache.dtype not in (q.dtype, torch.float8_e4m3fn) or \
             (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or \
             not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.shape != v_cache.shape:
         return None
@@ -417,7 +423,7 @@ def native_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     out = torch.empty_like(q)
     _attention_kernel(q.data_ptr(), S, nq, d, k_cache.data_ptr(), v_cache.data_ptr(), slots // block_size,
                       g, block_size, tables.data_ptr(), tables.shape[1], lens.data_ptr(), float(scale), out.data_ptr(),
-                      p.threads, q.dtype is torch.bfloat16)
+                      p.threads, q.dtype is torch.bfloat16, e4m3, float(kv_scales[0]), float(kv_scales[1]))
     return out
 
 

@@ -19,7 +19,9 @@
  *    sequence's keys and values where they lie instead of gathering them into a copy first;
  *    every key and value is read once for all query heads that share it (MFA: all of them).
  *    A bf16 cache is widened to fp32 a chunk of keys / values at a time (exact) and then takes
- *    the fp32 code; the output is rounded to bf16 once.
+ *    the fp32 code; the output is rounded to bf16 once. An 8-bit (e4m3) cache is widened the
+ *    same way, exactly, with its per-tensor scales folded into the queries and the outputs;
+ *    its queries / outputs are fp32 or bf16.
  * 3. Threads: every entry point takes `nthreads` (torch's thread count, from the kernel policy)
  *    and splits its outputs over an OpenMP team: GEMM columns, attention sequences x KV heads
  *    (x blocks of 8 query heads when there are fewer of those than threads). Built with
@@ -236,14 +238,16 @@ TGT static void column_softmax(float *st, ptrdiff_t n, ptrdiff_t HP, float *inv)
 #define VALUE_CHUNK_BYTES (16 * 1024)   /* values of this many bytes are used from L1 by every head block */
 #define KEY_CHUNK 64                    /* bf16 keys widened to fp32 at a time */
 
+enum { KV_AS_Q = 0, KV_E4M3 = 1 };     /* the cache's format: q's dtype, or 8-bit e4m3 */
+
 /* What every (sequence, KV head, head range) item of one decode attention call shares. */
 typedef struct {
-    const void *q, *k, *v;   /* fp32 or bf16 (`bf16`), as `out` */
+    const void *q, *k, *v;   /* q, out: fp32 or bf16 (`bf16`); k, v: the same, or e4m3 bytes (`kv`) */
     void *out;
     ptrdiff_t nq, d, g, bs, max_blocks, max_ctx;
     const int64_t *tables, *lens;
-    float scale;
-    int bf16;
+    float scale, v_scale;    /* e4m3: scale includes the keys' scale, v_scale the values' (x 2^8 each) */
+    int bf16, kv;
 } attn_args;
 
 /* dst[t, 0:d] = fp32 of the bf16 rows src[t * ld, 0:d] for t < n (exact). */
@@ -254,6 +258,72 @@ TGT static void widen_rows(const uint16_t *src, ptrdiff_t ld, ptrdiff_t n, ptrdi
         for (; i + 8 <= d; i += 8) _mm256_storeu_ps(dst + t * d + i, afd_bf16x8_to_ps(src + t * ld + i));
         for (; i < d; i++) dst[t * d + i] = afd_bf16_to_f32(src[t * ld + i]);
     }
+}
+
+/* e4m3 codes -> fp32 x 2^-8, exact (subnormals included): the code's sign moved to bit 15 and its
+   7 exponent + mantissa bits shifted up by 7 make the fp16 number of the same value x 2^-8 (the
+   exponent biases differ by 8), which F16C widens. Compiled with -DKV_E4M3_LUT instead: a 256-entry
+   fp32 table (the value itself) read by an AVX2 gather. The bit form measured faster (docs/fp8.md). */
+#ifdef KV_E4M3_LUT
+static float e4m3_table[256];
+static void e4m3_table_init(void)
+{
+    for (int c = 0; c < 256; c++) {
+        int e = (c >> 3) & 15, m = c & 7;
+        float v = e ? ldexpf(1.0f + m / 8.0f, e - 7) : ldexpf(m / 8.0f, -6);
+        e4m3_table[c] = (c & 0x80 ? -v : v) / 256.0f;      /* the same x 2^-8 as the bit form */
+    }
+}
+#define TGT_E4M3 TGT
+TGT_E4M3 static inline __m256 e4m3x8_to_ps(const uint8_t *p)
+{
+    __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    return _mm256_i32gather_ps(e4m3_table, c, 4);
+}
+#else
+#define TGT_E4M3 __attribute__((target("avx2,fma,f16c")))
+TGT_E4M3 static inline __m256 e4m3x8_to_ps(const uint8_t *p)
+{
+    __m128i c = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x80)), 8),
+                             _mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x7f)), 7));
+    return _mm256_cvtph_ps(h);
+}
+#endif
+
+static float e4m3_to_f32_scaled(uint8_t c)      /* the scalar tail: the same value x 2^-8 */
+{
+    int e = (c >> 3) & 15, m = c & 7;
+    float v = e ? ldexpf(1.0f + m / 8.0f, e - 15) : ldexpf(m / 8.0f, -14);
+    return c & 0x80 ? -v : v;
+}
+
+/* dst[t, 0:d] = the e4m3 rows src[t * ld, 0:d] x 2^-8 in fp32 for t < n (exact). */
+TGT_E4M3 static void widen_rows_e4m3(const uint8_t *src, ptrdiff_t ld, ptrdiff_t n, ptrdiff_t d, float *dst)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        ptrdiff_t i = 0;
+        for (; i + 8 <= d; i += 8) _mm256_storeu_ps(dst + t * d + i, e4m3x8_to_ps(src + t * ld + i));
+        for (; i < d; i++) dst[t * d + i] = e4m3_to_f32_scaled(src[t * ld + i]);
+    }
+}
+
+/* Rows [c0, c0 + n) of a run of cache rows starting at element `base` (row stride ld) of k or v,
+   widened to fp32 into conv (row stride d). */
+TGT static void widen_chunk(const attn_args *a, const void *kv, ptrdiff_t base, ptrdiff_t c0, ptrdiff_t n,
+                            float *conv)
+{
+    const ptrdiff_t ld = a->g * a->d;
+    if (a->kv == KV_E4M3)
+        widen_rows_e4m3((const uint8_t *)kv + base + c0 * ld, ld, n, a->d, conv);
+    else
+        widen_rows((const uint16_t *)kv + base + c0 * ld, ld, n, a->d, conv);
+}
+
+/* The cache is read as fp32 where it lies; else widened a chunk at a time into the workspace. */
+static int kv_widened(const attn_args *a)
+{
+    return a->kv == KV_E4M3 || a->bf16;
 }
 
 static ptrdiff_t value_chunk(ptrdiff_t d)
@@ -267,7 +337,7 @@ static size_t attn_work_floats(const attn_args *a, ptrdiff_t heads)
 {
     const size_t HP = (size_t)(heads + 7) / 8 * 8, d = (size_t)a->d;
     size_t conv = (size_t)(value_chunk(a->d) > KEY_CHUNK ? value_chunk(a->d) : KEY_CHUNK) * d;
-    return ((size_t)a->max_ctx + d) * HP + HP + (a->bf16 ? conv + (size_t)heads * d : 0);
+    return ((size_t)a->max_ctx + d) * HP + HP + (kv_widened(a) ? conv : 0) + (a->bf16 ? (size_t)heads * d : 0);
 }
 
 /* End (exclusive) of the run of blocks from b whose ids follow each other: contiguous slots. */
@@ -287,12 +357,12 @@ TGT static void item_scores(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, const
     for (ptrdiff_t b = 0; b < nb;) {
         ptrdiff_t e = run_end(table, b, nb), t0 = b * bs, nt = (e * bs < ctx ? e * bs : ctx) - t0;
         ptrdiff_t base = (table[b] * bs * a->g + gi) * d;
-        if (!a->bf16)
+        if (!kv_widened(a))
             key_scores((const float *)a->k + base, ld, nt, qt, HP, d, st + t0 * HP);
         else
             for (ptrdiff_t c0 = 0; c0 < nt; c0 += KEY_CHUNK) {
                 ptrdiff_t n = nt - c0 < KEY_CHUNK ? nt - c0 : KEY_CHUNK;
-                widen_rows((const uint16_t *)a->k + base + c0 * ld, ld, n, d, conv);
+                widen_chunk(a, a->k, base, c0, n, conv);
                 key_scores(conv, d, n, qt, HP, d, st + (t0 + c0) * HP);
             }
         b = e;
@@ -312,11 +382,11 @@ TGT static void item_values(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, const
         for (ptrdiff_t c0 = 0; c0 < nt; c0 += chunk) {
             ptrdiff_t n = nt - c0 < chunk ? nt - c0 : chunk, rest = nt - c0 - n;
             const float *p = st + (t0 + c0) * HP;
-            if (!a->bf16) {
+            if (!kv_widened(a)) {
                 weighted_values(p, HP, nh, (const float *)a->v + base + c0 * ld, ld, n, d, os, t0 + c0 == 0,
                                 rest < n ? rest : n);
             } else {
-                widen_rows((const uint16_t *)a->v + base + c0 * ld, ld, n, d, conv);
+                widen_chunk(a, a->v, base, c0, n, conv);
                 weighted_values(p, HP, nh, conv, d, n, d, os, t0 + c0 == 0, 0);
             }
         }
@@ -329,7 +399,8 @@ TGT static void item_values(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, const
    (key_scores, scores laid out [ctx, HP]), the softmax runs down the columns, and the values are
    read once per chunk for all heads (weighted_values). bf16 keys and values are widened to fp32 a
    chunk at a time (exact) and everything after that is the fp32 code; the output is rounded once.
-   `work` holds attn_work_floats(a, h1 - h0) floats. */
+   e4m3 keys and values are widened the same way (to their value x 2^-8: the queries' scale carries
+   the keys' scale x 2^8, v_scale the values'). `work` holds attn_work_floats(a, h1 - h0) floats. */
 TGT static void attend_item(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, ptrdiff_t h0, ptrdiff_t h1, float *work)
 {
     const ptrdiff_t d = a->d, nh = h1 - h0, HP = (nh + 7) / 8 * 8;
@@ -348,7 +419,7 @@ TGT static void attend_item(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, ptrdi
     item_values(a, s, gi, st, HP, nh, os, conv);
     for (ptrdiff_t h = 0; h < nh; h++)
         for (ptrdiff_t i = 0; i < d; i++) {
-            float o = os[h * d + i] * inv[h];
+            float o = os[h * d + i] * inv[h] * a->v_scale;
             if (a->bf16)
                 ((uint16_t *)a->out)[qoff + h * d + i] = afd_f32_to_bf16(o);
             else
@@ -406,6 +477,17 @@ static int parse_threads(int nthreads)
     return 1;
 }
 
+/* F16C (widening the e4m3 cache): every AVX2 CPU made has it, but a virtual machine may hide it. */
+static int f16c_ok(void)
+{
+#ifdef AFD_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
 PyDoc_STRVAR(available_doc, "available() -> bool: the kernels can run on this CPU (x86-64 with AVX2 and FMA).");
 
 static PyObject *available(PyObject *self, PyObject *args)
@@ -417,7 +499,8 @@ static PyObject *available(PyObject *self, PyObject *args)
 
 PyDoc_STRVAR(features_doc,
              "features() -> dict: what this build and CPU offer: avx2 (AVX2 + FMA), avx512bf16\n"
-             "(vdpbf16ps), openmp (built with OpenMP: the kernels split work over threads).");
+             "(vdpbf16ps), f16c (an e4m3 KV cache in decode attention), openmp (built with OpenMP: the\n"
+             "kernels split work over threads).");
 
 static PyObject *features(PyObject *self, PyObject *args)
 {
@@ -428,8 +511,9 @@ static PyObject *features(PyObject *self, PyObject *args)
 #else
     const int omp = 0;
 #endif
-    return Py_BuildValue("{s:O,s:O,s:O}", "avx2", cpu_ok() ? Py_True : Py_False,
+    return Py_BuildValue("{s:O,s:O,s:O,s:O}", "avx2", cpu_ok() ? Py_True : Py_False,
                          "avx512bf16", afd_cpu_avx512bf16() ? Py_True : Py_False,
+                         "f16c", cpu_ok() && f16c_ok() ? Py_True : Py_False,
                          "openmp", omp ? Py_True : Py_False);
 }
 
@@ -549,9 +633,11 @@ static PyObject *bgemm(PyObject *self, PyObject *args)
 
 PyDoc_STRVAR(decode_attention_doc,
              "decode_attention(q, S, nq, d, k, v, num_blocks, g, bs, tables, max_blocks, lens, scale, out,\n"
-             "                 nthreads=1, bf16=False) -> None\n\n"
+             "                 nthreads=1, bf16=False, kv_e4m3=False, k_scale=1.0, v_scale=1.0) -> None\n\n"
              "Attention of one new token per sequence over its paged K/V (fp32, or bf16 with fp32 math\n"
              "inside, buffers by address): q, out [S, nq, d]; k, v [num_blocks * bs, g, d]; tables\n"
+             "With kv_e4m3, k and v are e4m3 bytes (value = code x k_scale / v_scale; needs F16C)\n"
+             "and q / out are fp32 or bf16 (`bf16`).\n"
              "[S, max_blocks] int64 block ids; lens [S] int64 context lengths. Block ids and lengths\n"
              "are checked against the cache before anything is read; sequences x heads are split over\n"
              "up to `nthreads` OpenMP threads (bitwise the same result); the GIL is released.");
@@ -561,9 +647,10 @@ static PyObject *decode_attention(PyObject *self, PyObject *args)
     (void)self;
     Py_ssize_t pq, S, nq, d, pk, pv, num_blocks, g, bs, pt, max_blocks, pl, po;
     float scale;
-    int nthreads = 1, bf16 = 0;
-    if (!PyArg_ParseTuple(args, "nnnnnnnnnnnnfn|ip", &pq, &S, &nq, &d, &pk, &pv, &num_blocks, &g, &bs, &pt,
-                          &max_blocks, &pl, &scale, &po, &nthreads, &bf16))
+    float k_scale = 1.0f, v_scale = 1.0f;
+    int nthreads = 1, bf16 = 0, e4m3 = 0;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnnnnfn|ippff", &pq, &S, &nq, &d, &pk, &pv, &num_blocks, &g, &bs, &pt,
+                          &max_blocks, &pl, &scale, &po, &nthreads, &bf16, &e4m3, &k_scale, &v_scale))
         return NULL;
     if (S < 0 || nq <= 0 || d <= 0 || g <= 0 || nq % g || bs <= 0 || num_blocks < 0 || max_blocks < 0 ||
         !pq || !pk || !pv || !pt || !pl || !po) {
@@ -588,15 +675,18 @@ static PyObject *decode_attention(PyObject *self, PyObject *args)
         max_ctx = lens[s] > max_ctx ? lens[s] : max_ctx;
         total_ctx += lens[s];
     }
-    if (!cpu_ok()) {
-        PyErr_SetString(PyExc_RuntimeError, "decode_attention: this CPU lacks AVX2/FMA (or is not x86-64)");
+    if (!cpu_ok() || (e4m3 && !f16c_ok())) {
+        PyErr_SetString(PyExc_RuntimeError, "decode_attention: this CPU lacks AVX2/FMA (or F16C for an e4m3 "
+                        "cache, or is not x86-64)");
         return NULL;
     }
 #ifdef AFD_X86
     int rc = 0;
     if (S) {
+        /* e4m3 rows are widened to value x 2^-8: the 2^8 goes into the query and output scales */
+        const float ks = e4m3 ? k_scale * 256.0f : 1.0f, vs = e4m3 ? v_scale * 256.0f : 1.0f;
         attn_args a = {(const void *)pq, (const void *)pk, (const void *)pv, (void *)po, nq, d, g, bs, max_blocks,
-                       max_ctx, tables, lens, scale, bf16};
+                       max_ctx, tables, lens, scale * ks, vs, bf16, e4m3 ? KV_E4M3 : KV_AS_Q};
         Py_BEGIN_ALLOW_THREADS
         rc = attend(&a, S, total_ctx, nthreads);
         Py_END_ALLOW_THREADS
@@ -626,6 +716,9 @@ extern PyMethodDef afd_moe_methods[];              /* moe.c */
 
 PyMODINIT_FUNC PyInit__native(void)
 {
+#ifdef KV_E4M3_LUT
+    e4m3_table_init();
+#endif
     PyObject *m = PyModule_Create(&module);
     if (m && (PyModule_AddFunctions(m, afd_elementwise_methods) || PyModule_AddFunctions(m, afd_moe_methods))) {
         Py_DECREF(m);

@@ -13,7 +13,8 @@ import signal
 import sys
 
 from afdserve.afd.options import add_afd_arguments, engine_kwargs_from_args
-from afdserve.commands import add_kernels_argument, add_quantization_argument, apply_kernels_argument
+from afdserve.commands import (add_kernels_argument, add_kv_cache_dtype_argument, add_quantization_argument,
+                               apply_kernels_argument)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto: bfloat16 where the checkpoint is bf16/fp16 or the CPU has bf16 arithmetic, else float32")
     add_kernels_argument(p)
     add_quantization_argument(p)
+    add_kv_cache_dtype_argument(p)
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step, at most")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks per attention worker "
@@ -51,7 +53,7 @@ def serve(args: argparse.Namespace) -> int:
 
     apply_kernels_argument(args)
     engine_args = EngineArgs(model=args.model, dtype=args.dtype, quantization=args.quantization,
-                             max_num_seqs=args.max_num_seqs,
+                             kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs,
                              max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
                              progress=True, **engine_kwargs_from_args(args))
     engine = LLMEngine(engine_args)
@@ -110,7 +112,8 @@ def summary(engine, name: str, args: argparse.Namespace) -> str:
     workers = engine.executor.num_workers
     mode = f"AFD {args.afd}" if getattr(args, "afd", None) else "colocated"
     tok = "tokenizer" if engine.tokenizer is not None else "no tokenizer (token ids only)"
+    kv = "" if engine.args.kv_cache_dtype == "auto" else f" ({engine.args.kv_cache_dtype})"
     return (f"afdserve serve: model {name} ({engine.model_dir}), {engine.dtype}, "
-            f"{stats.num_kv_blocks} KV blocks x {engine.args.block_size} tokens over {workers} attention "
+            f"{stats.num_kv_blocks} KV blocks{kv} x {engine.args.block_size} tokens over {workers} attention "
             f"worker(s), context {engine.max_model_len}, {tok}, {mode}, "
             f"listening on http://{args.host}:{args.port}")
