@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from afdserve.engine.block_manager import cache_slot
+from afdserve.engine.graphs import DecodeGraphs
 from afdserve.engine.schedule import FFNBackend, LocalFFN, run_idle_layers, run_layers
 from afdserve.model.attention import AttentionMetadata, KVCache
 from afdserve.model.step3 import Step3ForCausalLM
@@ -61,12 +62,16 @@ class ModelRunner:
     """Runs steps for the requests of one attention worker, which owns their KV cache."""
 
     def __init__(self, model: Step3ForCausalLM, kv: KVCache, ffn: FFNBackend | None = None,
-                 micro_batches: int = 1):
+                 micro_batches: int = 1, graphs: bool = True):
         if micro_batches < 1:
             raise ValueError("micro_batches must be >= 1")
         self.model, self.kv, self.micro_batches = model, kv, micro_batches
         self.ffn = ffn if ffn is not None else LocalFFN(model)
         self.device = kv.k.device
+        # Decode steps replayed from recorded kernel calls (engine/graphs.py): colocated CPU only
+        # (an FFN backend elsewhere is not a kernel call).
+        local = ffn is None and micro_batches == 1 and self.device.type == "cpu"
+        self.graphs = DecodeGraphs(self._all_logits, None if graphs else "off") if local else None
 
     def _metadata(self, step: StepInput) -> AttentionMetadata:
         bs = self.kv.block_size
@@ -89,6 +94,10 @@ class ModelRunner:
             return {}
         ids = torch.tensor([t for s in step.seqs for t in s.token_ids], dtype=torch.int64, device=self.device)
         meta = self._metadata(step)
+        if self.graphs is not None and all(len(s.token_ids) == 1 and s.sample is not None for s in step.seqs):
+            logits = self.graphs.run(ids, meta)
+            if logits is not None:
+                return dict(zip([s.request_id for s in step.seqs], sample(logits.cpu(), [s.sample for s in step.seqs])))
         h = self.forward(ids, meta)
         last, sel, rows, rids = 0, [], [], []
         for s in step.seqs:
@@ -101,6 +110,10 @@ class ModelRunner:
             return {}
         logits = self.model.logits(h[torch.tensor(sel, device=self.device)])
         return dict(zip(rids, sample(logits.cpu(), rows)))
+
+    def _all_logits(self, ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """fp32 logits of every token of a step (decode steps, where each sequence samples)."""
+        return self.model.logits(self.forward(ids, meta))
 
     def forward(self, ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """ids [T] -> final hidden states [T, H] (before the final norm)."""

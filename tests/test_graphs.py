@@ -1,0 +1,117 @@
+"""Decode graphs (afdserve/engine/graphs.py): replayed steps equal normal ones, unsafe captures are refused."""
+import pytest
+import torch
+
+from afdserve import LLM, SamplingParams
+from afdserve.engine import graphs as graphs_mod
+from afdserve.engine.graphs import DecodeGraphs, _replay_op, graphs_mode
+from afdserve.model import kernels
+
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [3], list(range(20, 45))]
+# different lengths: sequences finish at different steps, so the batch shrinks 4 -> 3 -> 2 -> 1
+PARAMS = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (5, 9, 13, 17)]
+
+
+def _generate(ckpt, dtype, monkeypatch, mode):
+    monkeypatch.setenv(graphs_mod.GRAPHS_ENV, mode)
+    with LLM(model=str(ckpt), dtype=dtype, num_kv_blocks=64, block_size=4) as llm:
+        outs = llm.generate(PROMPTS, PARAMS)
+        return [o.outputs[0].token_ids for o in outs], llm.engine.executor.runner.graphs
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_graphs_give_the_tokens_of_normal_steps(tiny_ckpt, monkeypatch, dtype):
+    plain, off = _generate(tiny_ckpt, dtype, monkeypatch, "off")
+    graphed, g = _generate(tiny_ckpt, dtype, monkeypatch, "on")
+    checked, gc = _generate(tiny_ckpt, dtype, monkeypatch, "check")   # every replay checked bitwise
+    assert graphed == plain == checked
+    assert off.replays == 0 and not off.graphs
+    assert not gc.refused and not g.refused or set(g.refused) == set(gc.refused)
+    if dtype == "bfloat16" and kernels.current_policy().native_rows:
+        # the native bf16 MoE reads its routing from tensors: every batch size was captured and replayed
+        assert set(g.graphs) == {1, 2, 3, 4} and g.replays > 0 and not g.refused
+
+
+def test_a_forward_that_reads_data_into_python_is_not_captured():
+    calls = []
+
+    def forward(ids, meta):
+        calls.append(1)
+        n = int(ids.sum().tolist())               # data-dependent control flow
+        return torch.full((1, 4), float(n))
+
+    g = DecodeGraphs(forward, "on")
+    meta = _Meta()
+    for v in (3, 4, 5):
+        assert _step(g, forward, torch.tensor([v]), meta).tolist() == [[float(v)] * 4]
+    assert len(calls) == 4        # step 1: the refused capture, then the normal forward; no capture after
+    assert 1 in g.refused and "tolist" in g.refused[1] and not g.graphs
+
+
+def test_a_replay_that_differs_from_the_normal_forward_is_dropped():
+    state = {"step": 0}
+
+    def forward(ids, meta):                        # depends on Python state a replay cannot see
+        state["step"] += 1
+        return ids.float() * 0 + state["step"]
+
+    g = DecodeGraphs(forward, "on")
+    meta = _Meta()
+    outs = [_step(g, forward, torch.tensor([1.0]), meta).item() for _ in range(4)]
+    assert outs == [1.0, 2.0, 3.0, 4.0]            # always the normal forward's result
+    assert 1 in g.refused and "differed" in g.refused[1] and not g.graphs
+
+
+def test_replays_follow_new_inputs():
+    def forward(ids, meta):
+        return (ids.float() * 2 + meta.positions.float()).unsqueeze(0)
+
+    g = DecodeGraphs(forward, "on")
+    for step, v in enumerate([1, 2, 3, 4, 5]):
+        meta = _Meta(position=10 + step)
+        assert g.run(torch.tensor([v]), meta).tolist() == [[2.0 * v + 10 + step]]
+    assert g.graphs[1].validated and g.replays == 3
+
+
+def test_replay_ops():
+    a, b = torch.ones(3), torch.arange(3.0)
+    out = torch.add(a, b)
+    op = _replay_op(torch.ops.aten.add.Tensor, (a, b), {}, out)
+    b += 1
+    op()
+    assert out.tolist() == [2.0, 3.0, 4.0]                                  # recomputed in place
+    assert _replay_op(torch.ops.aten.view.default, (a, [3]), {}, a.view(3)) is None   # a view: free
+    dst = torch.zeros(3)
+    op = _replay_op(torch.ops.aten.copy_.default, (dst, b), {}, dst)       # in place: called again
+    b += 1
+    op()
+    assert dst.tolist() == b.tolist()
+    with pytest.raises(graphs_mod.CaptureRefused):
+        _replay_op(torch.ops.aten.nonzero.default, (b,), {}, b.nonzero())
+
+
+def test_graphs_mode_env(monkeypatch):
+    for raw, mode in (("0", "off"), ("on", "on"), ("check", "check"), ("", "on")):
+        monkeypatch.setenv(graphs_mod.GRAPHS_ENV, raw)
+        assert graphs_mode() == mode
+    monkeypatch.setenv(graphs_mod.GRAPHS_ENV, "sometimes")
+    with pytest.raises(ValueError, match="AFDSERVE_DECODE_GRAPHS"):
+        graphs_mode()
+
+
+def _step(g, forward, ids, meta):
+    """What ModelRunner does: the graph's logits, else (None) the normal forward's."""
+    out = g.run(ids, meta)
+    return forward(ids, meta) if out is None else out
+
+
+class _Meta:
+    """The metadata fields a graph reads (one sequence)."""
+
+    def __init__(self, position: int = 0):
+        self.query_lens = [1]
+        self.positions = torch.tensor([position])
+        self.slot_mapping = torch.tensor([position])
+
+    def select(self, seqs):
+        return self
