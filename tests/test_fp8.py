@@ -481,3 +481,38 @@ def test_bench_profiles_the_quantized_model_it_measures(tmp_path, monkeypatch):
                               dtype="float32", quantization="fp8", kv_cache_dtype="auto")
     cli._profile(args, tmp_path, lambda m: None, tmp_path)
     assert seen and all(q == "fp8" for q in seen)
+
+
+@pytest.mark.skipif(not fp8.NATIVE_BF16, reason="no AVX512-BF16 + VBMI on this CPU")
+def test_native_moe_over_fp8_experts_is_bitwise_the_python_moe(monkeypatch):
+    """moe.c with FP8 experts (afdserve._fp8's GEMM by address) and an FP8 shared expert: bit for
+    bit MoE.forward + share_expert on the same weights, a local slice of the experts and a shard of
+    the shared expert included. Above fp8.NATIVE_MAX_ROWS rows (where
+    the Python path dequantizes instead) the call declines."""
+    from afdserve.model import kernels, layers
+    from afdserve.model.checkpoint import _set_quantized
+    from afdserve.model.layers import MoE, SwiGLU, route
+    g = torch.Generator().manual_seed(5)
+    moe, shared = MoE(256, 128, 8, 3, False, experts=(2, 7)), SwiGLU(256, 256)
+    for mod in (moe, shared):
+        for name, p in list(mod.named_parameters()):
+            _set_quantized(mod, name, quantize(torch.randn(p.shape, generator=g) * 0.05))
+    shared.gate_proj.weight = shared.gate_proj.weight.rows(128, 256)     # FFN shard 1 of 2
+    shared.up_proj.weight = shared.up_proj.weight.rows(128, 256)
+    shared.down_proj.weight = shared.down_proj.weight.cols(128, 256)
+    prepare_for_decode(moe)
+    prepare_for_decode(shared)
+    assert isinstance(moe.gate_up, Fp8Weight) and isinstance(shared.gate_up, Fp8Weight)
+    with torch.no_grad():
+        for T in (1, 3, 16):
+            x = torch.randn(T, 256, generator=g).bfloat16()
+            w, ids = route(torch.randn(T, 8, generator=g), 3, False)
+            pair = (shared.gate_up, shared.down_proj.weight)
+            fused = kernels.native_moe(x, w, ids, moe.gate_up, moe.down_proj.weight, moe.first, pair)
+            with monkeypatch.context() as m:
+                m.setattr(layers, "native_moe", lambda *a: None)
+                python = moe(x, w, ids) + shared(x)
+            assert fused is not None and torch.equal(fused, python), T
+        x = torch.randn(17, 256, generator=g).bfloat16()
+        w, ids = route(torch.randn(17, 8, generator=g), 3, False)
+        assert kernels.native_moe(x, w, ids, moe.gate_up, moe.down_proj.weight, moe.first, pair) is None

@@ -515,35 +515,78 @@ def native_causal_softmax(scores: torch.Tensor, scale: float, heads: int, first:
     return out
 
 
+def _moe_matrix(w) -> tuple | None:
+    """A MoE weight [(E,) N, K] as moe.c takes it, (address, leading dim, expert stride, scales, their
+    leading dim, expert stride, row block, row offset): a CPU bf16 tensor with unit stride along K, or
+    an Fp8Weight on its block grid (afdserve/model/fp8.py); None for anything else."""
+    def ld(t):
+        return t.stride(-2) if t.shape[-2] > 1 else t.shape[-1]
+
+    def expert_stride(t):
+        return t.stride(0) if t.dim() == 3 else 0
+    if isinstance(w, torch.Tensor):
+        ok = w.dtype is torch.bfloat16 and w.dim() in (2, 3) and w.stride(-1) == 1 and ld(w) >= w.shape[-1]
+        return (w.data_ptr(), ld(w), expert_stride(w), 0, 0, 0, 1, 0) if ok else None
+    from afdserve.model.fp8 import NATIVE_BF16, Fp8Weight
+    if not (NATIVE_BF16 and isinstance(w, Fp8Weight)) or w.col_offset or not w.is_cpu:
+        return None
+    c, s = w.codes, w.scale
+    if s.stride(-1) != 1 or ld(c) < c.shape[-1]:
+        return None
+    return (c.data_ptr(), ld(c), expert_stride(c), s.data_ptr(), ld(s), expert_stride(s), w.row_block, w.row_offset)
+
+
+_fp8_gemm_address: int | None = None
+
+
+def _fp8_gemm() -> int:
+    """The address of afdserve._fp8's bf16-activation GEMM (0 where it has none)."""
+    global _fp8_gemm_address
+    if _fp8_gemm_address is None:
+        from afdserve.model import fp8
+        _fp8_gemm_address = fp8._NATIVE.gemm_bf16_address() if fp8.NATIVE_BF16 else 0
+    return _fp8_gemm_address
+
+
 def native_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up, down, first: int,
                shared: tuple | None = None) -> torch.Tensor | None:
-    """The routed experts of a bf16 MoE layer in one native call (moe.c): x [T, H]; weights fp32 / ids int64 [T, k]; gate_up [E, 2W, H] and
-    down [E, H, W] the local experts (global ids first..first+E-1); `shared`: the shared expert's
+    """The routed experts of a MoE layer on bf16 activations in one native call (moe.c): x [T, H];
+    weights fp32 / ids int64 [T, k]; gate_up [E, 2W, H] and down [E, H, W] the local experts (global
+    ids first..first+E-1), bf16 tensors or FP8 weights (Fp8Weight); `shared`: the shared expert's
     (gate_up [2Ws, H], down [H, Ws]), added as `y + shared(x)`. Bitwise MoE.forward's result (+ the
-    shared expert's) under the same policy while every GEMM has at most `bf16_packed_rows` rows;
-    above, the repacked kernel runs up to `moe_rows` where the Python path would take torch's GEMM
-    (equal up to rounding). None where the policy, dtypes or layouts do not send it there, or a
+    shared expert's) under the same policy while every bf16 GEMM has at most `bf16_packed_rows` rows
+    and every FP8 one at most fp8.NATIVE_MAX_ROWS (the rows where the FP8 product is native); above,
+    bf16 products run the repacked kernel up to `moe_rows` where the Python path would take torch's
+    GEMM (equal up to rounding). None where the policy, dtypes or layouts do not send it there, or a
     GEMM gets more rows than that."""
     p = _policy
     mats = (gate_up, down) + (tuple(shared) if shared else ())
+    layouts = [_moe_matrix(m) for m in mats]
     if x.dtype is not torch.bfloat16 or x.dim() != 2 or not p.native_rows.get((torch.bfloat16, False)) \
-            or not all(isinstance(m, torch.Tensor) and m.is_contiguous() for m in mats) \
-            or weights.dtype is not torch.float32 or ids.dtype is not torch.int64 or not _elementwise_ok(p, x, *mats):
+            or None in layouts or weights.dtype is not torch.float32 or ids.dtype is not torch.int64 \
+            or not _elementwise_ok(p, x) or not all(m.is_cpu for m in mats) \
+            or (torch.is_grad_enabled() and any(getattr(m, "requires_grad", False) for m in mats)):
         return None
     (T, H), (E, W2, _) = x.shape, gate_up.shape
     Ws2 = shared[0].shape[0] if shared else 0
     if gate_up.shape[2:] != (H,) or down.shape != (E, H, W2 // 2) or ids.shape != weights.shape or \
             ids.shape[0] != T or (shared and (shared[0].shape != (Ws2, H) or shared[1].shape != (H, Ws2 // 2))):
         return None
+    fp8_gemm = _fp8_gemm() if any(m[1] for m in layouts) else 0
+    if any(m[1] for m in layouts) and not fp8_gemm:
+        return None
+    from afdserve.model.fp8 import NATIVE_MAX_ROWS
     x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
     y = torch.empty((T, H), dtype=x.dtype)
     if not T:
         return y
     small = p.bf16_isa if p.bf16_isa else ISA_AVX2
+    none = (0, 0, 0, 0, 0, 0, 1, 0)
     done = _native.moe_bf16(x.data_ptr(), T, H, ids.data_ptr(), weights.data_ptr(), ids.shape[1], first, E,
-                            gate_up.data_ptr(), down.data_ptr(), W2 // 2, shared[0].data_ptr() if shared else 0,
-                            shared[1].data_ptr() if shared else 0, Ws2 // 2, y.data_ptr(), p.bf16dp_rows,
-                            p.moe_rows, p.native_rows[(torch.bfloat16, False)], small, p.threads)
+                            layouts[0], layouts[1], W2 // 2, layouts[2] if shared else none,
+                            layouts[3] if shared else none, Ws2 // 2, y.data_ptr(), p.bf16dp_rows,
+                            p.moe_rows, p.native_rows[(torch.bfloat16, False)], small, fp8_gemm, NATIVE_MAX_ROWS,
+                            p.threads)
     return y if done else None
 
 

@@ -309,7 +309,7 @@ TGT512 static void tile_bf16(const uint16_t *xp, ptrdiff_t K64, const uint16_t *
 
 TGT512 static void fp8_gemm_bf16(const uint16_t *x, ptrdiff_t ldx, const uint8_t *w, ptrdiff_t ldw, const float *S,
                                  ptrdiff_t lds, ptrdiff_t row_block, ptrdiff_t row_off, float *y, ptrdiff_t ldy,
-                                 ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, uint16_t *xp)
+                                 ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, uint16_t *xp, int nthreads)
 {
     const ptrdiff_t K64 = K / 64 * 64;
     bf16_tables t = {_mm512_loadu_si512(BF16_HI), _mm512_loadu_si512(BF16_HI + 64), _mm512_loadu_si512(BF16_LO),
@@ -317,13 +317,37 @@ TGT512 static void fp8_gemm_bf16(const uint16_t *x, ptrdiff_t ldx, const uint8_t
     permute_x(x, ldx, M, K64, xp);
     const ptrdiff_t ntiles = (N + 3) / 4;
     /* Each thread takes one contiguous range of tiles (static schedule): it streams one region. */
-#pragma omp parallel for schedule(static) if (N * K >= PAR_MIN && ntiles > 1)
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && N * K >= PAR_MIN && ntiles > 1)
     for (ptrdiff_t tile = 0; tile < ntiles; tile++) {
         ptrdiff_t n0 = tile * 4, nr = N - n0 < 4 ? N - n0 : 4;
         const float *s[4];
         for (ptrdiff_t r = 0; r < nr; r++) s[r] = S + (n0 + r + row_off) / row_block * lds;
         tile_bf16(xp, K64, x, ldx, K, w + n0 * ldw, ldw, s, &t, y + n0, ldy, (int)nr, M);
     }
+}
+
+/* y [M, N] (bf16, leading dimension ldy) = x [M, K] (bf16) @ W^T for e4m3 W with its block scales, on
+   up to nthreads threads (1: no team, e.g. inside the MoE's per-expert team); 0, or -1 out of memory.
+   The Python binding `gemm_bf16` and afdserve._native's MoE (through `gemm_bf16_address`) both run
+   this function, so a product has the same bits from either. The caller checks the CPU (cpu_bf16). */
+int afd_fp8_gemm_bf16(const uint16_t *x, ptrdiff_t ldx, const uint8_t *w, ptrdiff_t ldw, const float *S,
+                      ptrdiff_t lds, ptrdiff_t row_block, ptrdiff_t row_off, uint16_t *y, ptrdiff_t ldy,
+                      ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int nthreads)
+{
+    if (M == 0 || N == 0) return 0;
+    uint16_t *xp = malloc(sizeof(uint16_t) * (size_t)(M * (K / 64 * 64) + 1));
+    float *yf = malloc(sizeof(float) * (size_t)(M * N));
+    if (!xp || !yf) {
+        free(xp);
+        free(yf);
+        return -1;
+    }
+    fp8_gemm_bf16(x, ldx, w, ldw, S, lds, row_block, row_off, yf, N, M, N, K, xp, nthreads);
+    for (ptrdiff_t m = 0; m < M; m++)
+        for (ptrdiff_t n = 0; n < N; n++) y[m * ldy + n] = f32_to_bf16(yf[m * N + n]);
+    free(xp);
+    free(yf);
+    return 0;
 }
 
 static int cpu_bf16(void)
@@ -426,26 +450,31 @@ static PyObject *gemm_bf16(PyObject *self, PyObject *args)
         return NULL;
     }
 #ifdef AFD_X86
-    if (M == 0 || N == 0)
-        Py_RETURN_NONE;
-    uint16_t *xp = malloc(sizeof(uint16_t) * (size_t)(M * (K / 64 * 64) + 1));
-    float *yf = malloc(sizeof(float) * (size_t)(M * N));
-    if (!xp || !yf) {
-        free(xp);
-        free(yf);
-        return PyErr_NoMemory();
-    }
+    int rc;
+    const int nthreads = max_threads();
     Py_BEGIN_ALLOW_THREADS
-    fp8_gemm_bf16((const uint16_t *)px, ldx, (const uint8_t *)pw, ldw, (const float *)ps, lds, rb, roff, yf, N, M,
-                  N, K, xp);
-    uint16_t *y = (uint16_t *)py;
-    for (Py_ssize_t m = 0; m < M; m++)
-        for (Py_ssize_t n = 0; n < N; n++) y[m * ldy + n] = f32_to_bf16(yf[m * N + n]);
+    rc = afd_fp8_gemm_bf16((const uint16_t *)px, ldx, (const uint8_t *)pw, ldw, (const float *)ps, lds, rb, roff,
+                           (uint16_t *)py, ldy, M, N, K, nthreads);
     Py_END_ALLOW_THREADS
-    free(xp);
-    free(yf);
+    if (rc) return PyErr_NoMemory();
 #endif
     Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(gemm_bf16_address_doc,
+             "gemm_bf16_address() -> int\n\n"
+             "The address of the C function behind `gemm_bf16` (int afd_fp8_gemm_bf16(x, ldx, w, ldw, s, lds,\n"
+             "row_block, row_off, y, ldy, m, n, k, nthreads)), for afdserve._native's MoE; 0 where this CPU\n"
+             "or build has no AVX512-BF16 kernel.");
+
+static PyObject *gemm_bf16_address(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+#ifdef AFD_X86
+    if (cpu_ok() && cpu_bf16()) return PyLong_FromVoidPtr((void *)afd_fp8_gemm_bf16);
+#endif
+    return PyLong_FromLong(0);
 }
 
 PyDoc_STRVAR(dequantize_doc,
@@ -485,6 +514,7 @@ static PyMethodDef methods[] = {
     {"gemm", gemm, METH_VARARGS, gemm_doc},
     {"bf16_available", bf16_available, METH_NOARGS, bf16_available_doc},
     {"gemm_bf16", gemm_bf16, METH_VARARGS, gemm_bf16_doc},
+    {"gemm_bf16_address", gemm_bf16_address, METH_NOARGS, gemm_bf16_address_doc},
     {"dequantize", dequantize, METH_VARARGS, dequantize_doc},
     {NULL, NULL, 0, NULL},
 };
