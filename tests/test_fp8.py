@@ -484,7 +484,8 @@ def test_bench_profiles_the_quantized_model_it_measures(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not fp8.NATIVE_BF16, reason="no AVX512-BF16 + VBMI on this CPU")
-def test_native_moe_over_fp8_experts_is_bitwise_the_python_moe(monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2])                   # 2: whole experts per thread
+def test_native_moe_over_fp8_experts_is_bitwise_the_python_moe(monkeypatch, threads):
     """moe.c with FP8 experts (afdserve._fp8's GEMM by address) and an FP8 shared expert: bit for
     bit MoE.forward + share_expert on the same weights, a local slice of the experts and a shard of
     the shared expert included. Above fp8.NATIVE_MAX_ROWS rows (where
@@ -492,6 +493,7 @@ def test_native_moe_over_fp8_experts_is_bitwise_the_python_moe(monkeypatch):
     from afdserve.model import kernels, layers
     from afdserve.model.checkpoint import _set_quantized
     from afdserve.model.layers import MoE, SwiGLU, route
+    monkeypatch.setattr(kernels, "_policy", kernels.decide_policy("auto", threads))
     g = torch.Generator().manual_seed(5)
     moe, shared = MoE(256, 128, 8, 3, False, experts=(2, 7)), SwiGLU(256, 256)
     for mod in (moe, shared):

@@ -590,15 +590,15 @@ def test_native_rms_norm_and_silu_mul_round_as_the_torch_formulas(rows, policy_r
 
 
 @needs_native
-@pytest.mark.parametrize("mode", ["auto", "native"])
-def test_native_moe_is_bitwise_the_python_moe(mode, monkeypatch, policy_restored):
+@pytest.mark.parametrize("mode,threads", [("auto", 1), ("native", 1), ("auto", 2)])   # 2: experts per thread
+def test_native_moe_is_bitwise_the_python_moe(mode, threads, monkeypatch, policy_restored):
     """The one-call MoE (moe.c) groups, multiplies and combines with the kernels and roundings of
     MoE.forward, so its output is bit for bit the Python path's under the same policy; a local
     slice of the experts (an FFN shard) and slots routed elsewhere included. An expert with more
     rows than the policy's native GEMMs take sends the layer back to the Python path."""
     from afdserve.model import layers
     from afdserve.model.layers import MoE, SwiGLU, route
-    kernels.use_policy(kernels.decide_policy(mode))
+    kernels.use_policy(kernels.decide_policy(mode, threads))
     g = torch.Generator().manual_seed(3)
     moe, shared = MoE(96, 64, 8, 3, False, experts=(2, 7)).bfloat16(), SwiGLU(96, 40).bfloat16()
     for p in [*moe.parameters(), *shared.parameters()]:

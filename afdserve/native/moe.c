@@ -120,18 +120,22 @@ TGT static ptrdiff_t add_bf16x8(uint16_t *y, const uint16_t *o, ptrdiff_t n)
 }
 #endif
 
-/* y += the shared expert of every token, y and the sum rounded to bf16 as `y + shared(x)`. */
-static int add_shared(const moe_args *a, const moe_policy *p, uint16_t *buf, int nthreads)
+/* os [T, H] = the shared expert of every token; buf: scratch. */
+static int run_shared(const moe_args *a, const moe_policy *p, uint16_t *buf, uint16_t *os, int nthreads)
 {
-    const ptrdiff_t T = a->T, H = a->H, Ws = a->Ws;
-    uint16_t *gu = buf, *act = gu + T * 2 * Ws, *os = act + T * Ws;
-    if (swiglu(p, a->x, T, H, Ws, &a->s_gate_up, &a->s_down, 0, gu, act, os, nthreads)) return -1;
+    uint16_t *gu = buf, *act = gu + a->T * 2 * a->Ws;
+    return swiglu(p, a->x, a->T, a->H, a->Ws, &a->s_gate_up, &a->s_down, 0, gu, act, os, nthreads);
+}
+
+/* y = bf16(y + os), as `y + shared(x)` rounds it. */
+static void add_shared(const moe_args *a, const uint16_t *os)
+{
+    const ptrdiff_t n = a->T * a->H;
     ptrdiff_t i = 0;
 #ifdef AFD_X86
-    i = add_bf16x8(a->y, os, T * H);
+    i = add_bf16x8(a->y, os, n);
 #endif
-    for (; i < T * H; i++) a->y[i] = afd_f32_to_bf16(afd_bf16_to_f32(a->y[i]) + afd_bf16_to_f32(os[i]));
-    return 0;
+    for (; i < n; i++) a->y[i] = afd_f32_to_bf16(afd_bf16_to_f32(a->y[i]) + afd_bf16_to_f32(os[i]));
 }
 
 /* y[t, h0:] = bf16(sum_j bf16(out[t, j] * bf16(w[t, j]))) over the local slots of token t. */
@@ -188,7 +192,7 @@ static int moe_run(const moe_args *a, const moe_policy *p, int nthreads)
     const ptrdiff_t pairs = a->T * a->k;
     ptrdiff_t *count = calloc((size_t)a->E + 1, sizeof(ptrdiff_t)), *order = malloc(sizeof(ptrdiff_t) * (size_t)(pairs + 1));
     char *local = malloc((size_t)pairs + 1);
-    uint16_t *out = NULL, *buf = NULL;
+    uint16_t *out = NULL, *buf = NULL, *os = NULL;
     int rc = -1;
     if (!count || !order || !local) goto done;
     ptrdiff_t most = 0;
@@ -202,18 +206,21 @@ static int moe_run(const moe_args *a, const moe_policy *p, int nthreads)
         if (count[e] && (!takes(p, &a->gate_up, count[e], a->H) || !takes(p, &a->down, count[e], a->W))) goto done;
     if (a->s_gate_up.w && (!takes(p, &a->s_gate_up, a->T, a->H) || !takes(p, &a->s_down, a->T, a->Ws))) goto done;
     rc = -1;
-    int active = 0;
-    for (ptrdiff_t e = 0; e < a->E; e++) active += count[e] > 0;
-    /* Enough experts hit for every thread: whole experts per thread (one team for the layer, each
-       thread streaming its own experts' weights); else each GEMM's outputs split over the threads.
-       Either way every output is computed by the same instructions: the same bits. */
-    const int per_expert = nthreads > 1 && active >= 2 * nthreads;
+    const int shared = a->s_gate_up.w != NULL;
+    int items = shared;
+    for (ptrdiff_t e = 0; e < a->E; e++) items += count[e] > 0;
+    /* Enough work items (experts hit, and the shared expert) for every thread: whole items per thread
+       (one team for the layer, each thread streaming its own experts' weights; the shared expert,
+       usually the most rows, first); else each GEMM's outputs split over the threads. Either way
+       every output is computed by the same instructions: the same bits. */
+    const int per_expert = nthreads > 1 && items >= 2 * nthreads;
     const int bufs = per_expert ? nthreads : 1;
-    const ptrdiff_t expert_buf = most * (2 * a->H + 3 * a->W), shared_buf = a->s_gate_up.w ? a->T * (a->H + 3 * a->Ws) : 0;
+    const ptrdiff_t expert_buf = most * (2 * a->H + 3 * a->W), shared_buf = shared ? a->T * 3 * a->Ws : 0;
     const ptrdiff_t per_buf = expert_buf > shared_buf ? expert_buf : shared_buf;
     out = malloc(sizeof(uint16_t) * (size_t)(pairs * a->H + 1));
     buf = malloc(sizeof(uint16_t) * (size_t)(per_buf * bufs + 1));
-    if (!out || !buf) goto done;
+    os = shared ? malloc(sizeof(uint16_t) * (size_t)(a->T * a->H + 1)) : NULL;
+    if (!out || !buf || (shared && !os)) goto done;
     ptrdiff_t start = 0;                                /* counting sort: pairs grouped by expert */
     for (ptrdiff_t e = 0; e < a->E; e++) {
         const ptrdiff_t c = count[e];
@@ -225,18 +232,22 @@ static int moe_run(const moe_args *a, const moe_policy *p, int nthreads)
     int failed = 0;
     if (per_expert) {
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) reduction(| : failed)
-        for (ptrdiff_t e = 0; e < a->E; e++) {
-            const ptrdiff_t s = e ? count[e - 1] : 0;
-            if (count[e] > s)
-                failed |= run_expert(a, p, e, order + s, count[e] - s, buf + per_buf * afd_thread_num(), out, 1);
+        for (ptrdiff_t i = 0; i < a->E + shared; i++) {
+            uint16_t *tb = buf + per_buf * afd_thread_num();
+            const ptrdiff_t e = i - shared, s = e > 0 ? count[e - 1] : 0;
+            if (e < 0)
+                failed |= run_shared(a, p, tb, os, 1);
+            else if (count[e] > s)
+                failed |= run_expert(a, p, e, order + s, count[e] - s, tb, out, 1);
         }
     } else {                           /* not inside a team: afd_bgemm's own team is the top level */
         for (ptrdiff_t e = 0, s = 0; e < a->E && !failed; s = count[e++])
             if (count[e] > s) failed = run_expert(a, p, e, order + s, count[e] - s, buf, out, nthreads);
+        if (shared && !failed) failed = run_shared(a, p, buf, os, nthreads);
     }
     if (failed) goto done;
     combine(a, out, local, nthreads);
-    if (a->s_gate_up.w && add_shared(a, p, buf, nthreads)) goto done;
+    if (shared) add_shared(a, os);
     rc = 1;
 done:
     free(count);
@@ -244,6 +255,7 @@ done:
     free(local);
     free(out);
     free(buf);
+    free(os);
     return rc;
 }
 
