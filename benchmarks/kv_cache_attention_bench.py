@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     nq, d = c.num_attention_heads, c.head_dim
     print(f"{args.preset}: {nq} query heads, 1 KV head, d {d}; {torch.get_num_threads()} thread(s); "
           f"min of {args.rounds} rounds")
-    print(f"{'batch x ctx':>12} {'candidate':>16} {'ms':>9} {'KV GB/s':>8} {'x bf16':>7}")
+    print(f"{'batch x ctx':>12} {'candidate':>20} {'ms':>9} {'KV GB/s':>8} {'x bf16':>7}")
     for b in [int(x) for x in args.batches.split(",")]:
         for ctx in [int(x) for x in args.contexts.split(",")]:
             q, k, v, meta = _case(b, ctx, nq, d)
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
                         best[n] = min(best[n], time.perf_counter() - t)
             kv_elems = 2 * b * ctx * d
             for n, (_, elem) in cands.items():
-                print(f"{f'{b} x {ctx}':>12} {n:>16} {best[n] * 1e3:9.3f} {kv_elems * elem / best[n] / 1e9:8.2f} "
+                print(f"{f'{b} x {ctx}':>12} {n:>20} {best[n] * 1e3:9.3f} {kv_elems * elem / best[n] / 1e9:8.2f} "
                       f"{best['bf16 native'] / best[n]:7.2f}")
     return 0
 

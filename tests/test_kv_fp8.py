@@ -69,13 +69,14 @@ def test_write_kv_rounds_to_e4m3_and_clamps():
 
 @needs_native
 @pytest.mark.parametrize("qdtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("ctx_lens, nq, d", [([5], 16, 128), ([70, 3, 130, 16], 8, 24), ([200, 17], 12, 40)])
+@pytest.mark.parametrize("ctx_lens, nq, d", [([5], 16, 128), ([70, 3, 130, 16], 8, 24), ([200, 17], 12, 40),
+                                             ([33, 9], 8, 15)])
 def test_native_fp8_decode_attention_against_the_dequantized_reference(qdtype, ctx_lens, nq, d, policy_restored):
-    """The kernel widens e4m3 exactly and computes in fp32: against naive fp64 attention over the
-    dequantized cache, |o - o_exact| <= 1e-4 max|v| (fp32 rounding, as for the fp32 cache), plus
-    u16 |o_exact| for a bf16 output. Scales other than 1 multiply keys and values. Threads 1 and 2
-    give bitwise the same output; the gathered torch path agrees within the same bound (bf16: plus
-    2 u16 max|v|, SDPA's bf16 probabilities)."""
+    """The kernel widens e4m3 exactly (head dims with a tail of fewer than 8 too) and computes in
+    fp32: against naive fp64 attention over the dequantized cache, |o - o_exact| <= 1e-4 max|v|
+    (fp32 rounding, as for the fp32 cache), plus u16 |o_exact| for a bf16 output. Scales other than
+    1 multiply keys and values. Threads 1 and 2 give bitwise the same output; the gathered torch
+    path agrees within the same bound (bf16: plus 2 u16 max|v|, SDPA's bf16 probabilities)."""
     bs, scales = 16, (0.5, 2.0)
     q, k8, v8, meta = _fp8_paged(ctx_lens, nq, d, bs, seed=sum(ctx_lens) + d)
     q = q.to(qdtype)
@@ -101,6 +102,7 @@ def test_native_fp8_decode_attention_against_the_dequantized_reference(qdtype, c
             assert (err <= bound).all(), f"{name} sequence {s}: worst excess {(err - bound).max().item():.3g}"
 
 
+@needs_native
 @needs_native
 def test_native_kernel_declines_what_it_cannot_read(policy_restored):
     q, k8, v8, meta = _fp8_paged([20], 8, 16, 16, seed=1)
