@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from afdserve.afd.options import add_afd_arguments, engine_kwargs_from_args
@@ -54,11 +55,19 @@ def add_kernels_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", choices=["auto", "native", "torch"], default=None,
                    help="decode kernel policy (default: $AFDSERVE_KERNELS or auto; docs/kernels.md): auto = the "
                    "fastest measured per shape, native = afdserve's own kernels, torch = torch's only")
+    p.add_argument("--decode-graphs", choices=["on", "off", "check"], default=None,
+                   help="replay recorded decode steps without their Python (default: $AFDSERVE_DECODE_GRAPHS or "
+                   "on; docs/graphs.md); check = compare every replay with a normal step")
 
 
 def apply_kernels_argument(args: argparse.Namespace) -> None:
+    """Install --kernels and --decode-graphs for this process and the workers it starts (environment)."""
+    from afdserve.engine.graphs import GRAPHS_ENV, graphs_mode
     from afdserve.model.kernels import apply_kernels_argument as apply
     apply(args)
+    if getattr(args, "decode_graphs", None):
+        os.environ[GRAPHS_ENV] = args.decode_graphs
+        graphs_mode()
 
 
 def add_quantization_argument(p: argparse.ArgumentParser) -> None:

@@ -115,3 +115,20 @@ class _Meta:
 
     def select(self, seqs):
         return self
+
+
+def test_engine_args_and_cli_flag_turn_graphs_off(tiny_ckpt, monkeypatch):
+    import argparse
+
+    from afdserve.commands import add_kernels_argument, apply_kernels_argument
+    monkeypatch.delenv(graphs_mod.GRAPHS_ENV, raising=False)
+    with LLM(model=str(tiny_ckpt), dtype="bfloat16", num_kv_blocks=16, block_size=4, decode_graphs=False) as llm:
+        llm.generate([[5, 6]], PARAMS[0])
+        assert llm.engine.executor.runner.graphs.mode == "off" and not llm.engine.executor.runner.graphs.graphs
+    p = argparse.ArgumentParser()
+    add_kernels_argument(p)
+    monkeypatch.setenv(graphs_mod.GRAPHS_ENV, "on")             # restored after the test
+    apply_kernels_argument(p.parse_args(["--decode-graphs", "off"]))
+    assert graphs_mode() == "off"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--decode-graphs", "maybe"])

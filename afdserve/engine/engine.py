@@ -63,6 +63,9 @@ class EngineArgs:
     max_model_len: int | None = None
     """Defaults to the model's context, capped at 8192."""
     device: str | None = None
+    decode_graphs: bool = True
+    """Colocated CPU decode steps replayed from recorded kernel calls (docs/graphs.md); also
+    $AFDSERVE_DECODE_GRAPHS=off|on|check."""
     progress: bool = False
     afd_options: dict = field(default_factory=dict)
     """Extra options for the disaggregated runtime: `afdserve.afd.config.AFDConfig` fields (timeouts,
@@ -171,7 +174,8 @@ class LLMEngine:
             from afdserve.afd.executor import AFDExecutor
             afd = AFDConfig.from_options(a.afd, a.micro_batches, **{**a.afd_options, "trace_file": trace})
             return AFDExecutor(self.model_dir, self.config, afd, self.dtype, cache, a.device, a.quantization)
-        ex = ColocatedExecutor(self.model_dir, self.config, self.dtype, cache, a.device, a.progress, a.quantization)
+        ex = ColocatedExecutor(self.model_dir, self.config, self.dtype, cache, a.device, a.progress, a.quantization,
+                               a.decode_graphs)
         if trace:
             from afdserve.afd.local_trace import traced
             return traced(ex, trace, meta={"model_dir": str(self.model_dir), "dtype": str(self.dtype)})

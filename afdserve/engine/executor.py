@@ -105,14 +105,14 @@ class ColocatedExecutor:
 
     def __init__(self, model_dir: str | Path, config: Step3Config, dtype: str = "float32",
                  cache: CacheConfig = CacheConfig(), device: str | None = None, progress: bool = False,
-                 quantization: str | None = None):
+                 quantization: str | None = None, graphs: bool = True):
         device = device or default_device()
         torch_dtype = parse_dtype(dtype)
         model = prepare_for_decode(load_model(model_dir, torch_dtype, config=config, device=device, progress=progress,
                                               quantization=quantization))
         kv = make_kv_cache(config, cache, torch_dtype, device)
         self.num_kv_blocks = kv.num_blocks
-        self.runner = ModelRunner(model, kv)
+        self.runner = ModelRunner(model, kv, graphs=graphs)
         self.traces = None
 
     def execute(self, steps: list[StepInput]) -> list[dict[str, Sample]]:
