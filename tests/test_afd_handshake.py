@@ -68,7 +68,9 @@ class _Engine:
 @pytest.mark.parametrize("worker_args, reason", [
     (["--afd", "1A1F", "--rank", "0", "--dtype", "bfloat16"], "uses dtype torch.bfloat16, attention worker 0 uses torch.float32"),
     (["--afd", "1A2F", "--rank", "0", "--dtype", "float32"], "was started for topology 1A2F, attention worker 0 for 1A1F"),
-], ids=["dtype", "topology"])
+    (["--afd", "1A1F", "--rank", "0", "--dtype", "float32", "--quantization", "fp8"],
+     "uses quantization fp8, attention worker 0 uses none"),
+], ids=["dtype", "topology", "quantization"])
 def test_mismatched_worker_is_refused_on_both_sides(tiny_ckpt, worker_args, reason):
     port = free_port()
     engine = _Engine(tiny_ckpt, port)

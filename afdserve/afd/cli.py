@@ -35,6 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--join-timeout", type=float, default=DEFAULTS["join_timeout_s"], metavar="S")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--quantization", choices=["fp8"], default=None,
+                   help="fp8: quantize the linear weights to block-scaled FP8 at load, as the engine's "
+                   "--quantization (the worker is refused if they differ; docs/fp8.md)")
     p.add_argument("--control-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run_worker)
 
@@ -87,7 +90,8 @@ def _run_ffn(args: argparse.Namespace, topo) -> int:
     except ValueError as exc:
         print(f"afdserve worker: error: {exc}", file=sys.stderr)
         return 2
-    spec = WorkerSpec(afd, args.model, dtype, device, threads=args.threads or available_cores())
+    spec = WorkerSpec(afd, args.model, dtype, device, threads=args.threads or available_cores(),
+                      quantization=args.quantization)
     code = _guarded("afdserve worker", lambda: ffn_worker_main(spec, args.rank, None))
     os._exit(code)     # skip process-group teardown, which can block on peers that are gone
 

@@ -69,8 +69,10 @@ class Membership:
         settings with attention worker 0's runtime ones."""
         s, afd = self.spec, self.spec.afd
         if self.hello is None:
+            # the weights' format in memory: asked for, or an FP8 checkpoint's own
+            quant = s.quantization or (config.quantization_config.quant_method if config.quantization_config else None)
             self.hello = rdv.make_hello(afd.topology, self.role, self.index, str(parse_dtype(s.dtype)), s.model_dir,
-                                        rdv.checkpoint_fingerprint(s.model_dir, config), afd.runtime())
+                                        rdv.checkpoint_fingerprint(s.model_dir, config), afd.runtime(), quant)
         ref, self.gen = rdv.enter(self.store, self.gen, self.rank, self.hello, self.who, self.where,
                                   afd.join_timeout_s)
         return afd.adopt(ref["settings"])

@@ -105,10 +105,10 @@ def checkpoint_fingerprint(model_dir: str | Path, config: Step3Config) -> str:
 
 
 def make_hello(topology: Topology, role: str, index: int, dtype: str, model_dir: str, fingerprint: str,
-               settings: dict) -> dict:
+               settings: dict, quantization: str | None = None) -> dict:
     return {"role": role, "index": index, "topology": str(topology), "pid": os.getpid(),
             "host": os.uname().nodename, "dtype": dtype, "model_dir": str(model_dir),
-            "checkpoint": fingerprint, "settings": settings}
+            "checkpoint": fingerprint, "settings": settings, "quantization": quantization or "none"}
 
 
 def enter(store: dist.TCPStore, gen: int, rank: int, hello: dict, who: str, where: str,
@@ -196,6 +196,9 @@ def _mismatches(ref: dict, other: dict, rank: int, topology: Topology) -> list[s
         out.append(f"{who} joined at a rank that topology {ref['topology']} gives a {topology.role_of(rank)[0]} worker")
     if other["dtype"] != ref["dtype"]:
         out.append(f"{who} uses dtype {other['dtype']}, attention worker 0 uses {ref['dtype']}")
+    if other.get("quantization", "none") != ref.get("quantization", "none"):
+        out.append(f"{who} uses quantization {other.get('quantization', 'none')}, attention worker 0 uses "
+                   f"{ref.get('quantization', 'none')}")
     if other["checkpoint"] != ref["checkpoint"]:
         out.append(f"{who} loads a different checkpoint or config ({other['model_dir']}, fingerprint "
                    f"{other['checkpoint'][:12]}) than attention worker 0 ({ref['model_dir']}, {ref['checkpoint'][:12]})")
