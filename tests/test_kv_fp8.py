@@ -104,6 +104,31 @@ def test_native_fp8_decode_attention_against_the_dequantized_reference(qdtype, c
 
 @needs_native
 @needs_native
+@pytest.mark.parametrize("d", [8, 12])
+def test_native_kernel_widens_every_e4m3_code_exactly(d, policy_restored):
+    """One-token contexts (zero keys): the softmax is 1 and the output is the value row itself, so
+    every one of the 256 codes (vector lanes and, with d = 12, the scalar tail) must come out as
+    torch's float8 -> fp32 value times the scale: finite codes exactly, the NaN codes as NaN."""
+    codes = torch.arange(256, dtype=torch.int64)
+    S = -(-256 // d)
+    rows = torch.zeros(S * d, dtype=torch.uint8)
+    rows[:256] = codes.to(torch.uint8)
+    v8 = torch.zeros(S * 16, 1, d, dtype=torch.uint8)
+    v8[::16, 0] = rows.view(S, d)                       # block s holds one token: codes s*d .. s*d+d-1
+    v8 = v8.view(FP8_KV)
+    tables = torch.arange(S).unsqueeze(1)
+    kernels.use_policy(kernels.decide_policy("auto", threads=1))
+    with torch.inference_mode():
+        out = kernels.native_decode_attention(torch.ones(S, 4, d), torch.zeros_like(v8), v8, tables, [1] * S, 16,
+                                              0.5, (1.0, 0.75))
+    want = v8[::16, 0].float() * 0.75
+    got = out[:, 0]
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(want).sum() == 2
+    finite = ~torch.isnan(want)
+    assert torch.equal(got[finite], want[finite])
+
+
+@needs_native
 def test_native_kernel_declines_what_it_cannot_read(policy_restored):
     q, k8, v8, meta = _fp8_paged([20], 8, 16, 16, seed=1)
     args = (meta.block_tables, meta.context_lens, 16, 0.25)
@@ -112,6 +137,11 @@ def test_native_kernel_declines_what_it_cannot_read(policy_restored):
     kernels.use_policy(kernels.decide_policy("auto", threads=1))
     assert kernels.native_decode_attention(q, k8, v8.float(), *args) is None  # mixed cache dtypes
     assert kernels.native_decode_attention(q, k8.float(), v8.float(), *args) is not None
+    with pytest.MonkeyPatch.context() as mp:                                     # a CPU without F16C
+        mp.setitem(kernels.FEATURES, "f16c", False)
+        assert kernels.native_decode_attention(q, k8, v8, *args) is None
+        with torch.inference_mode():
+            assert torch.isfinite(paged_attention(q, k8, v8, meta, 0.25)).all()
 
 
 def _logits(ckpt, kv_dtype: str, chunks: list[int]) -> torch.Tensor:

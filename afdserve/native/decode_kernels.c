@@ -262,8 +262,10 @@ TGT static void widen_rows(const uint16_t *src, ptrdiff_t ld, ptrdiff_t n, ptrdi
 
 /* e4m3 codes -> fp32 x 2^-8, exact (subnormals included): the code's sign moved to bit 15 and its
    7 exponent + mantissa bits shifted up by 7 make the fp16 number of the same value x 2^-8 (the
-   exponent biases differ by 8), which F16C widens. Compiled with -DKV_E4M3_LUT instead: a 256-entry
-   fp32 table (the value itself) read by an AVX2 gather. The bit form measured faster (docs/fp8.md). */
+   exponent biases differ by 8), which F16C widens; the NaN codes (0x7f, 0xff) get fp16's exponent
+   of all ones, so a NaN written into the cache reads back as NaN. Compiled with -DKV_E4M3_LUT
+   instead: a 256-entry fp32 table (the same values) read by an AVX2 gather; the bit form measured
+   faster (docs/fp8.md). */
 #ifdef KV_E4M3_LUT
 static float e4m3_table[256];
 static void e4m3_table_init(void)
@@ -271,7 +273,7 @@ static void e4m3_table_init(void)
     for (int c = 0; c < 256; c++) {
         int e = (c >> 3) & 15, m = c & 7;
         float v = e ? ldexpf(1.0f + m / 8.0f, e - 7) : ldexpf(m / 8.0f, -6);
-        e4m3_table[c] = (c & 0x80 ? -v : v) / 256.0f;      /* the same x 2^-8 as the bit form */
+        e4m3_table[c] = (c & 0x7f) == 0x7f ? NAN : (c & 0x80 ? -v : v) / 256.0f;   /* as the bit form */
     }
 }
 #define TGT_E4M3 TGT
@@ -285,8 +287,9 @@ TGT_E4M3 static inline __m256 e4m3x8_to_ps(const uint8_t *p)
 TGT_E4M3 static inline __m256 e4m3x8_to_ps(const uint8_t *p)
 {
     __m128i c = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
-    __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x80)), 8),
-                             _mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x7f)), 7));
+    __m128i m = _mm_and_si128(c, _mm_set1_epi16(0x7f));
+    __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x80)), 8), _mm_slli_epi16(m, 7));
+    h = _mm_or_si128(h, _mm_and_si128(_mm_cmpeq_epi16(m, _mm_set1_epi16(0x7f)), _mm_set1_epi16(0x7c00)));
     return _mm256_cvtph_ps(h);
 }
 #endif
@@ -294,6 +297,7 @@ TGT_E4M3 static inline __m256 e4m3x8_to_ps(const uint8_t *p)
 static float e4m3_to_f32_scaled(uint8_t c)      /* the scalar tail: the same value x 2^-8 */
 {
     int e = (c >> 3) & 15, m = c & 7;
+    if ((c & 0x7f) == 0x7f) return NAN;
     float v = e ? ldexpf(1.0f + m / 8.0f, e - 15) : ldexpf(m / 8.0f, -14);
     return c & 0x80 ? -v : v;
 }
