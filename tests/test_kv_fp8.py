@@ -267,3 +267,19 @@ def test_default_model_answers_with_an_fp8_cache():
             answers[kv] = [o.outputs[0].text for o in llm.generate(prompts, params)]
     assert tasks.score(examples, answers["fp8"])["overall"] >= 0.9, list(zip(answers["fp8"], answers["auto"]))
     assert sum(a == b for a, b in zip(answers["fp8"], answers["auto"])) >= 18
+
+
+def test_decode_graphs_replay_the_fp8_cache_writes(tiny_ckpt, monkeypatch):
+    """A recorded bf16 decode step (docs/graphs.md) replays the e4m3 rounding and byte-wise writes
+    of the new K/V: the same tokens as without graphs, with replays."""
+    from afdserve.engine.graphs import GRAPHS_ENV
+    monkeypatch.setenv(GRAPHS_ENV, "on")
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    toks, replays = {}, {}
+    for graphs in (False, True):
+        with LLM(model=str(tiny_ckpt), device="cpu", dtype="bfloat16", kv_cache_dtype="fp8", num_kv_blocks=64,
+                 block_size=4, decode_graphs=graphs) as llm:
+            toks[graphs] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+            g = llm.engine.executor.runner.graphs
+            replays[graphs] = g.replays if g is not None else 0
+    assert toks[True] == toks[False] and replays[True] > 0 and replays[False] == 0
