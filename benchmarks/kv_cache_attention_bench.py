@@ -4,9 +4,10 @@ the same kernel over a bf16 and an fp32 cache, and against the gathered torch pa
     python benchmarks/kv_cache_attention_bench.py [--batches 8,32] [--contexts 1024,4096] [--threads N]
 
 Shapes of a preset's attention (`--preset`, default small: its query heads, one KV head, its head
-dim). Every candidate runs the same sequences (block tables shuffled, as in a
-served cache); the candidates are timed in turn, round after round, and the minimum per candidate
-is printed with the KV bytes each reads per call and the speed relative to the bf16 cache.
+dim). Every candidate runs the same sequences (each sequence's blocks consecutive, or shuffled
+with --shuffled, as in a long-running cache); the candidates are timed in turn, round after
+round, and the minimum per candidate is printed with the KV bytes each reads per call and the
+speed relative to the bf16 cache.
 `--native-so PATH` times another build of afdserve._native (e.g. one compiled with
 -DKV_E4M3_LUT, the 256-entry table variant of the e4m3 widening) in the same process as well.
 """
@@ -32,14 +33,14 @@ def _load_native(path: str):
     return mod
 
 
-def _case(batch: int, context: int, nq: int, d: int, bs: int = 16):
+def _case(batch: int, context: int, nq: int, d: int, bs: int = 16, shuffled: bool = False):
     per = -(-(context + 1) // bs)
     nblocks = batch * per + 1
     gen = torch.Generator().manual_seed(batch * 7919 + context)
     k = torch.randn(nblocks * bs, 1, d, generator=gen) * 0.5
     v = torch.randn(nblocks * bs, 1, d, generator=gen) * 0.5
     q = torch.randn(batch, nq, d, generator=gen)
-    perm = torch.randperm(nblocks, generator=gen).tolist()
+    perm = torch.randperm(nblocks, generator=gen).tolist() if shuffled else list(range(nblocks))
     tables = [perm[s * per:(s + 1) * per] for s in range(batch)]
     lens = [context] * batch
     meta = AttentionMetadata.build(list(range(batch)), [0] * batch, [1] * batch, lens, tables, bs)
@@ -53,6 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", default="1024,4096")
     ap.add_argument("--threads", type=int, default=None, help="default: torch's thread count")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--shuffled", action="store_true", help="blocks in random order (a fragmented cache; default: "
+                    "each sequence's blocks consecutive, as a fresh engine allocates them)")
     ap.add_argument("--native-so", default=None, help="another _native build to time as 'fp8 (alt)'")
     args = ap.parse_args(argv)
     if not kernels.NATIVE:
@@ -69,7 +72,7 @@ def main(argv=None) -> int:
     print(f"{'batch x ctx':>12} {'candidate':>20} {'ms':>9} {'KV GB/s':>8} {'x bf16':>7}")
     for b in [int(x) for x in args.batches.split(",")]:
         for ctx in [int(x) for x in args.contexts.split(",")]:
-            q, k, v, meta = _case(b, ctx, nq, d)
+            q, k, v, meta = _case(b, ctx, nq, d, shuffled=args.shuffled)
             caches = {t: (k.to(t), v.to(t)) for t in (torch.float32, torch.bfloat16, torch.float8_e4m3fn)}
             qb = q.bfloat16()
 
