@@ -57,6 +57,8 @@ aten = torch.ops.aten
 # Operators whose outputs hold no defined data (the native kernels fill them): nothing to replay.
 _UNINITIALISED = {aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default,
                   aten.new_empty.default, aten.new_empty_strided.default}
+# dtype conversions (same device): replayed as a converting copy into the recorded output
+_CONVERSIONS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default}
 # Operators whose output shape depends on the data: a replay would keep the capture's shape.
 _DATA_SHAPED = {aten.nonzero.default, aten.masked_select.default, aten._unique2.default,
                 aten.unique_consecutive.default, aten.unique_dim.default}
@@ -110,18 +112,21 @@ def _replay_op(func, args, kwargs, out) -> Callable[[], None] | None:
     if any(not isinstance(t, (torch.Tensor, type(None))) for t in flat_out):
         raise CaptureRefused(f"{func} returns data to Python")
     if func._schema.is_mutable:                                   # in place (index_copy_, copy_, add_)
-        return lambda: func(*args, **kwargs)
+        op = func._op                                             # the C++ operator: no Python frame
+        return lambda: op(*args, **kwargs)
     if func in _UNINITIALISED:
         return None
     outs = [t for t in flat_out if isinstance(t, torch.Tensor)]
     ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
     if not outs or _storages(outs) <= _storages(ins):             # views / aliases of the inputs
         return None
+    if func in _CONVERSIONS and isinstance(args[0], torch.Tensor) and args[0].device == outs[0].device:
+        src, dst = args[0], outs[0]                               # .to(dtype) / .float(): a converting copy
+        return lambda: dst.copy_(src)
     found = _out_overload(func)
     if found is not None and len(found[1]) == len(outs):
-        ov, names = found
-        out_kw = dict(zip(names, outs))
-        return lambda: ov(*args, **kwargs, **out_kw)
+        op, out_kw = found[0]._op, dict(zip(found[1], outs))
+        return lambda: op(*args, **kwargs, **out_kw)
 
     def recompute():
         fresh = [t for t in tree_flatten(func(*args, **kwargs))[0] if isinstance(t, torch.Tensor)]
