@@ -77,7 +77,7 @@ def add_quantization_argument(p: argparse.ArgumentParser) -> None:
 
 
 def add_kv_cache_dtype_argument(p: argparse.ArgumentParser) -> None:
-    from afdserve.model.attention import KV_CACHE_DTYPES
+    from afdserve.config import KV_CACHE_DTYPES
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="auto: the KV cache in the run's dtype; fp8: float8 e4m3, 1 byte per element (twice the "
                    "blocks of bf16 for the same memory; docs/fp8.md)")

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# KV cache storage choices (--kv-cache-dtype): the run's dtype, or float8 e4m3 (docs/fp8.md).
+KV_CACHE_DTYPES = ("auto", "fp8")
+
 
 class ConfigError(ValueError):
     """A missing or inconsistent config field; the message names the field."""

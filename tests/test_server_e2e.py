@@ -1,6 +1,6 @@
 """`afdserve serve` as a real process, driven with the official `openai` client.
 
-One server for the module (started with --api-key); the last test stops it with SIGTERM.
+One server for the module (started with --api-key); the SIGTERM test starts its own.
 """
 from __future__ import annotations
 
@@ -187,20 +187,19 @@ def _aborted(server) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def _serve_with_step(patched_step: str) -> str:
+    """`afdserve serve` as a `python -c` script whose LLMEngine.step is `patched_step` (the source of
+    a `patched_step(self)` that calls the original `step(self)`)."""
+    return ("import os, sys, time\nfrom afdserve.engine import engine\nstep = engine.LLMEngine.step\n"
+            f"{patched_step}\nengine.LLMEngine.step = patched_step\nfrom afdserve.cli import main\n"
+            "sys.argv[0] = 'afdserve'\nsys.exit(main(sys.argv[1:]))\n")
+
+
 # `afdserve serve` whose engine step raises once the file named by AFDSERVE_TEST_FAIL exists.
-_FAILING_SERVE = """
-import os, sys
-from afdserve.engine import engine
-step = engine.LLMEngine.step
-def failing_step(self):
+_FAILING_SERVE = _serve_with_step("""def patched_step(self):
     if os.path.exists(os.environ["AFDSERVE_TEST_FAIL"]):
         raise RuntimeError("injected engine failure")
-    return step(self)
-engine.LLMEngine.step = failing_step
-from afdserve.cli import main
-sys.argv[0] = "afdserve"
-sys.exit(main(sys.argv[1:]))
-"""
+    return step(self)""")
 
 
 def test_engine_failure_mid_stream_ends_the_stream_and_server_stays_up(tmp_path, monkeypatch):
@@ -235,27 +234,40 @@ def test_engine_failure_mid_stream_ends_the_stream_and_server_stays_up(tmp_path,
         _stop(srv.proc)
 
 
-def test_sigterm_shuts_down_cleanly(server):
-    """Runs last: SIGTERM with a stream in flight; the stream ends and the process exits with 0."""
-    body = {"model": MODEL, "prompt": "hello", "max_tokens": 900, "stream": True, "ignore_eos": True}
-    with httpx.Client(timeout=30) as c:
-        with c.stream("POST", f"{server.url}/v1/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:
-            lines = r.iter_lines()
-            while not next(lines).startswith("data: "):
-                pass
-            t0 = time.monotonic()
-            server.proc.send_signal(signal.SIGTERM)
-            rest, broken = [], None
-            try:
-                for line in lines:
-                    rest.append(line)
-            except httpx.HTTPError as exc:      # kept apart: the stream must still have ended cleanly
-                broken = exc
-    code = server.proc.wait(15)
-    assert code == 0, server.log()
-    assert time.monotonic() - t0 < 10
-    tail = [ln for ln in rest if ln.startswith("data: ")]
-    assert tail and tail[-1] == "data: [DONE]", f"no [DONE] (connection error: {broken!r}); last lines {rest[-3:]}"
-    assert "shutting down" in json.loads(tail[-2][6:])["error"]["message"]
-    assert "stopped" in server.log()
+# `afdserve serve` whose engine steps take at least AFDSERVE_TEST_STEP_S seconds each, so that a
+# stream is surely still running when the shutdown grace ends, however fast the decode is.
+_SLOW_SERVE = _serve_with_step("""def patched_step(self):
+    time.sleep(float(os.environ["AFDSERVE_TEST_STEP_S"]))
+    return step(self)""")
+
+
+def test_sigterm_shuts_down_cleanly(tmp_path, monkeypatch):
+    """SIGTERM with a stream in flight (900 tokens at >= 5 ms a step: longer than the 1 s grace):
+    the stream ends with the shutdown error and [DONE], and the process exits with 0."""
+    monkeypatch.setenv("AFDSERVE_TEST_STEP_S", "0.005")
+    server = _launch(tmp_path, entry=("-c", _SLOW_SERVE))
+    try:
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 900, "stream": True, "ignore_eos": True}
+        with httpx.Client(timeout=30) as c:
+            with c.stream("POST", f"{server.url}/v1/completions", json=body,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
+                lines = r.iter_lines()
+                while not next(lines).startswith("data: "):
+                    pass
+                t0 = time.monotonic()
+                server.proc.send_signal(signal.SIGTERM)
+                rest, broken = [], None
+                try:
+                    for line in lines:
+                        rest.append(line)
+                except httpx.HTTPError as exc:      # kept apart: the stream must still have ended cleanly
+                    broken = exc
+        code = server.proc.wait(15)
+        assert code == 0, server.log()
+        assert time.monotonic() - t0 < 10
+        tail = [ln for ln in rest if ln.startswith("data: ")]
+        assert tail and tail[-1] == "data: [DONE]", f"no [DONE] (connection error: {broken!r}); last lines {rest[-3:]}"
+        assert "shutting down" in json.loads(tail[-2][6:])["error"]["message"]
+        assert "stopped" in server.log()
+    finally:
+        _stop(server.proc)

@@ -52,6 +52,7 @@ class TracedExecutor(ColocatedExecutor):
         self.num_kv_blocks, self.runner = inner.num_kv_blocks, inner.runner
         self.ffn = TracedLocalFFN(self.runner.model)
         self.runner.ffn = self.ffn
+        self.runner.graphs = None     # a replayed step has no layer halves to time (docs/graphs.md)
         import torch
         self.traces = TraceLog(keep, path, meta={"kind": "colocated", "topology": "colocated", "micro_batches": 1,
                                                  "threads": torch.get_num_threads(), "shared_clock": True,

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from afdserve.config import Step3Config
+from afdserve.config import KV_CACHE_DTYPES, Step3Config
 from afdserve.engine.runner import ModelRunner, StepInput
-from afdserve.model.attention import KV_CACHE_DTYPES, KVCache, kv_cache_dtype
+from afdserve.model.attention import KVCache, kv_cache_dtype
 from afdserve.model.checkpoint import load_model, parse_dtype
 from afdserve.model.kernels import prepare_for_decode
 from afdserve.sampling import Sample

@@ -23,13 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from afdserve.config import Step3Config
+from afdserve.config import KV_CACHE_DTYPES, Step3Config
 from afdserve.model.kernels import linear, native_causal_softmax, native_decode_attention, native_scores
 from afdserve.model.layers import RMSNorm, RotaryEmbedding
 
 
-KV_CACHE_DTYPES = ("auto", "fp8")
-"""`kv_cache_dtype` values: auto = the run's dtype; fp8 = float8_e4m3fn (one byte per element)."""
 FP8_KV = torch.float8_e4m3fn
 FP8_MAX = 448.0               # largest finite e4m3 value: K/V are clamped to +-FP8_MAX x scale
 FP8_KV_SCALES = (1.0, 1.0)    # (keys, values): the per-tensor scale of an fp8 cache (not calibrated)

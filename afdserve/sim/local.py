@@ -339,8 +339,11 @@ def predict_afd(arch: ModelArch, attn: CpuFigures, ffn: CpuFigures, over: LayerO
 
 def measure_engine_decode(model_dir: str, batch: int, tokens: int, prompt_len: int, **llm_kwargs) -> float:
     """Decode tokens/s of `afdserve.LLM` after prefill (engine.step() timed directly): B requests
-    of `prompt_len` tokens, greedy, ignore_eos, `tokens` new tokens each."""
+    of `prompt_len` tokens, greedy, ignore_eos, `tokens` new tokens each. In fp32 unless `dtype` is
+    given: the figures this module measures, and so its predictions, are fp32 (an fp32 engine
+    runs its layers one by one, without decode graphs, as `measure_layer_overheads` times them)."""
     from afdserve import LLM, SamplingParams
+    llm_kwargs.setdefault("dtype", "float32")
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     with LLM(model=model_dir, max_num_seqs=max(batch, 64), **llm_kwargs) as llm:
         eng = llm.engine
