@@ -1,10 +1,13 @@
 """Decode graphs (afdserve/engine/graphs.py): replayed steps equal normal ones, unsafe captures are refused."""
+import dataclasses
+
 import pytest
 import torch
 
 from afdserve import LLM, SamplingParams
 from afdserve.engine import graphs as graphs_mod
 from afdserve.engine.graphs import DecodeGraphs, _replay_op, graphs_mode
+from afdserve.model import fp8 as fp8_mod
 from afdserve.model import kernels
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [3], list(range(20, 45))]
@@ -12,9 +15,9 @@ PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [3], list(range(20, 45))]
 PARAMS = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (5, 9, 13, 17)]
 
 
-def _generate(ckpt, dtype, monkeypatch, mode):
+def _generate(ckpt, dtype, monkeypatch, mode, **kwargs):
     monkeypatch.setenv(graphs_mod.GRAPHS_ENV, mode)
-    with LLM(model=str(ckpt), dtype=dtype, num_kv_blocks=64, block_size=4) as llm:
+    with LLM(model=str(ckpt), dtype=dtype, num_kv_blocks=64, block_size=4, **kwargs) as llm:
         outs = llm.generate(PROMPTS, PARAMS)
         return [o.outputs[0].token_ids for o in outs], llm.engine.executor.runner.graphs
 
@@ -30,6 +33,22 @@ def test_graphs_give_the_tokens_of_normal_steps(tiny_ckpt, monkeypatch, dtype):
     if dtype == "bfloat16" and kernels.current_policy().native_rows:
         # the native bf16 MoE reads its routing from tensors: every batch size was captured and replayed
         assert set(g.graphs) == {1, 2, 3, 4} and g.replays > 0 and not g.refused
+
+
+@pytest.mark.skipif(not fp8_mod.NATIVE_BF16, reason="the native MoE over FP8 experts needs AVX512-BF16")
+def test_fp8_weights_and_an_fp8_kv_cache_replay_too(tmp_path, monkeypatch):
+    """FP8 experts run the native MoE (routing stays in tensors), so their steps are graphs; with an
+    fp8 KV cache as well, replays give the tokens of normal steps."""
+    from afdserve.config import get_preset
+    from afdserve.model.checkpoint import init_checkpoint
+    cfg = dataclasses.replace(get_preset("tiny"), hidden_size=128, moe_intermediate_size=128, share_expert_dim=128)
+    ckpt = init_checkpoint(cfg, tmp_path / "m", seed=1)
+    extra = {"quantization": "fp8", "kv_cache_dtype": "fp8"}
+    plain, _ = _generate(ckpt, "bfloat16", monkeypatch, "off", **extra)
+    checked, g = _generate(ckpt, "bfloat16", monkeypatch, "check", **extra)
+    assert checked == plain and g.replays == 0 and not g.refused and set(g.graphs) == {1, 2, 3, 4}
+    graphed, g = _generate(ckpt, "bfloat16", monkeypatch, "on", **extra)
+    assert graphed == plain and g.replays > 0 and not g.refused
 
 
 def test_a_forward_that_reads_data_into_python_is_not_captured():
@@ -132,3 +151,35 @@ def test_engine_args_and_cli_flag_turn_graphs_off(tiny_ckpt, monkeypatch):
     assert graphs_mode() == "off"
     with pytest.raises(SystemExit):
         p.parse_args(["--decode-graphs", "maybe"])
+
+
+def test_a_failing_capture_or_replay_falls_back_to_the_normal_step(monkeypatch):
+    """An error inside the recording or a replay (none is expected) costs the batch size its graph,
+    never the step: the step's logits come from the normal forward."""
+    def forward(ids, meta):
+        return (ids.float() * 3).unsqueeze(0)
+
+    g = DecodeGraphs(forward, "on")
+    monkeypatch.setattr(graphs_mod, "_replay_op", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert _step(g, forward, torch.tensor([2]), _Meta()).tolist() == [[6.0]]
+    assert "recording it failed (RuntimeError: boom)" in g.refused[1] and not g.graphs
+    monkeypatch.undo()
+    g = DecodeGraphs(forward, "on")
+    for v in (1, 2):                                      # captured, then validated
+        _step(g, forward, torch.tensor([v]), _Meta())
+    g.graphs[1].ops.insert(0, lambda: (_ for _ in ()).throw(RuntimeError("stale")))
+    assert _step(g, forward, torch.tensor([5]), _Meta()).tolist() == [[15.0]]
+    assert "replay failed (RuntimeError: stale)" in g.refused[1] and not g.graphs
+
+
+def test_a_bad_step_keeps_its_own_error_and_the_batch_size_its_chance():
+    table = torch.ones(4, 2)
+
+    def forward(ids, meta):
+        return torch.nn.functional.embedding(ids, table)        # ids >= 4: torch's own error
+
+    g = DecodeGraphs(forward, "on")
+    with pytest.raises(IndexError, match="out of range"):
+        g.run(torch.tensor([7]), _Meta())
+    assert not g.refused and not g.graphs
+    assert g.run(torch.tensor([3]), _Meta()).tolist() == [[1.0, 1.0]] and 1 in g.graphs

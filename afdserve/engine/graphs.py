@@ -286,8 +286,12 @@ class DecodeGraphs:
             return self._capture(S, ids, meta)
         self.graphs.move_to_end(S)
         if g.validated and self.mode != "check":
+            try:
+                logits = g.replay(ids, meta)
+            except Exception as exc:              # never expected; the step must not fail for it
+                return self._fall_back(g, ids, meta, f"its replay failed ({type(exc).__name__}: {exc})")
             self.replays += 1
-            return g.replay(ids, meta)
+            return logits
         return self._validate(g, ids, meta)
 
     def _capture(self, S: int, ids: torch.Tensor, meta) -> torch.Tensor:
@@ -297,6 +301,12 @@ class DecodeGraphs:
         except CaptureRefused as exc:
             self._refuse(S, str(exc))
             return self.forward(ids, meta)
+        except Exception as exc:
+            # The normal forward first: if the step itself is bad, its error is the step's (and
+            # the batch size keeps its chance of a graph); else the recording is what failed.
+            logits = self.forward(ids, meta)
+            self._refuse(S, f"recording it failed ({type(exc).__name__}: {exc})")
+            return logits
         self.graphs[S] = g
         log.debug("decode graph for batch %d: %d calls, %.1f MiB of intermediates", S, len(g.ops), g.nbytes / 2**20)
         while len(self.graphs) > MAX_GRAPHS:
@@ -306,13 +316,24 @@ class DecodeGraphs:
     def _validate(self, g: DecodeGraph, ids: torch.Tensor, meta) -> torch.Tensor:
         """Replay, then the normal forward of the same step (it rewrites the same KV slots with the
         same values): the graph is kept only if both logits are bitwise equal."""
-        replayed = g.replay(ids, meta).clone()
+        try:
+            replayed = g.replay(ids, meta).clone()
+        except Exception as exc:
+            return self._fall_back(g, ids, meta, f"its replay failed ({type(exc).__name__}: {exc})")
         logits = self.forward(ids, meta)
         if torch.equal(replayed, logits):
             g.validated = True
         else:
             del self.graphs[g.batch]
             self._refuse(g.batch, "its replay differed from the normal forward")
+        return logits
+
+    def _fall_back(self, g: DecodeGraph, ids: torch.Tensor, meta, why: str) -> torch.Tensor:
+        """The step's normal forward (a partial replay wrote the same KV slots the forward rewrites),
+        and the batch size without a graph from now on."""
+        logits = self.forward(ids, meta)
+        self.graphs.pop(g.batch, None)
+        self._refuse(g.batch, why)
         return logits
 
     def _refuse(self, S: int, why: str) -> None:
