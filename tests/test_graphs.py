@@ -12,7 +12,13 @@ from afdserve.model import kernels
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [3], list(range(20, 45))]
 # different lengths: sequences finish at different steps, so the batch shrinks 4 -> 3 -> 2 -> 1
-PARAMS = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (5, 9, 13, 17)]
+PARAMS = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (8, 14, 20, 26)]
+
+
+@pytest.fixture
+def record_at_once(monkeypatch):
+    """Unit tests of one batch size: record on its first decode step."""
+    monkeypatch.setattr(graphs_mod, "CAPTURE_AFTER", 1)
 
 
 def _generate(ckpt, dtype, monkeypatch, mode, **kwargs):
@@ -51,7 +57,7 @@ def test_fp8_weights_and_an_fp8_kv_cache_replay_too(tmp_path, monkeypatch):
     assert graphed == plain and g.replays > 0 and not g.refused
 
 
-def test_a_forward_that_reads_data_into_python_is_not_captured():
+def test_a_forward_that_reads_data_into_python_is_not_captured(record_at_once):
     calls = []
 
     def forward(ids, meta):
@@ -67,7 +73,7 @@ def test_a_forward_that_reads_data_into_python_is_not_captured():
     assert 1 in g.refused and "tolist" in g.refused[1] and not g.graphs
 
 
-def test_a_replay_that_differs_from_the_normal_forward_is_dropped():
+def test_a_replay_that_differs_from_the_normal_forward_is_dropped(record_at_once):
     state = {"step": 0}
 
     def forward(ids, meta):                        # depends on Python state a replay cannot see
@@ -81,7 +87,7 @@ def test_a_replay_that_differs_from_the_normal_forward_is_dropped():
     assert 1 in g.refused and "differed" in g.refused[1] and not g.graphs
 
 
-def test_replays_follow_new_inputs():
+def test_replays_follow_new_inputs(record_at_once):
     def forward(ids, meta):
         return (ids.float() * 2 + meta.positions.float()).unsqueeze(0)
 
@@ -153,7 +159,7 @@ def test_engine_args_and_cli_flag_turn_graphs_off(tiny_ckpt, monkeypatch):
         p.parse_args(["--decode-graphs", "maybe"])
 
 
-def test_a_failing_capture_or_replay_falls_back_to_the_normal_step(monkeypatch):
+def test_a_failing_capture_or_replay_falls_back_to_the_normal_step(monkeypatch, record_at_once):
     """An error inside the recording or a replay (none is expected) costs the batch size its graph,
     never the step: the step's logits come from the normal forward."""
     def forward(ids, meta):
@@ -163,7 +169,7 @@ def test_a_failing_capture_or_replay_falls_back_to_the_normal_step(monkeypatch):
     monkeypatch.setattr(graphs_mod, "_replay_op", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     assert _step(g, forward, torch.tensor([2]), _Meta()).tolist() == [[6.0]]
     assert "recording it failed (RuntimeError: boom)" in g.refused[1] and not g.graphs
-    monkeypatch.undo()
+    monkeypatch.setattr(graphs_mod, "_replay_op", _replay_op)
     g = DecodeGraphs(forward, "on")
     for v in (1, 2):                                      # captured, then validated
         _step(g, forward, torch.tensor([v]), _Meta())
@@ -172,7 +178,7 @@ def test_a_failing_capture_or_replay_falls_back_to_the_normal_step(monkeypatch):
     assert "replay failed (RuntimeError: stale)" in g.refused[1] and not g.graphs
 
 
-def test_a_bad_step_keeps_its_own_error_and_the_batch_size_its_chance():
+def test_a_bad_step_keeps_its_own_error_and_the_batch_size_its_chance(record_at_once):
     table = torch.ones(4, 2)
 
     def forward(ids, meta):
@@ -183,3 +189,19 @@ def test_a_bad_step_keeps_its_own_error_and_the_batch_size_its_chance():
         g.run(torch.tensor([7]), _Meta())
     assert not g.refused and not g.graphs
     assert g.run(torch.tensor([3]), _Meta()).tolist() == [[1.0, 1.0]] and 1 in g.graphs
+
+
+def test_a_batch_size_is_recorded_on_its_third_decode_step():
+    """Recording + checking cost a few steps: a batch size continuous batching only passes through
+    is never recorded."""
+    calls = []
+
+    def forward(ids, meta):
+        calls.append(1)
+        return ids.float().unsqueeze(0)
+
+    g = DecodeGraphs(forward, "on")
+    assert graphs_mod.CAPTURE_AFTER == 3
+    for step in range(2):
+        assert g.run(torch.tensor([step]), _Meta()) is None and not g.graphs
+    assert g.run(torch.tensor([7]), _Meta()).tolist() == [[7.0]] and 1 in g.graphs

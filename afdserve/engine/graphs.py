@@ -4,7 +4,7 @@ At batch 1 a decode step of the `small` preset is ~250 kernel calls (GEMMs, norm
 residual adds, the router's softmax / top-k, KV cache writes) that read ~230 MB of weights in ~7
 ms, and the Python that decides and launches them (module calls, kernel-policy checks, tensor
 allocation: ~4000 Python calls) adds another ~3 ms. A `DecodeGraph` removes that second part, as
-CUDA graphs do on GPUs: the first decode step of a batch size runs normally while every kernel it
+CUDA graphs do on GPUs: the third decode step of a batch size runs normally while every kernel it
 launches is recorded with its arguments, and later steps of that batch size only write their new
 inputs (token ids, positions, KV slots) into the recorded input tensors and launch the recorded
 calls again, over the same tensors, in the same order:
@@ -52,6 +52,10 @@ log = logging.getLogger("afdserve.graphs")
 GRAPHS_ENV = "AFDSERVE_DECODE_GRAPHS"
 MAX_BATCH = 64
 MAX_GRAPHS = 8
+# A batch size is recorded on its CAPTURE_AFTER-th decode step: recording and checking a graph
+# cost ~3-4 normal steps, which a batch size seen once or twice (continuous batching passing
+# through it) would never pay back.
+CAPTURE_AFTER = 3
 
 aten = torch.ops.aten
 # Operators whose outputs hold no defined data (the native kernels fill them): nothing to replay.
@@ -275,6 +279,7 @@ class DecodeGraphs:
         self.mode = mode or graphs_mode()
         self.graphs: OrderedDict[int, DecodeGraph] = OrderedDict()
         self.refused: dict[int, str] = {}
+        self.seen: dict[int, int] = {}          # decode steps per batch size not yet recorded
         self.replays = 0
 
     def run(self, ids: torch.Tensor, meta) -> torch.Tensor | None:
@@ -283,6 +288,10 @@ class DecodeGraphs:
             return None
         g = self.graphs.get(S)
         if g is None:
+            self.seen[S] = self.seen.get(S, 0) + 1
+            if self.seen[S] < CAPTURE_AFTER:
+                return None
+            del self.seen[S]
             return self._capture(S, ids, meta)
         self.graphs.move_to_end(S)
         if g.validated and self.mode != "check":
