@@ -157,14 +157,25 @@ def test_streaming_completion_n(client):
     assert texts == {c["index"]: c["text"] for c in whole["choices"]}
 
 
-def test_metrics(client):
-    _complete(client, prompt="hello", **GREEDY)
+def test_metrics(client, async_engine):
+    import time
+    _complete(client, prompt="hello", max_tokens=12, **GREEDY)
+    graphs = async_engine.engine.executor.runner.graphs
+    deadline = time.monotonic() + 10           # the idle engine publishes its stats after its last step
+    while async_engine.stats().decode_graph_replays_total != graphs.replays and time.monotonic() < deadline:
+        time.sleep(0.01)
     text = client.get("/metrics").text
     for name in ("afdserve_time_to_first_token_seconds_bucket", "afdserve_time_per_output_token_seconds",
                  "afdserve_e2e_request_latency_seconds", "afdserve_num_requests_running",
                  "afdserve_kv_cache_usage_perc", "afdserve_generation_tokens_total",
-                 'afdserve_request_success_total{finished_reason="length"'):
+                 'afdserve_request_success_total{finished_reason="length"', "afdserve_decode_graphs{",
+                 "afdserve_decode_graph_replays_total{"):
         assert name in text, name
+    import re
+    assert graphs.replays > 0 or graphs.refused        # 12 tokens at batch 1: replayed, or refused with a reason
+    replays = float(re.search(r"^afdserve_decode_graph_replays_total\{[^}]*\} (\S+)$", text, re.M).group(1))
+    held = float(re.search(r"^afdserve_decode_graphs\{[^}]*\} (\S+)$", text, re.M).group(1))
+    assert replays == graphs.replays and held == sum(g.validated for g in graphs.graphs.values())
 
 
 # ----------------------------------------------------------------- error cases

@@ -139,6 +139,9 @@ class EngineStats:
     kv_usage: float
     prompt_tokens_total: int
     generation_tokens_total: int
+    decode_graphs: int = 0
+    """Batch sizes whose decode steps replay a recorded graph (docs/graphs.md)."""
+    decode_graph_replays_total: int = 0
 
 
 class EngineDeadError(RuntimeError):
@@ -346,9 +349,13 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         total = sum(s.num_kv_blocks for s in self.schedulers)
         free = sum(s.num_free_kv_blocks for s in self.schedulers)
+        runner = getattr(self.executor, "runner", None)          # colocated executors only
+        graphs = getattr(runner, "graphs", None)
         return EngineStats(sum(s.num_running for s in self.schedulers), sum(s.num_waiting for s in self.schedulers),
                            total, free, 1 - free / total if total else 0.0,
-                           self.prompt_tokens_total, self.generation_tokens_total)
+                           self.prompt_tokens_total, self.generation_tokens_total,
+                           sum(g.validated for g in graphs.graphs.values()) if graphs else 0,
+                           graphs.replays if graphs else 0)
 
     def close(self) -> None:
         self.executor.close()

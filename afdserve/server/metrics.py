@@ -40,6 +40,10 @@ class ServerMetrics:
         self.afd_pipeline = Gauge("afdserve_afd_pipeline", "AFD pipeline per-step means over recent steps: "
                                   "*_ms stages, bubble and hidden fractions", labels + ["quantity"], registry=r)
         self.kv_total = Gauge("afdserve_kv_total_blocks", "KV blocks in all", labels, registry=r)
+        self.decode_graphs = Gauge("afdserve_decode_graphs", "Batch sizes whose decode steps replay a recorded "
+                                   "graph (docs/graphs.md)", labels, registry=r)
+        self.graph_replays = Counter("afdserve_decode_graph_replays", "Decode steps replayed from a recorded graph",
+                                     labels, registry=r)
         self.prompt_tokens = Counter("afdserve_prompt_tokens", "Prompt tokens accepted", labels, registry=r)
         self.generation_tokens = Counter("afdserve_generation_tokens", "Tokens generated", labels, registry=r)
         self.requests = Counter("afdserve_request_success", "Finished completions by finish reason",
@@ -55,6 +59,7 @@ class ServerMetrics:
         self._last_seen: dict[str, float] = {}
         self._lock = threading.Lock()
         self._totals = (0, 0)
+        self._replays_seen = 0
 
     # --------------------------------------------------------- step-thread hooks
     def on_output(self, out: RequestOutput) -> None:
@@ -104,7 +109,11 @@ class ServerMetrics:
         self.kv_usage.labels(name).set(s.kv_usage)
         self.kv_free.labels(name).set(s.num_free_kv_blocks)
         self.kv_total.labels(name).set(s.num_kv_blocks)
+        self.decode_graphs.labels(name).set(s.decode_graphs)
         with self._lock:
+            if s.decode_graph_replays_total > self._replays_seen:
+                self.graph_replays.labels(name).inc(s.decode_graph_replays_total - self._replays_seen)
+                self._replays_seen = s.decode_graph_replays_total
             prompt, gen = self._totals
             if s.prompt_tokens_total > prompt:
                 self.prompt_tokens.labels(name).inc(s.prompt_tokens_total - prompt)
