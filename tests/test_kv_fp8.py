@@ -59,9 +59,8 @@ def test_write_kv_rounds_to_e4m3_and_clamps():
     assert torch.equal(k8[1].float(), k[1].clamp(-448, 448).to(FP8_KV).float())
     assert torch.equal(v8[1].float(), -k8[1].float())
     assert not k8[[0, 2, 3, 4, 5, 7]].float().any()            # other slots untouched
-    kv = KVCache(2, 3, 4, 1, 4, FP8_KV)                          # per-layer scales: a value is code x scale
-    kv.scales[1] = (2.0, 0.5)
-    kv.write(1, torch.tensor([0]), k[1:], k[1:])
+    kv = KVCache(2, 3, 4, 1, 4, FP8_KV)                          # other scales: a value is code x scale
+    write_kv(kv.k[1], kv.v[1], torch.tensor([0]), k[1:], k[1:], (2.0, 0.5))
     assert torch.equal(kv.k[1, 0].float(), (k[1] / 2).clamp(-448, 448).to(FP8_KV).float())
     assert torch.equal(kv.v[1, 0].float(), (k[1] / 0.5).clamp(-448, 448).to(FP8_KV).float())
     assert not kv.k[0].float().any()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from afdserve.config import KV_CACHE_DTYPES, Step3Config
+from afdserve.config import Step3Config
 from afdserve.engine.runner import ModelRunner, StepInput
 from afdserve.model.attention import KVCache, kv_cache_dtype
 from afdserve.model.checkpoint import load_model, parse_dtype
@@ -71,8 +71,7 @@ class CacheConfig:
     twice the blocks of bf16 for the same `memory_bytes`; docs/fp8.md)."""
 
     def __post_init__(self):
-        if self.dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {self.dtype!r}")
+        kv_cache_dtype(self.dtype, torch.float32)      # ValueError naming the allowed values
 
     def torch_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The cache's element type in a run of `dtype`."""

@@ -169,7 +169,7 @@ class _NativeProxy:
 
     def __getattr__(self, name):
         fn = getattr(self._target, name)
-        if not callable(fn) or name in ("available", "features", "bf16_available", "gemm_bf16_address"):
+        if not callable(fn) or name in ("available", "features", "bf16_available"):
             return fn
         return _NativeProxy(self._graph, fn)
 

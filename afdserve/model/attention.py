@@ -68,8 +68,7 @@ class KVCache:
     """Paged K/V storage: per layer, `k[layer]` is `[num_blocks * block_size, g, d]` (flat slots).
 
     A token at position p of a sequence lives in slot `block_table[p // bs] * bs + p % bs`.
-    `dtype` is the run's dtype or float8_e4m3fn (an 8-bit cache; `scales[layer]` = (k, v) scale,
-    1.0 today: the structure is per layer, the engine does not calibrate them).
+    `dtype` is the run's dtype or float8_e4m3fn (an 8-bit cache, written by `write_kv`).
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
@@ -79,12 +78,6 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.dtype = dtype
-        self.scales = [FP8_KV_SCALES] * num_layers
-
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """New K/V [T, g, d] of `layer` into `slots` [T] (rounded to e4m3 in an fp8 cache)."""
-        write_kv(self.k[layer], self.v[layer], slots, k, v, self.scales[layer])
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,

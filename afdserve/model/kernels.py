@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from afdserve.model import fp8
+
 log = logging.getLogger("afdserve.kernels")
 
 KERNEL_MODES = ("auto", "native", "torch")
@@ -527,8 +529,7 @@ def _moe_matrix(w) -> tuple | None:
     if isinstance(w, torch.Tensor):
         ok = w.dtype is torch.bfloat16 and w.dim() in (2, 3) and w.stride(-1) == 1 and ld(w) >= w.shape[-1]
         return (w.data_ptr(), ld(w), expert_stride(w), 0, 0, 0, 1, 0) if ok else None
-    from afdserve.model.fp8 import NATIVE_BF16, Fp8Weight
-    if not (NATIVE_BF16 and isinstance(w, Fp8Weight)) or w.col_offset or not w.is_cpu:
+    if not (fp8.NATIVE_BF16 and isinstance(w, fp8.Fp8Weight)) or w.col_offset or not w.is_cpu:
         return None
     c, s = w.codes, w.scale
     if s.stride(-1) != 1 or ld(c) < c.shape[-1]:
@@ -536,16 +537,8 @@ def _moe_matrix(w) -> tuple | None:
     return (c.data_ptr(), ld(c), expert_stride(c), s.data_ptr(), ld(s), expert_stride(s), w.row_block, w.row_offset)
 
 
-_fp8_gemm_address: int | None = None
-
-
-def _fp8_gemm() -> int:
-    """The address of afdserve._fp8's bf16-activation GEMM (0 where it has none)."""
-    global _fp8_gemm_address
-    if _fp8_gemm_address is None:
-        from afdserve.model import fp8
-        _fp8_gemm_address = fp8._NATIVE.gemm_bf16_address() if fp8.NATIVE_BF16 else 0
-    return _fp8_gemm_address
+# The address of afdserve._fp8's bf16-activation GEMM, which moe.c calls for FP8 experts (0: none).
+_FP8_GEMM = fp8._NATIVE.gemm_bf16_address() if fp8.NATIVE_BF16 else 0
 
 
 def native_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up, down, first: int,
@@ -572,10 +565,9 @@ def native_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_u
     if gate_up.shape[2:] != (H,) or down.shape != (E, H, W2 // 2) or ids.shape != weights.shape or \
             ids.shape[0] != T or (shared and (shared[0].shape != (Ws2, H) or shared[1].shape != (H, Ws2 // 2))):
         return None
-    fp8_gemm = _fp8_gemm() if any(m[1] for m in layouts) else 0
-    if any(m[1] for m in layouts) and not fp8_gemm:
+    has_fp8 = any(m[1] for m in layouts)                      # a matrix with scales: e4m3 codes
+    if has_fp8 and not _FP8_GEMM:
         return None
-    from afdserve.model.fp8 import NATIVE_MAX_ROWS
     x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
     y = torch.empty((T, H), dtype=x.dtype)
     if not T:
@@ -585,8 +577,8 @@ def native_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_u
     done = _native.moe_bf16(x.data_ptr(), T, H, ids.data_ptr(), weights.data_ptr(), ids.shape[1], first, E,
                             layouts[0], layouts[1], W2 // 2, layouts[2] if shared else none,
                             layouts[3] if shared else none, Ws2 // 2, y.data_ptr(), p.bf16dp_rows,
-                            p.moe_rows, p.native_rows[(torch.bfloat16, False)], small, fp8_gemm, NATIVE_MAX_ROWS,
-                            p.threads)
+                            p.moe_rows, p.native_rows[(torch.bfloat16, False)], small,
+                            _FP8_GEMM if has_fp8 else 0, fp8.NATIVE_MAX_ROWS, p.threads)
     return y if done else None
 
 

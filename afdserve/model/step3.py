@@ -95,10 +95,10 @@ class Step3DecoderLayer(nn.Module):
             y = y + self.share_expert(inp.x)
         return y
 
-
     def _native_ffn(self, inp: FFNInput) -> torch.Tensor | None:
         """The MoE half (routed + shared experts) in one native call where the kernel policy takes
-        it (bf16, afdserve/native/moe.c; bitwise the modules' result), else None."""
+        it (bf16 activations over bf16 or FP8 experts, afdserve/native/moe.c; bitwise the modules'
+        result), else None."""
         moe, se = self.moe, getattr(self, "share_expert", None)
         if moe.gate_up is None or (se is not None and se.gate_up is None):
             return None
