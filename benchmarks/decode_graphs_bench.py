@@ -2,6 +2,7 @@
 
 Builds a colocated runner over --model (as the engine does: dtype, quantization, kernel policy),
 gives each of --batch sequences a prompt of --context positions (KV written by one real prefill),
+times the first 4 decode steps (a batch size is recorded on its 3rd and checked on its 4th),
 then runs decode steps with random tokens, switching graphs on and off every --steps steps for
 --rounds rounds; each mode keeps its fastest round (ms per step). With --breakdown it then times
 every call of a replayed step, grouped (native kernels by function and shape, torch operators,
@@ -73,7 +74,11 @@ def _kind(op) -> str:
         return "live attention (paged_attention)"
     if "fn" in cells:
         fn, a = cells["fn"], cells["args"]
-        return f"bgemm N={a[5]} M={a[6]} K={a[8]}" if fn.__name__ == "bgemm" else f"native {fn.__name__}"
+        if fn.__name__ == "bgemm":
+            return f"bgemm N={a[5]} M={a[6]} K={a[8]}"
+        if fn.__name__ == "gemm_bf16":                    # afdserve._fp8: FP8 weights
+            return f"fp8 gemm N={a[11]} M={a[10]} K={a[12]}"
+        return f"native {fn.__name__}"
     return "torch operators"
 
 
@@ -121,14 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     blocks = args.batch * -(-(args.context + total + 1) // BS)
     ex = ColocatedExecutor(args.model, config, args.dtype, CacheConfig(BS, blocks), quantization=args.quantization)
     dec = Decoder(ex.runner, args.batch, args.context, total, config.vocab_size)
+    first = []
     for _ in range(4):                     # recorded on the 3rd step, checked on the 4th
+        t = time.perf_counter()
         dec.step()
+        first.append((time.perf_counter() - t) * 1e3)
     m = describe()
     flags = sorted(kernels.cpu_flags() & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
     print(f"machine: {m['cpu']}, flags {flags}, torch {m['torch']}, {torch.get_num_threads()} thread(s); "
           f"{args.dtype}{' + FP8 weights' if args.quantization else ''}, batch {args.batch}, context {args.context}")
     if dec.runner.graphs.refused:
         print(f"no graph: {dec.runner.graphs.refused}")
+    print("first decode steps: " + ", ".join(f"{ms:.1f}" for ms in first) + " ms (normal, normal, recorded, checked)")
     best = alternate(dec, args.steps, args.rounds)
     print(f"graphs on {best['on']:.2f} ms/step, off {best['off']:.2f} ms/step: {best['off'] / best['on']:.2f}x "
           f"(fastest of {args.rounds} alternated rounds of {args.steps} steps)")
