@@ -135,8 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     flags = sorted(kernels.cpu_flags() & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
     print(f"machine: {m['cpu']}, flags {flags}, torch {m['torch']}, {torch.get_num_threads()} thread(s); "
           f"{args.dtype}{' + FP8 weights' if args.quantization else ''}, batch {args.batch}, context {args.context}")
-    if dec.runner.graphs.refused:
+    graph = dec.runner.graphs.graphs.get(args.batch)
+    if graph is None:
         print(f"no graph: {dec.runner.graphs.refused}")
+    else:
+        print(f"graph: {len(graph.ops)} recorded calls, {graph.nbytes / 2**20:.2f} MiB of intermediates kept")
     print("first decode steps: " + ", ".join(f"{ms:.1f}" for ms in first) + " ms (normal, normal, recorded, checked)")
     best = alternate(dec, args.steps, args.rounds)
     print(f"graphs on {best['on']:.2f} ms/step, off {best['off']:.2f} ms/step: {best['off'] / best['on']:.2f}x "
