@@ -4,6 +4,7 @@
     python scripts/eval_default_model.py                 # the embedded default model
     python scripts/eval_default_model.py --n 500 --json eval.json
     python scripts/eval_default_model.py --model DIR --afd none --formats chat,completion
+    python scripts/eval_default_model.py --n 100 --formats chat --afd none --kv-cache-dtype fp8
 
 Greedy decoding (temperature 0), exact match per task and overall (afdserve.tasks.score). The
 held-out prompts are questions the training script never saw (afdserve.tasks split by hash).
@@ -20,13 +21,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from afdserve import LLM, SamplingParams, tasks  # noqa: E402
+from afdserve.config import KV_CACHE_DTYPES  # noqa: E402
 
 
-def run_mode(model: str | None, afd: str | None, examples, fmts: list[str], max_tokens: int) -> dict:
+def run_mode(model: str | None, afd: str | None, examples, fmts: list[str], max_tokens: int,
+             kv_cache_dtype: str = "auto", quantization: str | None = None) -> dict:
     """Generate for every (format, example) with one engine; returns per-format scores and answers."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     t0 = time.perf_counter()
-    with LLM(model=model, afd=afd) as llm:
+    with LLM(model=model, afd=afd, kv_cache_dtype=kv_cache_dtype, quantization=quantization) as llm:
         load_s = time.perf_counter() - t0
         add_bos = llm.tokenizer.add_bos
         result = {"load_s": round(load_s, 2), "formats": {}}
@@ -62,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--formats", default="chat,completion",
                     help=f"comma-separated prompt formats from {', '.join(tasks.FORMATS)}")
     ap.add_argument("--max-tokens", type=int, default=40)
+    ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                    help="auto: the KV cache in the run's dtype; fp8: 8-bit e4m3 (docs/fp8.md)")
+    ap.add_argument("--quantization", choices=["fp8"], default=None,
+                    help="fp8: block-scaled FP8 linear weights, quantized at load (docs/fp8.md)")
     ap.add_argument("--examples", type=int, default=8, help="example prompts/answers to print")
     ap.add_argument("--json", default=None, help="write every score and answer here")
     args = ap.parse_args(argv)
@@ -80,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         modes.append((f"afd-{args.afd}", args.afd))
     for label, afd in modes:
         try:
-            res = run_mode(args.model, afd, examples, fmts, args.max_tokens)
+            res = run_mode(args.model, afd, examples, fmts, args.max_tokens, args.kv_cache_dtype,
+                           args.quantization)
         except Exception as exc:  # the AFD runtime may be missing or unable to start here
             if afd is None:
                 raise
