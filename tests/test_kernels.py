@@ -396,17 +396,27 @@ def test_native_bf16_decode_attention_within_the_bf16_bound(ctx_lens, nq, g, d, 
 
 
 @needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("ctx_lens", [[300], [40, 7, 129, 64]])
-def test_native_decode_attention_is_bitwise_equal_on_any_thread_count(dtype, ctx_lens, policy_restored):
-    """Sequences x KV heads (and, with fewer of those than threads, blocks of 8 heads) are split
-    over the threads; every head runs the same instructions as with one thread."""
-    q, k, v, tables = _paged(len(ctx_lens), ctx_lens, 32, 1, 64, 16, dtype, seed=len(ctx_lens))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("ctx_lens, nq, g, d", [([300], 32, 1, 64), ([40, 7, 129, 64], 32, 1, 64),
+                                                ([2053], 12, 1, 40), ([1500], 16, 2, 72), ([999, 1201], 8, 1, 128)])
+def test_native_decode_attention_is_bitwise_equal_on_any_thread_count(dtype, ctx_lens, nq, g, d, policy_restored):
+    """Sequences x KV heads are split over the threads; with fewer of those than threads (batch 1),
+    each is attended by the whole team: its keys, then its softmax columns, then its value columns
+    split over the threads. Every score and output column runs the same instructions as with one
+    thread (also with head and column tails: 12 heads, d = 40 / 72)."""
+    if dtype is torch.float8_e4m3fn and not kernels.FEATURES.get("f16c"):
+        pytest.skip("an e4m3 cache needs F16C")
+    cache = dtype
+    if dtype is torch.float8_e4m3fn:
+        dtype = torch.bfloat16
+    q, k, v, tables = _paged(len(ctx_lens), ctx_lens, nq, g, d, 16, dtype, seed=len(ctx_lens))
+    k, v = k.to(cache), v.to(cache)
     outs = []
     for threads in (1, 2, 3, 8):
         kernels.use_policy(kernels.decide_policy("auto", threads=threads))
         with torch.inference_mode():
-            outs.append(kernels.native_decode_attention(q, k, v, tables, ctx_lens, 16, 0.2))
+            outs.append(kernels.native_decode_attention(q, k, v, tables, ctx_lens, 16, 0.2, (0.5, 2.0)))
+    assert outs[0] is not None
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
 
 

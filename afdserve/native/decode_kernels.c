@@ -24,7 +24,8 @@
  *    its queries / outputs are fp32 or bf16.
  * 3. Threads: every entry point takes `nthreads` (torch's thread count, from the kernel policy)
  *    and splits its outputs over an OpenMP team: GEMM columns, attention sequences x KV heads
- *    (x blocks of 8 query heads when there are fewer of those than threads). Built with
+ *    (with fewer of those than threads, each one by the whole team: keys, softmax columns, then
+ *    value columns split over the threads). Built with
  *    -fopenmp, the extension binds to the libgomp torch has loaded (same soname), so torch's ops
  *    and these kernels share one runtime and one pool of threads (setup.py, docs/kernels.md).
  *    Each output is computed by the same instructions in the same order on any split: results
@@ -179,11 +180,11 @@ TGT static void key_scores(const float *k, ptrdiff_t ldk, ptrdiff_t nt, const fl
 }
 
 /* o[0:hpg, 0:d] (= when `first`, else +=) sum over t < nt of p[t, h] * v[t, :]; p is [nt, HP]
-   (row stride HP), v rows have stride ldv. Blocks of 4 heads x 16 columns in registers. The
+   (row stride HP), v rows have stride ldv, o rows ldo. Blocks of 4 heads x 16 columns in registers. The
    first block prefetches the `next` rows of values (the following chunk), one line per row and
    16 columns. */
 TGT static void weighted_values(const float *p, ptrdiff_t HP, ptrdiff_t hpg, const float *v, ptrdiff_t ldv,
-                                ptrdiff_t nt, ptrdiff_t d, float *o, int first, ptrdiff_t next)
+                                ptrdiff_t nt, ptrdiff_t d, float *o, ptrdiff_t ldo, int first, ptrdiff_t next)
 {
     ptrdiff_t h = 0;
     for (; h + 4 <= hpg; h += 4) {
@@ -192,7 +193,7 @@ TGT static void weighted_values(const float *p, ptrdiff_t HP, ptrdiff_t hpg, con
             __m256 a[4][2];
             for (int j = 0; j < 4; j++)
                 for (int u = 0; u < 2; u++)
-                    a[j][u] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(o + (h + j) * d + c + 8 * u);
+                    a[j][u] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(o + (h + j) * ldo + c + 8 * u);
             for (ptrdiff_t t = 0; t < nt; t++) {
                 if (h == 0 && t < next) __builtin_prefetch(v + (nt + t) * ldv + c, 0, 3);
                 __m256 v0 = _mm256_loadu_ps(v + t * ldv + c), v1 = _mm256_loadu_ps(v + t * ldv + c + 8);
@@ -203,27 +204,28 @@ TGT static void weighted_values(const float *p, ptrdiff_t HP, ptrdiff_t hpg, con
                 }
             }
             for (int j = 0; j < 4; j++)
-                for (int u = 0; u < 2; u++) _mm256_storeu_ps(o + (h + j) * d + c + 8 * u, a[j][u]);
+                for (int u = 0; u < 2; u++) _mm256_storeu_ps(o + (h + j) * ldo + c + 8 * u, a[j][u]);
         }
         for (; c < d; c++)
             for (int j = 0; j < 4; j++) {
-                float acc = first ? 0.f : o[(h + j) * d + c];
+                float acc = first ? 0.f : o[(h + j) * ldo + c];
                 for (ptrdiff_t t = 0; t < nt; t++) acc += p[t * HP + h + j] * v[t * ldv + c];
-                o[(h + j) * d + c] = acc;
+                o[(h + j) * ldo + c] = acc;
             }
     }
     for (; h < hpg; h++)
         for (ptrdiff_t c = 0; c < d; c++) {
-            float acc = first ? 0.f : o[h * d + c];
+            float acc = first ? 0.f : o[h * ldo + c];
             for (ptrdiff_t t = 0; t < nt; t++) acc += p[t * HP + h] * v[t * ldv + c];
-            o[h * d + c] = acc;
+            o[h * ldo + c] = acc;
         }
 }
 
-/* Softmax down each column of st [n, HP] in place (exp(x - column max)); inv[h] = 1 / column sum. */
-TGT static void column_softmax(float *st, ptrdiff_t n, ptrdiff_t HP, float *inv)
+/* Softmax down columns [h0, h1) (multiples of 8) of st [n, HP] in place (exp(x - column max));
+   inv[h] = 1 / column sum. */
+TGT static void column_softmax(float *st, ptrdiff_t n, ptrdiff_t HP, float *inv, ptrdiff_t h0, ptrdiff_t h1)
 {
-    for (ptrdiff_t h = 0; h < HP; h += 8) {
+    for (ptrdiff_t h = h0; h < h1; h += 8) {
         __m256 mx = _mm256_set1_ps(-INFINITY), sum = _mm256_setzero_ps();
         for (ptrdiff_t t = 0; t < n; t++) mx = _mm256_max_ps(mx, _mm256_loadu_ps(st + t * HP + h));
         for (ptrdiff_t t = 0; t < n; t++) {
@@ -312,16 +314,16 @@ TGT_E4M3 static void widen_rows_e4m3(const uint8_t *src, ptrdiff_t ld, ptrdiff_t
     }
 }
 
-/* Rows [c0, c0 + n) of a run of cache rows starting at element `base` (row stride ld) of k or v,
-   widened to fp32 into conv (row stride d). */
+/* Columns [col, col + nc) of rows [c0, c0 + n) of a run of cache rows starting at element `base`
+   (row stride ld) of k or v, widened to fp32 into conv (row stride nc). */
 TGT static void widen_chunk(const attn_args *a, const void *kv, ptrdiff_t base, ptrdiff_t c0, ptrdiff_t n,
-                            float *conv)
+                            ptrdiff_t col, ptrdiff_t nc, float *conv)
 {
     const ptrdiff_t ld = a->g * a->d;
     if (a->kv == KV_E4M3)
-        widen_rows_e4m3((const uint8_t *)kv + base + c0 * ld, ld, n, a->d, conv);
+        widen_rows_e4m3((const uint8_t *)kv + base + c0 * ld + col, ld, n, nc, conv);
     else
-        widen_rows((const uint16_t *)kv + base + c0 * ld, ld, n, a->d, conv);
+        widen_rows((const uint16_t *)kv + base + c0 * ld + col, ld, n, nc, conv);
 }
 
 /* The cache is read as fp32 where it lies; else widened a chunk at a time into the workspace. */
@@ -336,12 +338,26 @@ static ptrdiff_t value_chunk(ptrdiff_t d)
     return chunk < 4 ? 4 : chunk;
 }
 
-/* Floats of one thread's workspace for items of up to `heads` heads. */
-static size_t attn_work_floats(const attn_args *a, ptrdiff_t heads)
+/* Floats of the fp32 widening buffer (keys or values, a chunk at a time). */
+static size_t conv_floats(const attn_args *a)
 {
-    const size_t HP = (size_t)(heads + 7) / 8 * 8, d = (size_t)a->d;
-    size_t conv = (size_t)(value_chunk(a->d) > KEY_CHUNK ? value_chunk(a->d) : KEY_CHUNK) * d;
-    return ((size_t)a->max_ctx + d) * HP + HP + (kv_widened(a) ? conv : 0) + (a->bf16 ? (size_t)heads * d : 0);
+    size_t rows = (size_t)(value_chunk(a->d) > KEY_CHUNK ? value_chunk(a->d) : KEY_CHUNK);
+    return kv_widened(a) ? rows * (size_t)a->d : 0;
+}
+
+/* Floats of what a thread keeps for itself: the transposed queries qt [d, HP], the widening buffer
+   and (bf16 output) the fp32 outputs os [heads, d] of one KV head's query heads. */
+static size_t attn_private_floats(const attn_args *a)
+{
+    const size_t heads = (size_t)(a->nq / a->g), HP = (heads + 7) / 8 * 8, d = (size_t)a->d;
+    return d * HP + conv_floats(a) + (a->bf16 ? heads * d : 0);
+}
+
+/* Floats of the scores st [max_ctx, HP] and their column sums' inverses inv [HP]. */
+static size_t attn_scores_floats(const attn_args *a)
+{
+    const size_t HP = (size_t)(a->nq / a->g + 7) / 8 * 8;
+    return ((size_t)a->max_ctx + 1) * HP;
 }
 
 /* End (exclusive) of the run of blocks from b whose ids follow each other: contiguous slots. */
@@ -352,33 +368,37 @@ static ptrdiff_t run_end(const int64_t *table, ptrdiff_t b, ptrdiff_t nb)
     return e;
 }
 
-/* Scores st[0:ctx, 0:HP] of sequence s's keys of KV head gi against the queries qt [d, HP]. */
+/* Scores st[t0:t1, 0:HP] of sequence s's keys t0..t1-1 of KV head gi against the queries qt
+   [d, HP]. Each key's scores are computed alone (the same instructions wherever the range starts). */
 TGT static void item_scores(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, const float *qt, ptrdiff_t HP,
-                            float *st, float *conv)
+                            float *st, float *conv, ptrdiff_t t0, ptrdiff_t t1)
 {
-    const ptrdiff_t d = a->d, ld = a->g * d, bs = a->bs, ctx = a->lens[s], nb = (ctx + bs - 1) / bs;
+    const ptrdiff_t d = a->d, ld = a->g * d, bs = a->bs, nb = (t1 + bs - 1) / bs;
     const int64_t *table = a->tables + s * a->max_blocks;
-    for (ptrdiff_t b = 0; b < nb;) {
-        ptrdiff_t e = run_end(table, b, nb), t0 = b * bs, nt = (e * bs < ctx ? e * bs : ctx) - t0;
-        ptrdiff_t base = (table[b] * bs * a->g + gi) * d;
+    for (ptrdiff_t b = t0 / bs; b < nb;) {
+        ptrdiff_t e = run_end(table, b, nb), r0 = b * bs > t0 ? b * bs : t0;
+        ptrdiff_t nt = (e * bs < t1 ? e * bs : t1) - r0;
+        ptrdiff_t base = (table[b] * bs * a->g + gi) * d + (r0 - b * bs) * ld;
         if (!kv_widened(a))
-            key_scores((const float *)a->k + base, ld, nt, qt, HP, d, st + t0 * HP);
+            key_scores((const float *)a->k + base, ld, nt, qt, HP, d, st + r0 * HP);
         else
             for (ptrdiff_t c0 = 0; c0 < nt; c0 += KEY_CHUNK) {
                 ptrdiff_t n = nt - c0 < KEY_CHUNK ? nt - c0 : KEY_CHUNK;
-                widen_chunk(a, a->k, base, c0, n, conv);
-                key_scores(conv, d, n, qt, HP, d, st + (t0 + c0) * HP);
+                widen_chunk(a, a->k, base, c0, n, 0, d, conv);
+                key_scores(conv, d, n, qt, HP, d, st + (r0 + c0) * HP);
             }
         b = e;
     }
 }
 
-/* os[0:nh, 0:d] = sum over the context of p[t, h] * v[t, :] (p = softmaxed st, unnormalised). */
+/* os[0:nh, v0:v1] (row stride d) = sum over the context of p[t, h] * v[t, v0:v1] (p = softmaxed
+   st, unnormalised). Each column sums over the context in the same order wherever v0 lies (v0: a
+   multiple of 16, so the same vector / tail code runs per column). */
 TGT static void item_values(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, const float *st, ptrdiff_t HP,
-                            ptrdiff_t nh, float *os, float *conv)
+                            ptrdiff_t nh, float *os, float *conv, ptrdiff_t v0, ptrdiff_t v1)
 {
     const ptrdiff_t d = a->d, ld = a->g * d, bs = a->bs, ctx = a->lens[s], nb = (ctx + bs - 1) / bs;
-    const ptrdiff_t chunk = value_chunk(d);
+    const ptrdiff_t chunk = value_chunk(d), nc = v1 - v0;
     const int64_t *table = a->tables + s * a->max_blocks;
     for (ptrdiff_t b = 0; b < nb;) {
         ptrdiff_t e = run_end(table, b, nb), t0 = b * bs, nt = (e * bs < ctx ? e * bs : ctx) - t0;
@@ -387,42 +407,38 @@ TGT static void item_values(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, const
             ptrdiff_t n = nt - c0 < chunk ? nt - c0 : chunk, rest = nt - c0 - n;
             const float *p = st + (t0 + c0) * HP;
             if (!kv_widened(a)) {
-                weighted_values(p, HP, nh, (const float *)a->v + base + c0 * ld, ld, n, d, os, t0 + c0 == 0,
-                                rest < n ? rest : n);
+                weighted_values(p, HP, nh, (const float *)a->v + base + c0 * ld + v0, ld, n, nc, os + v0, d,
+                                t0 + c0 == 0, rest < n ? rest : n);
             } else {
-                widen_chunk(a, a->v, base, c0, n, conv);
-                weighted_values(p, HP, nh, conv, d, n, d, os, t0 + c0 == 0, 0);
+                widen_chunk(a, a->v, base, c0, n, v0, nc, conv);
+                weighted_values(p, HP, nh, conv, nc, n, nc, os + v0, d, t0 + c0 == 0, 0);
             }
         }
         b = e;
     }
 }
 
-/* Query heads [h0, h1) of KV head gi of sequence s (one new token). Those heads attend together:
-   their queries, scaled and transposed to [d, HP] (HP = heads rounded up to 8), meet every key once
-   (key_scores, scores laid out [ctx, HP]), the softmax runs down the columns, and the values are
-   read once per chunk for all heads (weighted_values). bf16 keys and values are widened to fp32 a
-   chunk at a time (exact) and everything after that is the fp32 code; the output is rounded once.
-   e4m3 keys and values are widened the same way (to their value x 2^-8: the queries' scale carries
-   the keys' scale x 2^8, v_scale the values'). `work` holds attn_work_floats(a, h1 - h0) floats. */
-TGT static void attend_item(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, ptrdiff_t h0, ptrdiff_t h1, float *work)
+/* The queries of KV head gi's nh query heads (at qoff), scaled and transposed to qt [d, HP] (HP = nh
+   rounded up to 8, the padding heads zero). */
+TGT static void transpose_queries(const attn_args *a, ptrdiff_t qoff, ptrdiff_t nh, ptrdiff_t HP, float *qt)
 {
-    const ptrdiff_t d = a->d, nh = h1 - h0, HP = (nh + 7) / 8 * 8;
-    const ptrdiff_t qoff = (s * a->nq + gi * (a->nq / a->g) + h0) * d;
-    float *st = work, *qt = work + a->max_ctx * HP, *inv = qt + d * HP, *conv = inv + HP;
-    float *os = a->bf16 ? conv + (value_chunk(d) > KEY_CHUNK ? value_chunk(d) : KEY_CHUNK) * d
-                        : (float *)a->out + qoff;
+    const ptrdiff_t d = a->d;
     for (ptrdiff_t i = 0; i < d; i++) {
         for (ptrdiff_t h = 0; h < nh; h++)
             qt[i * HP + h] = (a->bf16 ? afd_bf16_to_f32(((const uint16_t *)a->q)[qoff + h * d + i])
                                       : ((const float *)a->q)[qoff + h * d + i]) * a->scale;
         for (ptrdiff_t h = nh; h < HP; h++) qt[i * HP + h] = 0.f;
     }
-    item_scores(a, s, gi, qt, HP, st, conv);
-    column_softmax(st, a->lens[s], HP, inv);
-    item_values(a, s, gi, st, HP, nh, os, conv);
+}
+
+/* Columns [v0, v1) of the nh heads' outputs (at qoff): os x inv x v_scale, rounded once for bf16
+   (fp32: os is the output itself, scaled in place). */
+static void finish_output(const attn_args *a, ptrdiff_t qoff, ptrdiff_t nh, float *os, const float *inv,
+                          ptrdiff_t v0, ptrdiff_t v1)
+{
+    const ptrdiff_t d = a->d;
     for (ptrdiff_t h = 0; h < nh; h++)
-        for (ptrdiff_t i = 0; i < d; i++) {
+        for (ptrdiff_t i = v0; i < v1; i++) {
             float o = os[h * d + i] * inv[h] * a->v_scale;
             if (a->bf16)
                 ((uint16_t *)a->out)[qoff + h * d + i] = afd_f32_to_bf16(o);
@@ -431,32 +447,96 @@ TGT static void attend_item(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, ptrdi
         }
 }
 
-/* Every sequence x KV head x head block, over `nthreads` OpenMP threads (head blocks only when there
-   are fewer sequence x KV head items than threads; their boundaries are multiples of 8 heads, so
-   each head runs the same instructions as in one block and results are bitwise those of one
-   thread). Returns 0, or -1 when a workspace could not be allocated. */
+/* One thread's KV head gi of sequence s (one new token): all its query heads attend together.
+   Their queries, scaled and transposed to [d, HP], meet every key once (key_scores, scores laid
+   out [ctx, HP]), the softmax runs down the columns, and the values are read once per chunk for
+   all heads (weighted_values). bf16 keys and values are widened to fp32 a chunk at a time (exact)
+   and everything after that is the fp32 code; the output is rounded once. e4m3 keys and values
+   are widened the same way (to their value x 2^-8: the queries' scale carries the keys' scale x
+   2^8, v_scale the values'). `work`: attn_scores_floats + attn_private_floats floats. */
+TGT static void attend_item(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, float *work)
+{
+    const ptrdiff_t d = a->d, nh = a->nq / a->g, HP = (nh + 7) / 8 * 8, ctx = a->lens[s];
+    const ptrdiff_t qoff = (s * a->nq + gi * nh) * d;
+    float *st = work, *inv = st + a->max_ctx * HP, *qt = inv + HP, *conv = qt + d * HP;
+    float *os = a->bf16 ? conv + conv_floats(a) : (float *)a->out + qoff;
+    transpose_queries(a, qoff, nh, HP, qt);
+    item_scores(a, s, gi, qt, HP, st, conv, 0, ctx);
+    column_softmax(st, ctx, HP, inv, 0, HP);
+    item_values(a, s, gi, st, HP, nh, os, conv, 0, d);
+    finish_output(a, qoff, nh, os, inv, 0, d);
+}
+
+#ifdef _OPENMP
+/* The same for thread `tid` of a team of nt, which together attend KV head gi of sequence s: the
+   keys are split over the threads (scores), then the heads' columns of st (softmax), then the
+   columns of the values (weighted sums; boundaries on multiples of 16). Every score, softmax
+   column and output column runs the instructions attend_item runs for it, in the same order, so
+   the result is bitwise that of one thread. st / inv: shared by the team; priv: this thread's
+   attn_private_floats (NULL: its allocation failed, the call fails, the barriers are still met). */
+TGT static void team_item(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, float *st, float *inv, float *priv,
+                          int tid, int nt)
+{
+    const ptrdiff_t d = a->d, nh = a->nq / a->g, HP = (nh + 7) / 8 * 8, ctx = a->lens[s];
+    const ptrdiff_t qoff = (s * a->nq + gi * nh) * d;
+    ptrdiff_t t0, t1, h0, h1, v0, v1;
+    afd_split(ctx, nt, tid, 4, &t0, &t1);
+    afd_split(HP, nt, tid, 8, &h0, &h1);
+    afd_split(d, nt, tid, 16, &v0, &v1);
+    float *qt = priv, *conv = priv ? qt + d * HP : NULL;
+    float *os = a->bf16 ? (priv ? conv + conv_floats(a) : NULL) : (float *)a->out + qoff;
+    if (priv && t0 < t1) {
+        transpose_queries(a, qoff, nh, HP, qt);
+        item_scores(a, s, gi, qt, HP, st, conv, t0, t1);
+    }
+#pragma omp barrier
+    if (h0 < h1) column_softmax(st, ctx, HP, inv, h0, h1);
+#pragma omp barrier
+    if (priv && v0 < v1) {
+        item_values(a, s, gi, st, HP, nh, os, conv, v0, v1);
+        finish_output(a, qoff, nh, os, inv, v0, v1);
+    }
+#pragma omp barrier                                    /* st and inv are the next item's */
+}
+
+/* Fewer sequence x KV head items than threads (batch 1: one): each item in turn by the whole team. */
+static int attend_team(const attn_args *a, ptrdiff_t items, int nthreads)
+{
+    float *st = malloc(sizeof(float) * attn_scores_floats(a));
+    if (!st) return -1;
+    float *inv = st + a->max_ctx * ((a->nq / a->g + 7) / 8 * 8);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        float *priv = malloc(sizeof(float) * attn_private_floats(a));
+        failed |= priv == NULL;
+        for (ptrdiff_t it = 0; it < items; it++) team_item(a, it / a->g, it % a->g, st, inv, priv, tid, nt);
+        free(priv);
+    }
+    free(st);
+    return failed ? -1 : 0;
+}
+#endif
+
+/* Every sequence x KV head over `nthreads` OpenMP threads: one item per thread at a time, or, with
+   fewer items than threads, each item by the whole team (attend_team). Results are bitwise those
+   of one thread. Returns 0, or -1 when a workspace could not be allocated. */
 static int attend(const attn_args *a, ptrdiff_t S, ptrdiff_t total_ctx, int nthreads)
 {
-    const ptrdiff_t hpg = a->nq / a->g, items0 = S * a->g;
+    const ptrdiff_t items = S * a->g;
     int nt = afd_threads_for(total_ctx * a->g * a->d * 2, nthreads);
-    ptrdiff_t nhb = 1;
-    if (items0 < nt) {
-        nhb = (nt + items0 - 1) / items0;
-        if (nhb > (hpg + 7) / 8) nhb = (hpg + 7) / 8;
-    }
-    const ptrdiff_t items = items0 * nhb, most = nhb > 1 ? 8 * ((hpg + 7) / 8 / nhb + 1) : hpg;
-    if (nt > items) nt = (int)items;
+#ifdef _OPENMP
+    if (nt > 1 && items < nt) return attend_team(a, items, nt);
+#endif
     int failed = 0;
 #pragma omp parallel num_threads(nt) reduction(| : failed) if (nt > 1)
     {
-        float *work = malloc(sizeof(float) * attn_work_floats(a, most < hpg ? most : hpg));
+        float *work = malloc(sizeof(float) * (attn_scores_floats(a) + attn_private_floats(a)));
         failed |= work == NULL;
 #pragma omp for schedule(dynamic, 1)
-        for (ptrdiff_t it = 0; it < items; it++) {
-            ptrdiff_t h0, h1;
-            afd_split(hpg, (int)nhb, (int)(it % nhb), 8, &h0, &h1);
-            if (work && h0 < h1) attend_item(a, it / nhb / a->g, it / nhb % a->g, h0, h1, work);
-        }
+        for (ptrdiff_t it = 0; it < items; it++)
+            if (work) attend_item(a, it / a->g, it % a->g, work);
         free(work);
     }
     return failed ? -1 : 0;
@@ -643,7 +723,7 @@ PyDoc_STRVAR(decode_attention_doc,
              "With kv_e4m3, k and v are e4m3 bytes (value = code x k_scale / v_scale; needs F16C)\n"
              "and q / out are fp32 or bf16 (`bf16`).\n"
              "[S, max_blocks] int64 block ids; lens [S] int64 context lengths. Block ids and lengths\n"
-             "are checked against the cache before anything is read; sequences x heads are split over\n"
+             "are checked against the cache before anything is read; sequences x KV heads are split over\n"
              "up to `nthreads` OpenMP threads (bitwise the same result); the GIL is released.");
 
 static PyObject *decode_attention(PyObject *self, PyObject *args)
