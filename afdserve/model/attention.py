@@ -15,10 +15,12 @@ chunked prefill and decode all attend over the same rounded values.
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,15 +92,15 @@ class AttentionMetadata:
     """Where each new token sits and what each sequence attends to, built once per step.
 
     Sequences appear in the flattened batch in order; sequence s owns `query_lens[s]` new
-    tokens and, after this step, `context_lens[s]` tokens of KV (cached + new).
+    tokens and, after this step, `context_lens[s]` tokens of KV (cached + new). `context_slots`
+    and `context_mask` (what the gathering paths read; the native decode kernel reads the block
+    tables) are made on first use.
     """
 
     positions: torch.Tensor        # [T] int64
     slot_mapping: torch.Tensor     # [T] int64: cache slot each new token's K/V is written to
     query_lens: list[int]          # [S]
     context_lens: list[int]        # [S]
-    context_slots: torch.Tensor    # [S, max_ctx] int64: slots of positions 0..ctx-1 (padded with 0)
-    context_mask: torch.Tensor     # [S, max_ctx] bool: True where the slot is a real token
     block_tables: torch.Tensor     # [S, max_blocks] int64 (padded with 0)
     block_size: int
 
@@ -106,36 +108,49 @@ class AttentionMetadata:
     def is_decode_only(self) -> bool:
         return all(q == 1 for q in self.query_lens)
 
+    @functools.cached_property
+    def context_lens_tensor(self) -> torch.Tensor:
+        """context_lens as a CPU int64 tensor (the native decode kernel's argument)."""
+        return torch.tensor(self.context_lens, dtype=torch.int64)
+
+    @functools.cached_property
+    def context_slots(self) -> torch.Tensor:
+        """[S, max_ctx] int64: slots of positions 0..ctx-1 (padded with block 0's slots)."""
+        tables = self.block_tables
+        offsets = torch.arange(self.block_size, dtype=torch.int64, device=tables.device)
+        slots = (tables.unsqueeze(-1) * self.block_size + offsets).reshape(tables.shape[0], -1)
+        return slots[:, :max(self.context_lens, default=0)]
+
+    @functools.cached_property
+    def context_mask(self) -> torch.Tensor:
+        """[S, max_ctx] bool: True where the slot is a real token."""
+        width = max(self.context_lens, default=0)
+        lens = self.context_lens_tensor.to(self.block_tables.device)
+        return torch.arange(width, device=lens.device).unsqueeze(0) < lens.unsqueeze(1)
+
     @classmethod
     def build(cls, positions: list[int], slot_mapping: list[int], query_lens: list[int],
               context_lens: list[int], block_tables: list[list[int]], block_size: int,
               device: torch.device | str = "cpu") -> "AttentionMetadata":
-        max_ctx = max(context_lens) if context_lens else 0
         max_blocks = max((len(b) for b in block_tables), default=0)
-        table = torch.zeros((len(block_tables), max_blocks), dtype=torch.int64)
+        table = np.zeros((len(block_tables), max_blocks), dtype=np.int64)   # ~5x torch's row by row
         for s, blocks in enumerate(block_tables):
-            table[s, :len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
-        offsets = torch.arange(block_size, dtype=torch.int64)
-        slots = (table.unsqueeze(-1) * block_size + offsets).reshape(len(block_tables), -1)[:, :max_ctx]
-        mask = torch.arange(max_ctx).unsqueeze(0) < torch.tensor(context_lens, dtype=torch.int64).unsqueeze(1)
+            table[s, :len(blocks)] = blocks
         return cls(
             positions=torch.tensor(positions, dtype=torch.int64, device=device),
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
             query_lens=list(query_lens), context_lens=list(context_lens),
-            context_slots=slots.to(device), context_mask=mask.to(device), block_tables=table.to(device),
-            block_size=block_size)
+            block_tables=torch.from_numpy(table).to(device), block_size=block_size)
 
     def select(self, seqs: slice) -> "AttentionMetadata":
         """The metadata of a contiguous run of sequences (one micro-batch)."""
         tok0 = sum(self.query_lens[:seqs.start])
         tok1 = tok0 + sum(self.query_lens[seqs])
         ctx = self.context_lens[seqs]
-        width = max(ctx) if ctx else 0
-        nblk = -(-width // self.block_size)
+        nblk = -(-max(ctx, default=0) // self.block_size)
         return AttentionMetadata(
             positions=self.positions[tok0:tok1], slot_mapping=self.slot_mapping[tok0:tok1],
             query_lens=self.query_lens[seqs], context_lens=ctx,
-            context_slots=self.context_slots[seqs, :width], context_mask=self.context_mask[seqs, :width],
             block_tables=self.block_tables[seqs, :nblk], block_size=self.block_size)
 
 
@@ -217,7 +232,7 @@ def _gather_blocks(cache: torch.Tensor, meta: AttentionMetadata, name: str) -> t
 
 
 def _decode_attention(q, k_cache, v_cache, meta, scale, kv_scales=FP8_KV_SCALES):
-    out = native_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+    out = native_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens_tensor,
                                   meta.block_size, scale, kv_scales)
     return out if out is not None else _gathered_decode_attention(q, k_cache, v_cache, meta, scale, kv_scales)
 

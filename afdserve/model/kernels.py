@@ -391,12 +391,13 @@ def linear(x: torch.Tensor, w, packed: torch.Tensor | None = None) -> torch.Tens
 
 
 def native_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            block_tables: torch.Tensor, context_lens: list[int], block_size: int,
+                            block_tables: torch.Tensor, context_lens: list[int] | torch.Tensor, block_size: int,
                             scale: float, kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor | None:
     """Decode attention (one new token per sequence) straight from the paged cache with the native
     kernel, or None where the policy does not send it there (not built, `--kernels torch`, a dtype
     other than fp32 / bf16 or mixed, not on the CPU, autograd needed). q [S, n_q, d]; k_cache,
-    v_cache [slots, g, d]; block_tables [S, max_blocks]; context_lens [S] (new token included).
+    v_cache [slots, g, d]; block_tables [S, max_blocks]; context_lens [S] (new token included; a list
+    or a CPU int64 tensor, AttentionMetadata.context_lens_tensor).
     No K/V is copied: each block's keys and values are read where they lie. The cache is in q's
     dtype, or float8_e4m3fn (an 8-bit cache: keys and values are code x `kv_scales` = (k, v);
     widened in registers, needs F16C, else None)."""
@@ -421,7 +422,7 @@ def native_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return q.new_empty(q.shape)
     q = q.contiguous()
     tables = block_tables.to(torch.int64).contiguous()
-    lens = torch.tensor(context_lens, dtype=torch.int64)
+    lens = torch.as_tensor(context_lens, dtype=torch.int64, device="cpu").contiguous()
     out = torch.empty_like(q)
     _attention_kernel(q.data_ptr(), S, nq, d, k_cache.data_ptr(), v_cache.data_ptr(), slots // block_size,
                       g, block_size, tables.data_ptr(), tables.shape[1], lens.data_ptr(), float(scale), out.data_ptr(),
