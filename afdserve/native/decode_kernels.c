@@ -368,6 +368,24 @@ static ptrdiff_t run_end(const int64_t *table, ptrdiff_t b, ptrdiff_t nb)
     return e;
 }
 
+/* Prefetch (into L2) columns [col, col + nc) of sequence s's cached rows of KV head gi for tokens
+   [t0, t1) of k or v, through the block table. The blocks of a sequence lie anywhere in the cache
+   and each starts a new stream the hardware prefetchers pick up late: each chunk of keys or values
+   asks for the next one while it is computed (a decode step has evicted every cache from L2/L3
+   by streaming the weights, so without this every block's first lines stall). */
+static void prefetch_tokens(const attn_args *a, const void *kv, ptrdiff_t s, ptrdiff_t gi, ptrdiff_t t0,
+                            ptrdiff_t t1, ptrdiff_t col, ptrdiff_t nc)
+{
+    const ptrdiff_t bs = a->bs;
+    const size_t elem = a->kv == KV_E4M3 ? 1 : (a->bf16 ? 2 : 4);
+    const int64_t *table = a->tables + s * a->max_blocks;
+    for (ptrdiff_t t = t0; t < t1; t++) {
+        const uintptr_t start = (uintptr_t)kv + (size_t)(((table[t / bs] * bs + t % bs) * a->g + gi) * a->d + col) * elem;
+        for (uintptr_t line = start & ~(uintptr_t)63; line < start + (size_t)nc * elem; line += 64)
+            _mm_prefetch((const char *)line, _MM_HINT_T1);
+    }
+}
+
 /* Scores st[t0:t1, 0:HP] of sequence s's keys t0..t1-1 of KV head gi against the queries qt
    [d, HP]. Each key's scores are computed alone (the same instructions wherever the range starts). */
 TGT static void item_scores(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, const float *qt, ptrdiff_t HP,
@@ -379,11 +397,14 @@ TGT static void item_scores(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, const
         ptrdiff_t e = run_end(table, b, nb), r0 = b * bs > t0 ? b * bs : t0;
         ptrdiff_t nt = (e * bs < t1 ? e * bs : t1) - r0;
         ptrdiff_t base = (table[b] * bs * a->g + gi) * d + (r0 - b * bs) * ld;
-        if (!kv_widened(a))
+        if (!kv_widened(a)) {
+            const ptrdiff_t next = r0 + nt;                         /* the next run's first keys */
+            prefetch_tokens(a, a->k, s, gi, next, next + PF_KEYS < t1 ? next + PF_KEYS : t1, 0, d);
             key_scores((const float *)a->k + base, ld, nt, qt, HP, d, st + r0 * HP);
-        else
+        } else
             for (ptrdiff_t c0 = 0; c0 < nt; c0 += KEY_CHUNK) {
-                ptrdiff_t n = nt - c0 < KEY_CHUNK ? nt - c0 : KEY_CHUNK;
+                ptrdiff_t n = nt - c0 < KEY_CHUNK ? nt - c0 : KEY_CHUNK, next = r0 + c0 + n;
+                prefetch_tokens(a, a->k, s, gi, next, next + KEY_CHUNK < t1 ? next + KEY_CHUNK : t1, 0, d);
                 widen_chunk(a, a->k, base, c0, n, 0, d, conv);
                 key_scores(conv, d, n, qt, HP, d, st + (r0 + c0) * HP);
             }
@@ -404,8 +425,10 @@ TGT static void item_values(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, const
         ptrdiff_t e = run_end(table, b, nb), t0 = b * bs, nt = (e * bs < ctx ? e * bs : ctx) - t0;
         ptrdiff_t base = (table[b] * bs * a->g + gi) * d;
         for (ptrdiff_t c0 = 0; c0 < nt; c0 += chunk) {
-            ptrdiff_t n = nt - c0 < chunk ? nt - c0 : chunk, rest = nt - c0 - n;
+            ptrdiff_t n = nt - c0 < chunk ? nt - c0 : chunk, rest = nt - c0 - n, next = t0 + c0 + n;
             const float *p = st + (t0 + c0) * HP;
+            if (kv_widened(a) || rest == 0)      /* (fp32 in a run: weighted_values prefetches) */
+                prefetch_tokens(a, a->v, s, gi, next, next + chunk < ctx ? next + chunk : ctx, v0, nc);
             if (!kv_widened(a)) {
                 weighted_values(p, HP, nh, (const float *)a->v + base + c0 * ld + v0, ld, n, nc, os + v0, d,
                                 t0 + c0 == 0, rest < n ? rest : n);
@@ -460,8 +483,10 @@ TGT static void attend_item(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, float
     const ptrdiff_t qoff = (s * a->nq + gi * nh) * d;
     float *st = work, *inv = st + a->max_ctx * HP, *qt = inv + HP, *conv = qt + d * HP;
     float *os = a->bf16 ? conv + conv_floats(a) : (float *)a->out + qoff;
+    prefetch_tokens(a, a->k, s, gi, 0, ctx < KEY_CHUNK ? ctx : KEY_CHUNK, 0, d);
     transpose_queries(a, qoff, nh, HP, qt);
     item_scores(a, s, gi, qt, HP, st, conv, 0, ctx);
+    prefetch_tokens(a, a->v, s, gi, 0, ctx < value_chunk(d) ? ctx : value_chunk(d), 0, d);   /* during the softmax */
     column_softmax(st, ctx, HP, inv, 0, HP);
     item_values(a, s, gi, st, HP, nh, os, conv, 0, d);
     finish_output(a, qoff, nh, os, inv, 0, d);
@@ -486,9 +511,11 @@ TGT static void team_item(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, float *
     float *qt = priv, *conv = priv ? qt + d * HP : NULL;
     float *os = a->bf16 ? (priv ? conv + conv_floats(a) : NULL) : (float *)a->out + qoff;
     if (priv && t0 < t1) {
+        prefetch_tokens(a, a->k, s, gi, t0, t1 - t0 < KEY_CHUNK ? t1 : t0 + KEY_CHUNK, 0, d);
         transpose_queries(a, qoff, nh, HP, qt);
         item_scores(a, s, gi, qt, HP, st, conv, t0, t1);
     }
+    if (v0 < v1) prefetch_tokens(a, a->v, s, gi, 0, ctx < value_chunk(d) ? ctx : value_chunk(d), v0, v1 - v0);
 #pragma omp barrier
     if (h0 < h1) column_softmax(st, ctx, HP, inv, h0, h1);
 #pragma omp barrier
