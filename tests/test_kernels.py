@@ -556,21 +556,24 @@ def _with_policy(mode: str, fn):
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("tokens", [1, 3, 40, 300])         # 300: rows split over the threads
-def test_native_rope_is_bitwise_the_torch_formula(dtype, tokens, policy_restored):
+@pytest.mark.parametrize("d", [128, 20])                      # 20: 8 pairs a vector, 2 in the scalar tail
+def test_native_rope_is_bitwise_the_torch_formula(dtype, tokens, d, policy_restored):
     """Same products and sum in fp32, one rounding: bit for bit the torch path, for q ([T, heads, d])
     and for k sliced out of a fused qkv output (token stride > heads * d)."""
     from afdserve.model.layers import RotaryEmbedding
     g = torch.Generator().manual_seed(tokens)
-    rope = RotaryEmbedding(128, 5e5, 512)
-    q = torch.randn(tokens, 4, 128, generator=g).to(dtype)
-    k = torch.randn(tokens, 640, generator=g).to(dtype)[:, 384:512].view(tokens, 1, 128)
+    rope = RotaryEmbedding(d, 5e5, 512)
+    q = torch.randn(tokens, 4, d, generator=g).to(dtype)
+    q[0, 0, 3] = float("nan")                                   # NaN stays NaN, as torch's
+    k = torch.randn(tokens, 640, generator=g).to(dtype)[:, 384:384 + d].view(tokens, 1, d)
     pos = torch.randint(0, 512, (tokens,), generator=g)
     for x in (q, k):
         def run():
             rope._positions = None
             return rope(x, pos)
         assert _with_policy("auto", lambda: kernels.native_rope(x, pos, rope.cos, rope.sin)) is not None
-        assert torch.equal(_with_policy("auto", run), _with_policy("torch", run))
+        got, want = _with_policy("auto", run), _with_policy("torch", run)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
     with pytest.raises(ValueError, match="position 512 outside"):
         _with_policy("auto", lambda: kernels.native_rope(q, torch.full((tokens,), 512), rope.cos, rope.sin))
 

@@ -76,12 +76,44 @@ static void rms_norm_row(const uint16_t *x, const uint16_t *w, uint16_t *y, Py_s
 }
 #endif
 
+#ifdef AFD_X86
+/* One bf16 head, pairs (i, i + half) eight at a time: the products and sums of the scalar loop
+   below (no contraction into FMAs: the extension is built as ISO C), one rounding each. Returns
+   the first i of the first half not done. */
+TGT static Py_ssize_t rope_head_bf16x8(const uint16_t *x, uint16_t *y, Py_ssize_t half, const float *c,
+                                       const float *s)
+{
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    Py_ssize_t i = 0;
+    for (; i + 8 <= half; i += 8) {
+        const __m256 x1 = afd_bf16x8_to_ps(x + i), x2 = afd_bf16x8_to_ps(x + half + i);
+        const __m256 lo = _mm256_add_ps(_mm256_mul_ps(x1, _mm256_loadu_ps(c + i)),
+                                        _mm256_mul_ps(_mm256_xor_ps(x2, sign), _mm256_loadu_ps(s + i)));
+        const __m256 hi = _mm256_add_ps(_mm256_mul_ps(x2, _mm256_loadu_ps(c + half + i)),
+                                        _mm256_mul_ps(x1, _mm256_loadu_ps(s + half + i)));
+        afd_store_bf16x8(y + i, afd_round_bf16_ps(lo));
+        afd_store_bf16x8(y + half + i, afd_round_bf16_ps(hi));
+    }
+    return i;
+}
+#endif
+
 static void rope_row(const void *x, void *y, Py_ssize_t heads, Py_ssize_t d, const float *c, const float *s,
                      int bf16)
 {
     const Py_ssize_t half = d / 2;
     for (Py_ssize_t h = 0; h < heads; h++) {
         const Py_ssize_t o = h * d;
+#ifdef AFD_X86
+        if (bf16) {
+            const Py_ssize_t done = rope_head_bf16x8((const uint16_t *)x + o, (uint16_t *)y + o, half, c, s);
+            for (Py_ssize_t i = done; i < half; i++) {
+                st(y, o + i, ld(x, o + i, 1) * c[i] + -ld(x, o + i + half, 1) * s[i], 1);
+                st(y, o + half + i, ld(x, o + half + i, 1) * c[half + i] + ld(x, o + i, 1) * s[half + i], 1);
+            }
+            continue;
+        }
+#endif
         for (Py_ssize_t i = 0; i < d; i++) {
             const float rot = i < half ? -ld(x, o + i + half, bf16) : ld(x, o + i - half, bf16);
             const float a = ld(x, o + i, bf16) * c[i];
