@@ -6,15 +6,17 @@ times the first 4 decode steps (a batch size is recorded on its 3rd and checked 
 then runs decode steps with random tokens, switching graphs on and off every --steps steps for
 --rounds rounds; each mode keeps its fastest round (ms per step). With --breakdown it then times
 every call of a replayed step, grouped (native kernels by function and shape, torch operators,
-live attention), over --steps replays with random tokens. Prints the CPU model and flags.
+live attention), over --steps replays with random tokens. With --attention-isas it also alternates
+the bf16 decode attention's AVX512-BF16 and AVX2 code (graphs on). Prints the CPU model and flags.
 
     python benchmarks/decode_graphs_bench.py --model /tmp/small [--batch 1] [--context 128] \
-        [--quantization fp8] [--breakdown]
+        [--quantization fp8] [--breakdown] [--attention-isas]
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import random
 import time
 
@@ -64,6 +66,23 @@ def alternate(dec: Decoder, steps: int, rounds: int) -> dict[str, float]:
                 dec.step()
             best[mode] = min(best[mode], (time.perf_counter() - t) / steps * 1e3)
     graphs.mode = "on"
+    return best
+
+
+@torch.inference_mode()
+def alternate_attention(dec: Decoder, steps: int, rounds: int) -> dict[bool, float]:
+    """Fastest ms per step with the bf16 decode attention on AVX512-BF16 (True) and AVX2 (False)."""
+    base, best = kernels.current_policy(), {True: float("inf"), False: float("inf")}
+    try:
+        for _ in range(rounds):
+            for dp in (False, True):
+                kernels.use_policy(dataclasses.replace(base, attention_dp=dp))
+                t = time.perf_counter()
+                for _ in range(steps):
+                    dec.step()
+                best[dp] = min(best[dp], (time.perf_counter() - t) / steps * 1e3)
+    finally:
+        kernels.use_policy(base)
     return best
 
 
@@ -118,11 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--breakdown", action="store_true", help="also time every call of a replayed step")
+    ap.add_argument("--attention-isas", action="store_true",
+                    help="also alternate the bf16 decode attention's AVX2 and AVX512-BF16 code (graphs on)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = Step3Config.from_file(args.model)
-    total = 2 * args.steps * args.rounds + 8 + (args.steps if args.breakdown else 0)
+    total = (4 if args.attention_isas else 2) * args.steps * args.rounds + 8 + (args.steps if args.breakdown else 0)
     blocks = args.batch * -(-(args.context + total + 1) // BS)
     ex = ColocatedExecutor(args.model, config, args.dtype, CacheConfig(BS, blocks), quantization=args.quantization)
     dec = Decoder(ex.runner, args.batch, args.context, total, config.vocab_size)
@@ -144,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     best = alternate(dec, args.steps, args.rounds)
     print(f"graphs on {best['on']:.2f} ms/step, off {best['off']:.2f} ms/step: {best['off'] / best['on']:.2f}x "
           f"(fastest of {args.rounds} alternated rounds of {args.steps} steps)")
+    if args.attention_isas:
+        if not kernels.current_policy().attention_dp:
+            print("attention ISAs: this run has no AVX512-BF16 decode attention to compare (dtype / CPU)")
+        else:
+            isa = alternate_attention(dec, args.steps, args.rounds)
+            print(f"decode attention AVX512-BF16 {isa[True]:.2f} ms/step, AVX2 {isa[False]:.2f} ms/step: "
+                  f"{isa[False] / isa[True]:.2f}x (fastest of {args.rounds} alternated rounds)")
     if args.breakdown:
         rows = breakdown(dec, args.steps)
         for kind, n, ms in rows:

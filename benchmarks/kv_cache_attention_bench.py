@@ -7,19 +7,22 @@ Shapes of a preset's attention (`--preset`, default small: its query heads, one 
 dim). Every candidate runs the same sequences (each sequence's blocks consecutive, or shuffled
 with --shuffled, as in a long-running cache); the candidates are timed in turn, round after
 round, and the minimum per candidate is printed with the KV bytes each reads per call and the
-speed relative to the bf16 cache.
+speed relative to the bf16 cache. On a CPU with AVX512-BF16 the bf16 cache is also timed on the
+AVX2 code ("bf16 native, AVX2"), which the kernel policy otherwise leaves for other CPUs.
 `--native-so PATH` times another build of afdserve._native (e.g. one compiled with
 -DKV_E4M3_LUT, the 256-entry table variant of the e4m3 widening) in the same process as well.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.machinery
 import importlib.util
 import time
 
 import torch
 
+from afdserve.bench.machine import describe
 from afdserve.config import get_preset
 from afdserve.model import kernels
 from afdserve.model.attention import AttentionMetadata, _gathered_decode_attention
@@ -67,8 +70,12 @@ def main(argv=None) -> int:
     alt = _load_native(args.native_so).decode_attention if args.native_so else None
     c = get_preset(args.preset)
     nq, d = c.num_attention_heads, c.head_dim
+    flags = sorted(kernels.cpu_flags() & {"avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16"})
+    print(f"machine: {describe()['cpu']}, flags {flags}, torch {torch.__version__}")
     print(f"{args.preset}: {nq} query heads, 1 KV head, d {d}; {torch.get_num_threads()} thread(s); "
           f"min of {args.rounds} rounds")
+    policy = kernels.current_policy()
+    avx2 = dataclasses.replace(policy, attention_dp=False)
     print(f"{'batch x ctx':>12} {'candidate':>20} {'ms':>9} {'KV GB/s':>8} {'x bf16':>7}")
     for b in [int(x) for x in args.batches.split(",")]:
         for ctx in [int(x) for x in args.contexts.split(",")]:
@@ -85,10 +92,19 @@ def main(argv=None) -> int:
                 kc, vc = caches[cache_dtype]
                 return lambda: _gathered_decode_attention(qb, kc, vc, meta, 0.1)
 
+            def native_avx2():
+                kernels.use_policy(avx2)
+                try:
+                    return native(torch.bfloat16)()
+                finally:
+                    kernels.use_policy(policy)
+
             cands = {"bf16 native": (native(torch.bfloat16), 2), "fp8 native": (native(torch.float8_e4m3fn), 1),
                      "fp8 native, fp32 q": (native(torch.float8_e4m3fn, q), 1),
                      "fp32 native": (native(torch.float32, q), 4),
                      "bf16 gathered": (gathered(torch.bfloat16), 2), "fp8 gathered": (gathered(torch.float8_e4m3fn), 1)}
+            if policy.attention_dp:
+                cands["bf16 native, AVX2"] = (native_avx2, 2)
             if alt is not None:
                 def alt_fp8():
                     kc, vc = caches[torch.float8_e4m3fn]

@@ -373,9 +373,20 @@ def _paged(S, ctx_lens, nq, g, d, bs, dtype, seed):
     return q, k, v, tables
 
 
+# The bf16 decode attention's two instruction sets: AVX2 fp32 (keys and values widened), and where
+# the CPU has AVX512-BF16 scores on vdpbf16ps and values in 16-head zmm blocks (`attention_dp`).
+ATTENTION_ISAS = [False] + ([True] if kernels.FEATURES.get("avx512bf16") else [])
+
+
+def _attention_policy(threads: int, dp: bool) -> kernels.KernelPolicy:
+    return kernels.use_policy(dataclasses.replace(kernels.decide_policy("auto", threads=threads), attention_dp=dp))
+
+
 @needs_native
-@pytest.mark.parametrize("ctx_lens, nq, g, d", [([5], 16, 1, 128), ([70, 3, 130], 8, 2, 24), ([200, 17], 12, 1, 40)])
-def test_native_bf16_decode_attention_within_the_bf16_bound(ctx_lens, nq, g, d, policy_restored):
+@pytest.mark.parametrize("dp", ATTENTION_ISAS, ids=lambda dp: "avx512bf16" if dp else "avx2")
+@pytest.mark.parametrize("ctx_lens, nq, g, d", [([5], 16, 1, 128), ([70, 3, 130], 8, 2, 24), ([200, 17], 12, 1, 40),
+                                                ([300], 20, 1, 36)])
+def test_native_bf16_decode_attention_within_the_bf16_bound(ctx_lens, nq, g, d, dp, policy_restored):
     """bf16 q / K / V cache, fp32 math inside, output rounded once. The keys and values are
     widened exactly, scores and softmax run in fp32 (relative error a few hundred u32 at these
     sizes, plus the exp polynomial's 2e-7), and the weighted sum of values errs by at most that
@@ -383,7 +394,7 @@ def test_native_bf16_decode_attention_within_the_bf16_bound(ctx_lens, nq, g, d, 
         |o - o_exact| <= u16 |o_exact| + 1e-4 max|v|    (1e-4 >> (ctx + d + 64) u32 + 2e-7)."""
     S, bs = len(ctx_lens), 16
     q, k, v, tables = _paged(S, ctx_lens, nq, g, d, bs, torch.bfloat16, seed=sum(ctx_lens))
-    kernels.use_policy(kernels.decide_policy("auto", threads=1))
+    _attention_policy(1, dp)
     with torch.inference_mode():
         got = kernels.native_decode_attention(q, k, v, tables, ctx_lens, bs, 0.125)
     assert got is not None and got.dtype is torch.bfloat16
@@ -396,10 +407,11 @@ def test_native_bf16_decode_attention_within_the_bf16_bound(ctx_lens, nq, g, d, 
 
 
 @needs_native
+@pytest.mark.parametrize("dp", ATTENTION_ISAS, ids=lambda dp: "avx512bf16" if dp else "avx2")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("ctx_lens, nq, g, d", [([300], 32, 1, 64), ([40, 7, 129, 64], 32, 1, 64),
                                                 ([2053], 12, 1, 40), ([1500], 16, 2, 72), ([999, 1201], 8, 1, 128)])
-def test_native_decode_attention_is_bitwise_equal_on_any_thread_count(dtype, ctx_lens, nq, g, d, policy_restored):
+def test_native_decode_attention_is_bitwise_equal_on_any_thread_count(dtype, ctx_lens, nq, g, d, dp, policy_restored):
     """Sequences x KV heads are split over the threads; with fewer of those than threads (batch 1),
     each is attended by the whole team: its keys, then its softmax columns, then its value columns
     split over the threads. Every score and output column runs the same instructions as with one
@@ -413,7 +425,7 @@ def test_native_decode_attention_is_bitwise_equal_on_any_thread_count(dtype, ctx
     k, v = k.to(cache), v.to(cache)
     outs = []
     for threads in (1, 2, 3, 8):
-        kernels.use_policy(kernels.decide_policy("auto", threads=threads))
+        _attention_policy(threads, dp)
         with torch.inference_mode():
             outs.append(kernels.native_decode_attention(q, k, v, tables, ctx_lens, 16, 0.2, (0.5, 2.0)))
     assert outs[0] is not None

@@ -2,6 +2,8 @@
 reading e4m3 against slow references, the engine and AFD with it, sizing and bad values."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -66,11 +68,17 @@ def test_write_kv_rounds_to_e4m3_and_clamps():
     assert not kv.k[0].float().any()
 
 
+# bf16 queries over an e4m3 cache: AVX2 fp32 code, or (AVX512-BF16 CPUs) widened to bf16 and the
+# vdpbf16ps scores / zmm values (`policy.attention_dp`)
+ATTENTION_ISAS = [False] + ([True] if kernels.FEATURES.get("avx512bf16") else [])
+
+
 @needs_native
+@pytest.mark.parametrize("dp", ATTENTION_ISAS, ids=lambda dp: "avx512bf16" if dp else "avx2")
 @pytest.mark.parametrize("qdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ctx_lens, nq, d", [([5], 16, 128), ([70, 3, 130, 16], 8, 24), ([200, 17], 12, 40),
                                              ([33, 9], 8, 15)])
-def test_native_fp8_decode_attention_against_the_dequantized_reference(qdtype, ctx_lens, nq, d, policy_restored):
+def test_native_fp8_decode_attention_against_the_dequantized_reference(qdtype, ctx_lens, nq, d, dp, policy_restored):
     """The kernel widens e4m3 exactly (head dims with a tail of fewer than 8 too) and computes in
     fp32: against naive fp64 attention over the dequantized cache, |o - o_exact| <= 1e-4 max|v|
     (fp32 rounding, as for the fp32 cache), plus u16 |o_exact| for a bf16 output. Scales other than
@@ -81,7 +89,7 @@ def test_native_fp8_decode_attention_against_the_dequantized_reference(qdtype, c
     q = q.to(qdtype)
     outs = []
     for threads in (1, 2):
-        kernels.use_policy(kernels.decide_policy("auto", threads=threads))
+        kernels.use_policy(dataclasses.replace(kernels.decide_policy("auto", threads=threads), attention_dp=dp))
         with torch.inference_mode():
             outs.append(kernels.native_decode_attention(q, k8, v8, meta.block_tables, meta.context_lens, bs, 0.125,
                                                         scales))
@@ -103,8 +111,9 @@ def test_native_fp8_decode_attention_against_the_dequantized_reference(qdtype, c
 
 @needs_native
 @needs_native
-@pytest.mark.parametrize("d", [8, 12])
-def test_native_kernel_widens_every_e4m3_code_exactly(d, policy_restored):
+@pytest.mark.parametrize("qdtype", [torch.float32, torch.bfloat16])   # bf16: the AVX512-BF16 path where the CPU has it
+@pytest.mark.parametrize("d", [8, 12, 40])                    # 40: 32 codes a vector on AVX-512, then a tail
+def test_native_kernel_widens_every_e4m3_code_exactly(d, qdtype, policy_restored):
     """One-token contexts (zero keys): the softmax is 1 and the output is the value row itself, so
     every one of the 256 codes (vector lanes and, with d = 12, the scalar tail) must come out as
     torch's float8 -> fp32 value times the scale: finite codes exactly, the NaN codes as NaN."""
@@ -118,9 +127,9 @@ def test_native_kernel_widens_every_e4m3_code_exactly(d, policy_restored):
     tables = torch.arange(S).unsqueeze(1)
     kernels.use_policy(kernels.decide_policy("auto", threads=1))
     with torch.inference_mode():
-        out = kernels.native_decode_attention(torch.ones(S, 4, d), torch.zeros_like(v8), v8, tables, [1] * S, 16,
-                                              0.5, (1.0, 0.75))
-    want = v8[::16, 0].float() * 0.75
+        out = kernels.native_decode_attention(torch.ones(S, 4, d, dtype=qdtype), torch.zeros_like(v8), v8, tables,
+                                              [1] * S, 16, 0.5, (1.0, 0.75))
+    want = (v8[::16, 0].float() * 0.75).to(qdtype)
     got = out[:, 0]
     assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(want).sum() == 2
     finite = ~torch.isnan(want)

@@ -187,6 +187,7 @@ class KernelPolicy:
     bf16_packed_rows: int = 0                        # ... then ISA_AVX512BF16_PACKED up to this many (even k)
     moe_rows: int = 0                                # the native MoE's repacked GEMMs: up to this many rows
     attention: frozenset = frozenset()               # dtypes of the native decode attention
+    attention_dp: bool = False                       # ... bf16 over a bf16 cache on vdpbf16ps / zmm
     openblas: bool = False                           # numpy's OpenBLAS for fp32 (one thread only)
     onednn: bool = False                             # oneDNN inner products / prepacked LM head (fp32)
     omp_runtimes: tuple = ()
@@ -202,8 +203,8 @@ class KernelPolicy:
                ISA_AVX512BF16: f"AVX512-BF16 vdpbf16ps <= {self.bf16dp_rows} rows, repacked <= "
                                f"{self.bf16_packed_rows}, AVX2 above"}.get(self.bf16_isa, "-")
         fp32_rest = "OpenBLAS (1 thread)" if self.openblas else ("oneDNN/MKL" if self.onednn else "MKL")
-        attn = "native " + "/".join(sorted(str(d).removeprefix("torch.") for d in self.attention)) \
-            if self.attention else "gather + SDPA"
+        attn = "native " + "/".join(sorted(str(d).removeprefix("torch.") for d in self.attention)) + \
+            (" (bf16: AVX512-BF16 scores)" if self.attention_dp else "") if self.attention else "gather + SDPA"
         omp = ", ".join(os.path.basename(p) for p in self.omp_runtimes) or "none"
         return (f"kernels {self.mode}, {self.threads} thread(s): fp32 GEMM {rows(torch.float32)}, else {fp32_rest}; "
                 f"bf16 GEMM {rows(torch.bfloat16)} ({isa}), else torch/oneDNN; many rows: torch; "
@@ -247,6 +248,7 @@ def decide_policy(mode: str | None = None, threads: int | None = None) -> Kernel
     return KernelPolicy(mode, threads if shared else 1, rows, isa, AUTO_BF16DP_ROWS, packed,
                         AUTO_MOE_ROWS if packed and mode == "auto" else packed,
                         frozenset({torch.float32, torch.bfloat16}) if rows else frozenset(),
+                        attention_dp=bool(rows) and isa == ISA_AVX512BF16,
                         openblas=mode == "auto" and OPENBLAS and threads == 1, onednn=ONEDNN, omp_runtimes=omp)
 
 
@@ -426,7 +428,8 @@ def native_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     out = torch.empty_like(q)
     _attention_kernel(q.data_ptr(), S, nq, d, k_cache.data_ptr(), v_cache.data_ptr(), slots // block_size,
                       g, block_size, tables.data_ptr(), tables.shape[1], lens.data_ptr(), float(scale), out.data_ptr(),
-                      p.threads, q.dtype is torch.bfloat16, e4m3, float(kv_scales[0]), float(kv_scales[1]))
+                      p.threads, q.dtype is torch.bfloat16, e4m3, float(kv_scales[0]), float(kv_scales[1]),
+                      p.attention_dp)
     return out
 
 

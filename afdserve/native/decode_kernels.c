@@ -19,7 +19,9 @@
  *    sequence's keys and values where they lie instead of gathering them into a copy first;
  *    every key and value is read once for all query heads that share it (MFA: all of them).
  *    A bf16 cache is widened to fp32 a chunk of keys / values at a time (exact) and then takes
- *    the fp32 code; the output is rounded to bf16 once. An 8-bit (e4m3) cache is widened the
+ *    the fp32 code; the output is rounded to bf16 once. On AVX512-BF16 CPUs bf16 queries take
+ *    AVX-512 loops instead: scores by vdpbf16ps straight from the bf16 keys (exact products, fp32
+ *    sums), values widened in registers into 16-head x 16-column zmm accumulators. An 8-bit (e4m3) cache is widened the
  *    same way, exactly, with its per-tensor scales folded into the queries and the outputs;
  *    its queries / outputs are fp32 or bf16.
  * 3. Threads: every entry point takes `nthreads` (torch's thread count, from the kernel policy)
@@ -250,7 +252,88 @@ typedef struct {
     const int64_t *tables, *lens;
     float scale, v_scale;    /* e4m3: scale includes the keys' scale, v_scale the values' (x 2^8 each) */
     int bf16, kv;
+    int dp;                  /* bf16 q, AVX512-BF16: scores by vdpbf16ps, values in zmm (below; e4m3 widened to bf16) */
 } attn_args;
+
+/* Query heads of one KV head, padded: to 16 for the AVX-512 path (a zmm of heads), else to 8. */
+static ptrdiff_t padded_heads(const attn_args *a)
+{
+    const ptrdiff_t nh = a->nq / a->g;
+    return a->dp ? (nh + 15) / 16 * 16 : (nh + 7) / 8 * 8;
+}
+
+#define TGT_DP __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))
+
+/* st[t, 0:HP] = scale x (k[t, :] . q[h, :]) for nt bf16 keys k[t] (row stride ldk) and the queries
+   packed as bf16 pairs qp[p, h] = (q[h, 2p], q[h, 2p + 1]) (d even, HP % 16 == 0): one vdpbf16ps
+   multiplies a pair of one key's elements, broadcast, into 16 heads, exact products summed in
+   fp32. Four keys at a time, each in its own accumulators (the same instructions per key wherever
+   it falls). No widening of the keys: they are read as stored. */
+TGT_DP static void key_scores_dp(const uint16_t *k, ptrdiff_t ldk, ptrdiff_t nt, const uint32_t *qp, ptrdiff_t HP,
+                                 ptrdiff_t d, float scale, float *st)
+{
+    const __m512 sc = _mm512_set1_ps(scale);
+    const ptrdiff_t pairs = d / 2;
+    ptrdiff_t t = 0;
+    for (; t + 4 <= nt; t += 4) {
+        const uint16_t *k0 = k + t * ldk;
+        if (t + PF_KEYS + 4 <= nt)
+            for (int j = 0; j < 4; j++)
+                for (ptrdiff_t i = 0; i < d; i += 32) _mm_prefetch((const char *)(k0 + (PF_KEYS + j) * ldk + i), _MM_HINT_T0);
+        for (ptrdiff_t h = 0; h < HP; h += 16) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (ptrdiff_t p = 0; p < pairs; p++) {
+                const __m512bh qv = (__m512bh)_mm512_loadu_si512(qp + p * HP + h);
+                uint32_t w0, w1, w2, w3;
+                memcpy(&w0, k0 + 2 * p, 4);
+                memcpy(&w1, k0 + ldk + 2 * p, 4);
+                memcpy(&w2, k0 + 2 * ldk + 2 * p, 4);
+                memcpy(&w3, k0 + 3 * ldk + 2 * p, 4);
+                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_set1_epi32((int)w0), qv);
+                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_set1_epi32((int)w1), qv);
+                a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_set1_epi32((int)w2), qv);
+                a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_set1_epi32((int)w3), qv);
+            }
+            _mm512_storeu_ps(st + t * HP + h, _mm512_mul_ps(a0, sc));
+            _mm512_storeu_ps(st + (t + 1) * HP + h, _mm512_mul_ps(a1, sc));
+            _mm512_storeu_ps(st + (t + 2) * HP + h, _mm512_mul_ps(a2, sc));
+            _mm512_storeu_ps(st + (t + 3) * HP + h, _mm512_mul_ps(a3, sc));
+        }
+    }
+    for (; t < nt; t++)
+        for (ptrdiff_t h = 0; h < HP; h += 16) {
+            __m512 a0 = _mm512_setzero_ps();
+            for (ptrdiff_t p = 0; p < pairs; p++) {
+                uint32_t w0;
+                memcpy(&w0, k + t * ldk + 2 * p, 4);
+                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_set1_epi32((int)w0), (__m512bh)_mm512_loadu_si512(qp + p * HP + h));
+            }
+            _mm512_storeu_ps(st + t * HP + h, _mm512_mul_ps(a0, sc));
+        }
+}
+
+/* o[0:HP, 0:nc] (row stride ldo; = when `first`, else +=) sum over t < nt of p[t, h] * v[t, :] for
+   bf16 values v (row stride ldv), widened in registers: 16 heads x 16 columns of accumulators in
+   zmm, each (head, column) summed over t in order by FMA, as weighted_values does (the same
+   bits); the last columns masked. */
+TGT_DP static void values_dp(const float *p, ptrdiff_t HP, const uint16_t *v, ptrdiff_t ldv, ptrdiff_t nt,
+                             ptrdiff_t nc, float *o, ptrdiff_t ldo, int first)
+{
+    for (ptrdiff_t h0 = 0; h0 < HP; h0 += 16)
+        for (ptrdiff_t c = 0; c < nc; c += 16) {
+            const __mmask16 m = nc - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (nc - c)) - 1u);
+            __m512 acc[16];
+            for (int j = 0; j < 16; j++)
+                acc[j] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, o + (h0 + j) * ldo + c);
+            for (ptrdiff_t t = 0; t < nt; t++) {
+                const __m512 vv = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, v + t * ldv + c)), 16));
+                const float *pt = p + t * HP + h0;
+                for (int j = 0; j < 16; j++) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(pt[j]), vv, acc[j]);
+            }
+            for (int j = 0; j < 16; j++) _mm512_mask_storeu_ps(o + (h0 + j) * ldo + c, m, acc[j]);
+        }
+}
 
 /* dst[t, 0:d] = fp32 of the bf16 rows src[t * ld, 0:d] for t < n (exact). */
 TGT static void widen_rows(const uint16_t *src, ptrdiff_t ld, ptrdiff_t n, ptrdiff_t d, float *dst)
@@ -314,6 +397,30 @@ TGT_E4M3 static void widen_rows_e4m3(const uint8_t *src, ptrdiff_t ld, ptrdiff_t
     }
 }
 
+/* dst[t, 0:d] = the e4m3 rows src[t * ld, 0:d] x 2^-8 as bf16, for the AVX-512 path; exact (e4m3
+   has 3 mantissa bits), 32 codes at a time by integer arithmetic: a normal code's exponent and
+   mantissa bits, shifted up by 4, plus the exponent bias difference (127 - 7 - 8) << 7 are the bf16
+   bits; the 7 subnormal codes come from a table; the NaN codes (0x7f, 0xff) give a quiet NaN. */
+static const uint16_t E4M3_SUBNORMAL_BF16[32] = {0, 0x3700, 0x3780, 0x37c0, 0x3800, 0x3820, 0x3840, 0x3860};
+
+TGT_DP static void widen_rows_e4m3_bf16(const uint8_t *src, ptrdiff_t ld, ptrdiff_t n, ptrdiff_t d, uint16_t *dst)
+{
+    const __m512i sub = _mm512_loadu_si512(E4M3_SUBNORMAL_BF16);
+    for (ptrdiff_t t = 0; t < n; t++) {
+        ptrdiff_t i = 0;
+        for (; i + 32 <= d; i += 32) {
+            const __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(src + t * ld + i)));
+            const __m512i mag = _mm512_and_si512(c, _mm512_set1_epi16(0x7f));
+            __m512i b = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(0x3800));
+            b = _mm512_mask_permutexvar_epi16(b, _mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8)), mag, sub);
+            b = _mm512_mask_mov_epi16(b, _mm512_cmpeq_epi16_mask(mag, _mm512_set1_epi16(0x7f)), _mm512_set1_epi16(0x7fc0));
+            b = _mm512_or_si512(b, _mm512_slli_epi16(_mm512_and_si512(c, _mm512_set1_epi16(0x80)), 8));
+            _mm512_storeu_si512(dst + t * d + i, b);
+        }
+        for (; i < d; i++) dst[t * d + i] = afd_f32_to_bf16(e4m3_to_f32_scaled(src[t * ld + i]));
+    }
+}
+
 /* Columns [col, col + nc) of rows [c0, c0 + n) of a run of cache rows starting at element `base`
    (row stride ld) of k or v, widened to fp32 into conv (row stride nc). */
 TGT static void widen_chunk(const attn_args *a, const void *kv, ptrdiff_t base, ptrdiff_t c0, ptrdiff_t n,
@@ -329,7 +436,7 @@ TGT static void widen_chunk(const attn_args *a, const void *kv, ptrdiff_t base, 
 /* The cache is read as fp32 where it lies; else widened a chunk at a time into the workspace. */
 static int kv_widened(const attn_args *a)
 {
-    return a->kv == KV_E4M3 || a->bf16;
+    return a->kv == KV_E4M3 || (a->bf16 && !a->dp);
 }
 
 static ptrdiff_t value_chunk(ptrdiff_t d)
@@ -349,15 +456,14 @@ static size_t conv_floats(const attn_args *a)
    and (bf16 output) the fp32 outputs os [heads, d] of one KV head's query heads. */
 static size_t attn_private_floats(const attn_args *a)
 {
-    const size_t heads = (size_t)(a->nq / a->g), HP = (heads + 7) / 8 * 8, d = (size_t)a->d;
-    return d * HP + conv_floats(a) + (a->bf16 ? heads * d : 0);
+    const size_t HP = (size_t)padded_heads(a), d = (size_t)a->d;
+    return d * HP + conv_floats(a) + (a->bf16 ? HP * d : 0);
 }
 
 /* Floats of the scores st [max_ctx, HP] and their column sums' inverses inv [HP]. */
 static size_t attn_scores_floats(const attn_args *a)
 {
-    const size_t HP = (size_t)(a->nq / a->g + 7) / 8 * 8;
-    return ((size_t)a->max_ctx + 1) * HP;
+    return ((size_t)a->max_ctx + 1) * (size_t)padded_heads(a);
 }
 
 /* End (exclusive) of the run of blocks from b whose ids follow each other: contiguous slots. */
@@ -397,7 +503,20 @@ TGT static void item_scores(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, const
         ptrdiff_t e = run_end(table, b, nb), r0 = b * bs > t0 ? b * bs : t0;
         ptrdiff_t nt = (e * bs < t1 ? e * bs : t1) - r0;
         ptrdiff_t base = (table[b] * bs * a->g + gi) * d + (r0 - b * bs) * ld;
-        if (!kv_widened(a)) {
+        if (a->dp)
+            for (ptrdiff_t c0 = 0; c0 < nt; c0 += KEY_CHUNK) {
+                ptrdiff_t n = nt - c0 < KEY_CHUNK ? nt - c0 : KEY_CHUNK, next = r0 + c0 + n;
+                prefetch_tokens(a, a->k, s, gi, next, next + KEY_CHUNK < t1 ? next + KEY_CHUNK : t1, 0, d);
+                const uint16_t *kb = (const uint16_t *)a->k + base + c0 * ld;
+                ptrdiff_t ldk = ld;
+                if (a->kv == KV_E4M3) {              /* widened to bf16 (exact), then the same */
+                    widen_rows_e4m3_bf16((const uint8_t *)a->k + base + c0 * ld, ld, n, d, (uint16_t *)conv);
+                    kb = (const uint16_t *)conv;
+                    ldk = d;
+                }
+                key_scores_dp(kb, ldk, n, (const uint32_t *)qt, HP, d, a->scale, st + (r0 + c0) * HP);
+            }
+        else if (!kv_widened(a)) {
             const ptrdiff_t next = r0 + nt;                         /* the next run's first keys */
             prefetch_tokens(a, a->k, s, gi, next, next + PF_KEYS < t1 ? next + PF_KEYS : t1, 0, d);
             key_scores((const float *)a->k + base, ld, nt, qt, HP, d, st + r0 * HP);
@@ -427,9 +546,14 @@ TGT static void item_values(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, const
         for (ptrdiff_t c0 = 0; c0 < nt; c0 += chunk) {
             ptrdiff_t n = nt - c0 < chunk ? nt - c0 : chunk, rest = nt - c0 - n, next = t0 + c0 + n;
             const float *p = st + (t0 + c0) * HP;
-            if (kv_widened(a) || rest == 0)      /* (fp32 in a run: weighted_values prefetches) */
+            if (kv_widened(a) || a->dp || rest == 0)      /* (fp32 in a run: weighted_values prefetches) */
                 prefetch_tokens(a, a->v, s, gi, next, next + chunk < ctx ? next + chunk : ctx, v0, nc);
-            if (!kv_widened(a)) {
+            if (a->dp && a->kv == KV_E4M3) {
+                widen_rows_e4m3_bf16((const uint8_t *)a->v + base + c0 * ld + v0, ld, n, nc, (uint16_t *)conv);
+                values_dp(p, HP, (const uint16_t *)conv, nc, n, nc, os + v0, d, t0 + c0 == 0);
+            } else if (a->dp) {
+                values_dp(p, HP, (const uint16_t *)a->v + base + c0 * ld + v0, ld, n, nc, os + v0, d, t0 + c0 == 0);
+            } else if (!kv_widened(a)) {
                 weighted_values(p, HP, nh, (const float *)a->v + base + c0 * ld + v0, ld, n, nc, os + v0, d,
                                 t0 + c0 == 0, rest < n ? rest : n);
             } else {
@@ -446,6 +570,14 @@ TGT static void item_values(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, const
 TGT static void transpose_queries(const attn_args *a, ptrdiff_t qoff, ptrdiff_t nh, ptrdiff_t HP, float *qt)
 {
     const ptrdiff_t d = a->d;
+    if (a->dp) {                     /* bf16 pairs qp [d / 2, HP] (key_scores_dp), in qt's room */
+        const uint16_t *q = (const uint16_t *)a->q + qoff;
+        uint32_t *qp = (uint32_t *)qt;
+        for (ptrdiff_t p = 0; p < d / 2; p++)
+            for (ptrdiff_t h = 0; h < HP; h++)
+                qp[p * HP + h] = h < nh ? (uint32_t)q[h * d + 2 * p] | (uint32_t)q[h * d + 2 * p + 1] << 16 : 0u;
+        return;
+    }
     for (ptrdiff_t i = 0; i < d; i++) {
         for (ptrdiff_t h = 0; h < nh; h++)
             qt[i * HP + h] = (a->bf16 ? afd_bf16_to_f32(((const uint16_t *)a->q)[qoff + h * d + i])
@@ -479,7 +611,7 @@ static void finish_output(const attn_args *a, ptrdiff_t qoff, ptrdiff_t nh, floa
    2^8, v_scale the values'). `work`: attn_scores_floats + attn_private_floats floats. */
 TGT static void attend_item(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, float *work)
 {
-    const ptrdiff_t d = a->d, nh = a->nq / a->g, HP = (nh + 7) / 8 * 8, ctx = a->lens[s];
+    const ptrdiff_t d = a->d, nh = a->nq / a->g, HP = padded_heads(a), ctx = a->lens[s];
     const ptrdiff_t qoff = (s * a->nq + gi * nh) * d;
     float *st = work, *inv = st + a->max_ctx * HP, *qt = inv + HP, *conv = qt + d * HP;
     float *os = a->bf16 ? conv + conv_floats(a) : (float *)a->out + qoff;
@@ -502,7 +634,7 @@ TGT static void attend_item(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, float
 TGT static void team_item(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, float *st, float *inv, float *priv,
                           int tid, int nt)
 {
-    const ptrdiff_t d = a->d, nh = a->nq / a->g, HP = (nh + 7) / 8 * 8, ctx = a->lens[s];
+    const ptrdiff_t d = a->d, nh = a->nq / a->g, HP = padded_heads(a), ctx = a->lens[s];
     const ptrdiff_t qoff = (s * a->nq + gi * nh) * d;
     ptrdiff_t t0, t1, h0, h1, v0, v1;
     afd_split(ctx, nt, tid, 4, &t0, &t1);
@@ -531,7 +663,7 @@ static int attend_team(const attn_args *a, ptrdiff_t items, int nthreads)
 {
     float *st = malloc(sizeof(float) * attn_scores_floats(a));
     if (!st) return -1;
-    float *inv = st + a->max_ctx * ((a->nq / a->g + 7) / 8 * 8);
+    float *inv = st + a->max_ctx * padded_heads(a);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
@@ -744,11 +876,12 @@ static PyObject *bgemm(PyObject *self, PyObject *args)
 
 PyDoc_STRVAR(decode_attention_doc,
              "decode_attention(q, S, nq, d, k, v, num_blocks, g, bs, tables, max_blocks, lens, scale, out,\n"
-             "                 nthreads=1, bf16=False, kv_e4m3=False, k_scale=1.0, v_scale=1.0) -> None\n\n"
+             "                 nthreads=1, bf16=False, kv_e4m3=False, k_scale=1.0, v_scale=1.0, dp=False) -> None\n\n"
              "Attention of one new token per sequence over its paged K/V (fp32, or bf16 with fp32 math\n"
              "inside, buffers by address): q, out [S, nq, d]; k, v [num_blocks * bs, g, d]; tables\n"
              "With kv_e4m3, k and v are e4m3 bytes (value = code x k_scale / v_scale; needs F16C)\n"
-             "and q / out are fp32 or bf16 (`bf16`).\n"
+             "and q / out are fp32 or bf16 (`bf16`). With `dp` (bf16 q and cache, even d, a CPU with\n"
+             "AVX512-BF16), scores run on vdpbf16ps and values in 16-head zmm blocks; else AVX2 fp32.\n"
              "[S, max_blocks] int64 block ids; lens [S] int64 context lengths. Block ids and lengths\n"
              "are checked against the cache before anything is read; sequences x KV heads are split over\n"
              "up to `nthreads` OpenMP threads (bitwise the same result); the GIL is released.");
@@ -759,9 +892,9 @@ static PyObject *decode_attention(PyObject *self, PyObject *args)
     Py_ssize_t pq, S, nq, d, pk, pv, num_blocks, g, bs, pt, max_blocks, pl, po;
     float scale;
     float k_scale = 1.0f, v_scale = 1.0f;
-    int nthreads = 1, bf16 = 0, e4m3 = 0;
-    if (!PyArg_ParseTuple(args, "nnnnnnnnnnnnfn|ippff", &pq, &S, &nq, &d, &pk, &pv, &num_blocks, &g, &bs, &pt,
-                          &max_blocks, &pl, &scale, &po, &nthreads, &bf16, &e4m3, &k_scale, &v_scale))
+    int nthreads = 1, bf16 = 0, e4m3 = 0, dp = 0;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnnnnfn|ippffp", &pq, &S, &nq, &d, &pk, &pv, &num_blocks, &g, &bs, &pt,
+                          &max_blocks, &pl, &scale, &po, &nthreads, &bf16, &e4m3, &k_scale, &v_scale, &dp))
         return NULL;
     if (S < 0 || nq <= 0 || d <= 0 || g <= 0 || nq % g || bs <= 0 || num_blocks < 0 || max_blocks < 0 ||
         !pq || !pk || !pv || !pt || !pl || !po) {
@@ -797,7 +930,8 @@ static PyObject *decode_attention(PyObject *self, PyObject *args)
         /* e4m3 rows are widened to value x 2^-8: the 2^8 goes into the query and output scales */
         const float ks = e4m3 ? k_scale * 256.0f : 1.0f, vs = e4m3 ? v_scale * 256.0f : 1.0f;
         attn_args a = {(const void *)pq, (const void *)pk, (const void *)pv, (void *)po, nq, d, g, bs, max_blocks,
-                       max_ctx, tables, lens, scale * ks, vs, bf16, e4m3 ? KV_E4M3 : KV_AS_Q};
+                       max_ctx, tables, lens, scale * ks, vs, bf16, e4m3 ? KV_E4M3 : KV_AS_Q,
+                       dp && bf16 && d % 2 == 0 && afd_cpu_avx512bf16()};
         Py_BEGIN_ALLOW_THREADS
         rc = attend(&a, S, total_ctx, nthreads);
         Py_END_ALLOW_THREADS
