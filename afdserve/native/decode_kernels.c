@@ -92,28 +92,6 @@ TGT static void gemm_axpy(const float *x, ptrdiff_t ldx, const float *wt, ptrdif
 
 /* ---- decode attention over the paged KV cache -------------------------------------------------- */
 
-/* e^x for x <= 0 (softmax arguments after subtracting the row maximum); below -87 the result is
-   flushed to e^-87 ~ 1.6e-38, which does not change a sum that contains e^0 = 1. x = n ln2 + r with
-   |r| <= ln2 / 2 (ln2 split in two for an exact n ln2), e^r by its degree-6 Taylor polynomial
-   (truncation error < 2e-7 relative), 2^n put into the exponent bits. */
-TGT static inline __m256 exp_nonpositive(__m256 x)
-{
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 720);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 #ifndef PF_KEYS
 #define PF_KEYS 16                       /* keys ahead that key_scores prefetches */
 #endif
@@ -231,7 +209,7 @@ TGT static void column_softmax(float *st, ptrdiff_t n, ptrdiff_t HP, float *inv,
         __m256 mx = _mm256_set1_ps(-INFINITY), sum = _mm256_setzero_ps();
         for (ptrdiff_t t = 0; t < n; t++) mx = _mm256_max_ps(mx, _mm256_loadu_ps(st + t * HP + h));
         for (ptrdiff_t t = 0; t < n; t++) {
-            __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(st + t * HP + h), mx));
+            __m256 e = afd_exp_ps(_mm256_sub_ps(_mm256_loadu_ps(st + t * HP + h), mx));   /* <= 0 */
             _mm256_storeu_ps(st + t * HP + h, e);
             sum = _mm256_add_ps(sum, e);
         }
