@@ -680,3 +680,26 @@ def test_native_causal_attention_matches_the_naive_reference(t, ctx, policy_rest
         kernels.use_policy(kernels.decide_policy("torch"))
         assert attention._mfa_causal_attention(q, k, v, 0.088) is None          # the reference path: SDPA
         assert (got.float() - attention._sequence_attention(q, k, v, 0.088).float()).abs().max() <= bound
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_write_kv_equals_index_copy(dtype, policy_restored):
+    """One native call writes a step's keys and values where the two index_copy_ would: k made
+    contiguous by RoPE, v a strided slice of the fused projection output; a slot outside the cache
+    raises before anything is written; an fp8 cache or a mixed dtype is left to torch."""
+    kernels.use_policy(kernels.decide_policy("auto", threads=1))
+    g = torch.Generator().manual_seed(3)
+    k_cache, v_cache = torch.zeros(64, 1, 24, dtype=dtype), torch.zeros(64, 1, 24, dtype=dtype)
+    fused = torch.randn(5, 100, generator=g).to(dtype)
+    k, v = torch.randn(5, 1, 24, generator=g).to(dtype), fused[:, 40:64].view(5, 1, 24)
+    slots = torch.tensor([3, 17, 63, 0, 40])
+    want_k, want_v = k_cache.clone().index_copy_(0, slots, k), v_cache.clone().index_copy_(0, slots, v)
+    assert kernels.native_write_kv(k_cache, v_cache, slots, k, v)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    with pytest.raises(IndexError, match="slot 64 outside"):
+        kernels.native_write_kv(k_cache, v_cache, torch.tensor([1, 2, 3, 4, 64]), k, v)
+    assert torch.equal(k_cache, want_k)                                       # nothing written
+    fp8 = torch.zeros(64, 1, 24, dtype=torch.float8_e4m3fn)
+    assert not kernels.native_write_kv(fp8, fp8.clone(), slots, k, v)
+    assert not kernels.native_write_kv(k_cache, v_cache, slots, k.float() if dtype is torch.bfloat16 else k.bfloat16(), v)

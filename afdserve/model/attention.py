@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from afdserve.config import KV_CACHE_DTYPES, Step3Config
-from afdserve.model.kernels import linear, native_causal_softmax, native_decode_attention, native_scores
+from afdserve.model.kernels import (linear, native_causal_softmax, native_decode_attention, native_scores,
+                                    native_write_kv)
 from afdserve.model.layers import RMSNorm, RotaryEmbedding
 
 
@@ -50,8 +51,9 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, 
     clamp(x / scale, +-448) rounded to nearest e4m3 (index_copy_ on its bytes: torch has no
     float8 index_copy_ on the CPU)."""
     if k_cache.dtype is not FP8_KV:
-        k_cache.index_copy_(0, slots, k)
-        v_cache.index_copy_(0, slots, v)
+        if not native_write_kv(k_cache, v_cache, slots, k, v):      # (one native call, or two index_copy_)
+            k_cache.index_copy_(0, slots, k)
+            v_cache.index_copy_(0, slots, v)
         return
     for cache, x, scale in ((k_cache, k, scales[0]), (v_cache, v, scales[1])):
         x = x if scale == 1.0 else x / scale

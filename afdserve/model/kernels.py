@@ -471,6 +471,24 @@ def native_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin
     return y
 
 
+def native_write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> bool:
+    """k_cache[slots] = k and v_cache[slots] = v (caches [N, g, d], new K/V [T, g, d] with each token's
+    g x d contiguous) in one native call: True, or False where the policy, dtypes or layouts do not
+    send it there (the caller then runs index_copy_). A slot outside the cache raises IndexError."""
+    p = _policy
+    if k_cache.dim() != 3 or k.dim() != 3 or k_cache.shape != v_cache.shape or k.shape != v.shape or \
+            k.shape[1:] != k_cache.shape[1:] or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or \
+            any(t.stride(2) != 1 or t.stride(1) != t.shape[2] for t in (k, v)) or \
+            slots.dtype is not torch.int64 or slots.shape != k.shape[:1] or not slots.is_contiguous() or \
+            not slots.is_cpu or not _elementwise_ok(p, k_cache, v_cache, k, v):
+        return False
+    es = k.element_size()
+    _native.write_kv(k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0], slots.data_ptr(), k.shape[0],
+                     k.data_ptr(), k.stride(0) * es, v.data_ptr(), v.stride(0) * es, k.shape[1] * k.shape[2] * es)
+    return True
+
+
 def native_silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     """silu(gate) * up for a fused bf16 [M, 2W] projection output in one native pass, or None
     (fp32 keeps torch's: libm's exp differs from torch's in the last bit of some fp32 outputs)."""

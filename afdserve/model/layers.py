@@ -96,7 +96,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over all experts in fp32, then top-k. Returns (weights fp32 [T, k], ids int64 [T, k])."""
-    probs = torch.softmax(router_logits.float(), dim=-1)
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)     # widened inside: one operator
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)

@@ -179,6 +179,34 @@ static PyObject *rms_norm(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(write_kv_doc,
+             "write_kv(k_cache, v_cache, num_slots, slots, tokens, k, ldk, v, ldv, row_bytes) -> None\n\n"
+             "The new tokens' keys and values into their cache slots: row t of k (stride ldk bytes) to\n"
+             "row slots[t] of k_cache, likewise v (rows of row_bytes; slots int64 [tokens], each checked\n"
+             "against num_slots first): the two index_copy_ of a decode step in one call.");
+
+static PyObject *write_kv(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_ssize_t pkc, pvc, N, ps, T, pk, ldk, pv, ldv, rb;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnn", &pkc, &pvc, &N, &ps, &T, &pk, &ldk, &pv, &ldv, &rb)) return NULL;
+    if (T < 0 || N < 0 || rb <= 0 || ldk < rb || ldv < rb || !pkc || !pvc || !ps || !pk || !pv) {
+        PyErr_SetString(PyExc_ValueError, "write_kv: bad sizes or null buffer");
+        return NULL;
+    }
+    const int64_t *slots = (const int64_t *)ps;
+    for (Py_ssize_t t = 0; t < T; t++)
+        if (slots[t] < 0 || slots[t] >= N) {
+            PyErr_Format(PyExc_IndexError, "write_kv: slot %lld outside the cache's 0..%zd", (long long)slots[t], N - 1);
+            return NULL;
+        }
+    for (Py_ssize_t t = 0; t < T; t++) {
+        memcpy((char *)pkc + slots[t] * rb, (const char *)pk + t * ldk, (size_t)rb);
+        memcpy((char *)pvc + slots[t] * rb, (const char *)pv + t * ldv, (size_t)rb);
+    }
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(rope_doc,
              "rope(x, ldx, tokens, heads, d, positions, cos, sin, table_rows, y, bf16, nthreads) -> None\n\n"
              "Rotate-half RoPE: x [tokens, heads, d] (token stride ldx, heads contiguous) into\n"
@@ -313,6 +341,7 @@ PyMethodDef afd_elementwise_methods[] = {
     {"softmax_bf16", softmax_bf16, METH_VARARGS, softmax_bf16_doc},
     {"rms_norm", rms_norm, METH_VARARGS, rms_norm_doc},
     {"rope", rope, METH_VARARGS, rope_doc},
+    {"write_kv", write_kv, METH_VARARGS, write_kv_doc},
     {"silu_mul", silu_mul, METH_VARARGS, silu_mul_doc},
     {NULL, NULL, 0, NULL},
 };
