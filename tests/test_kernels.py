@@ -703,3 +703,17 @@ def test_native_write_kv_equals_index_copy(dtype, policy_restored):
     fp8 = torch.zeros(64, 1, 24, dtype=torch.float8_e4m3fn)
     assert not kernels.native_write_kv(fp8, fp8.clone(), slots, k, v)
     assert not kernels.native_write_kv(k_cache, v_cache, slots, k.float() if dtype is torch.bfloat16 else k.bfloat16(), v)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [0, 5, 768, 1003])                 # 0: an empty micro-batch; 1003: a vector tail
+def test_residual_add_is_bitwise_torch_add(dtype, n, policy_restored):
+    kernels.use_policy(kernels.decide_policy("auto", threads=1))
+    g = torch.Generator().manual_seed(n)
+    a, b = (torch.randn(n, generator=g) * 100).to(dtype), torch.randn(n, generator=g).to(dtype)
+    if n:
+        a[0], b[1] = float("inf"), float("nan")
+    got, want = kernels.residual_add(a, b), a + b
+    assert got.dtype is dtype and got.shape == want.shape
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())

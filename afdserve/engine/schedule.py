@@ -78,15 +78,17 @@ def run_layers(layers: Sequence, hs: list["torch.Tensor"], attend: Attend, ffn: 
 
     `attend(i, j, h)` is micro-batch j's attention half of layer i; returns the final hidden
     states (before the final norm), one tensor per micro-batch."""
+    from afdserve.model.kernels import residual_add     # (torch: not imported with this module)
+
     hs = list(hs)
     ffn.begin_step(len(hs))
     for i, j in layer_order(len(layers), len(hs)):
         if i:
-            hs[j] = hs[j] + ffn.collect(i - 1, j)
+            hs[j] = residual_add(hs[j], ffn.collect(i - 1, j))
         hs[j] = attend(i, j, hs[j])
         ffn.submit(i, j, layers[i].ffn_input(hs[j]))
     for j in range(len(hs)):
-        hs[j] = hs[j] + ffn.collect(len(layers) - 1, j)
+        hs[j] = residual_add(hs[j], ffn.collect(len(layers) - 1, j))
     ffn.end_step()
     return hs
 

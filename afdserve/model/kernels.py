@@ -471,6 +471,18 @@ def native_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin
     return y
 
 
+def residual_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b, through one native pass for contiguous CPU tensors of one dtype the policy sends to
+    the native element-wise kernels (bitwise torch's add: an fp32 sum rounded once), else torch.
+    A decode step's residual adds are a few thousand elements: torch's dispatcher costs more."""
+    if a.shape != b.shape or not (a.is_contiguous() and b.is_contiguous()) or not _elementwise_ok(_policy, a, b):
+        return a + b
+    y = torch.empty(a.shape, dtype=a.dtype)
+    if y.numel():                                  # (an empty micro-batch: nothing to add, no buffers)
+        _native.add(a.data_ptr(), b.data_ptr(), y.data_ptr(), a.numel(), a.dtype is torch.bfloat16)
+    return y
+
+
 def native_write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
                     v: torch.Tensor) -> bool:
     """k_cache[slots] = k and v_cache[slots] = v (caches [N, g, d], new K/V [T, g, d] with each token's

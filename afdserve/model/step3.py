@@ -21,7 +21,7 @@ from torch import nn
 from afdserve.config import Step3Config
 from afdserve.engine.schedule import LocalFFN, run_layers
 from afdserve.model.attention import AttentionMetadata, KVCache, MFAttention
-from afdserve.model.kernels import linear, native_moe
+from afdserve.model.kernels import linear, native_moe, residual_add
 from afdserve.model.layers import MoE, RMSNorm, RotaryEmbedding, SwiGLU
 
 Role = Literal["full", "attention", "ffn"]
@@ -74,7 +74,7 @@ class Step3DecoderLayer(nn.Module):
 
     def attention_half(self, h: torch.Tensor, rope: RotaryEmbedding, meta: AttentionMetadata,
                        k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        return h + self.self_attn(self.input_layernorm(h), rope, meta, k_cache, v_cache)
+        return residual_add(h, self.self_attn(self.input_layernorm(h), rope, meta, k_cache, v_cache))
 
     def ffn_input(self, h: torch.Tensor) -> FFNInput:
         x = self.post_attention_layernorm(h)

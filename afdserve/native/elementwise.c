@@ -179,6 +179,39 @@ static PyObject *rms_norm(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(add_doc,
+             "add(a, b, y, n, bf16) -> None\n\n"
+             "y = a + b over n contiguous elements, bf16 (fp32 sum rounded once, as torch's add) or\n"
+             "fp32: the residual adds of a decode step without a trip through torch's dispatcher.");
+
+#ifdef AFD_X86
+TGT static Py_ssize_t add_bf16x8(const uint16_t *a, const uint16_t *b, uint16_t *y, Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        afd_store_bf16x8(y + i, afd_round_bf16_ps(_mm256_add_ps(afd_bf16x8_to_ps(a + i), afd_bf16x8_to_ps(b + i))));
+    return i;
+}
+#endif
+
+static PyObject *add(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_ssize_t pa, pb, py, n;
+    int bf16;
+    if (!PyArg_ParseTuple(args, "nnnnp", &pa, &pb, &py, &n, &bf16)) return NULL;
+    if (n < 0 || (n && (!pa || !pb || !py))) {
+        PyErr_SetString(PyExc_ValueError, "add: bad size or null buffer");
+        return NULL;
+    }
+    Py_ssize_t i = 0;
+#ifdef AFD_X86
+    if (bf16) i = add_bf16x8((const uint16_t *)pa, (const uint16_t *)pb, (uint16_t *)py, n);
+#endif
+    for (; i < n; i++) st((void *)py, i, ld((const void *)pa, i, bf16) + ld((const void *)pb, i, bf16), bf16);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(write_kv_doc,
              "write_kv(k_cache, v_cache, num_slots, slots, tokens, k, ldk, v, ldv, row_bytes) -> None\n\n"
              "The new tokens' keys and values into their cache slots: row t of k (stride ldk bytes) to\n"
@@ -342,6 +375,7 @@ PyMethodDef afd_elementwise_methods[] = {
     {"rms_norm", rms_norm, METH_VARARGS, rms_norm_doc},
     {"rope", rope, METH_VARARGS, rope_doc},
     {"write_kv", write_kv, METH_VARARGS, write_kv_doc},
+    {"add", add, METH_VARARGS, add_doc},
     {"silu_mul", silu_mul, METH_VARARGS, silu_mul_doc},
     {NULL, NULL, 0, NULL},
 };
