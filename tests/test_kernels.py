@@ -717,3 +717,33 @@ def test_residual_add_is_bitwise_torch_add(dtype, n, policy_restored):
     got, want = kernels.residual_add(a, b), a + b
     assert got.dtype is dtype and got.shape == want.shape
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_native_route_equals_the_torch_route(dtype, renormalize, policy_restored):
+    """Softmax in fp32 and top-k in one native call: the same weights as torch.softmax +
+    torch.topk within a few fp32 ulp (libm's expf against torch's), for experts of the same logits
+    in the same order; among equal logits (bf16 logits have ties) the lower expert id comes first,
+    where torch's order is unspecified, so those are compared by their logits. No tokens, no work."""
+    from afdserve.model.layers import route
+    g = torch.Generator().manual_seed(int(renormalize))
+    logits = (torch.randn(37, 48, generator=g) * 3).to(dtype)
+    kernels.use_policy(kernels.decide_policy("torch"))
+    want_w, want_ids = route(logits, 3, renormalize)
+    kernels.use_policy(kernels.decide_policy("auto", threads=1))
+    got = kernels.native_route(logits, 3, renormalize)
+    assert got is not None
+    w, ids = got
+    assert w.dtype is torch.float32 and ids.dtype is torch.int64
+    assert torch.equal(logits.gather(1, ids), logits.gather(1, want_ids))
+    if dtype is torch.float32:                                    # no ties: the very same experts
+        assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(w, want_w, rtol=1e-6, atol=0)
+    tied = torch.zeros(1, 8, dtype=dtype)
+    tied[0, [2, 5, 6]] = 1.0
+    assert kernels.native_route(tied, 2, renormalize)[1].tolist() == [[2, 5]]
+    empty_w, empty_ids = kernels.native_route(logits[:0], 3, renormalize)
+    assert empty_w.shape == (0, 3) and empty_ids.shape == (0, 3)
+    assert kernels.native_route(logits, 49, renormalize) is None                 # more than there are: torch's error

@@ -471,11 +471,28 @@ def native_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin
     return y
 
 
+def native_route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`layers.route` (softmax over the experts in fp32, top-k, optional renormalization) in one
+    native call for bf16 / fp32 CPU logits [T, E] (unit stride along E), or None where the policy
+    does not send it there. Equal to the torch path up to the last bits of the softmax (libm's
+    expf); ties go to the lower expert id."""
+    x = router_logits
+    if x.dim() != 2 or x.stride(1) != 1 or not 0 < top_k <= x.shape[1] <= 4096 or not _elementwise_ok(_policy, x):
+        return None
+    T = x.shape[0]
+    weights, ids = torch.empty(T, top_k, dtype=torch.float32), torch.empty(T, top_k, dtype=torch.int64)
+    if T:
+        _native.route(x.data_ptr(), x.stride(0), T, x.shape[1], x.dtype is torch.bfloat16, top_k, renormalize,
+                      weights.data_ptr(), ids.data_ptr())
+    return weights, ids
+
+
 def residual_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a + b, through one native pass for contiguous CPU tensors of one dtype the policy sends to
     the native element-wise kernels (bitwise torch's add: an fp32 sum rounded once), else torch.
-    A decode step's residual adds are a few thousand elements: torch's dispatcher costs more."""
-    if a.shape != b.shape or not (a.is_contiguous() and b.is_contiguous()) or not _elementwise_ok(_policy, a, b):
+    A decode step's residual adds are a few thousand elements: torch's dispatcher costs more.
+    Anything else that adds (run_layers is generic over what it carries) adds as itself."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape or not (a.is_contiguous() and b.is_contiguous()) or not _elementwise_ok(_policy, a, b):
         return a + b
     y = torch.empty(a.shape, dtype=a.dtype)
     if y.numel():                                  # (an empty micro-batch: nothing to add, no buffers)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from afdserve.model.kernels import linear, native_moe, native_rms_norm, native_rope, native_silu_mul
+from afdserve.model.kernels import linear, native_moe, native_rms_norm, native_rope, native_route, native_silu_mul
 
 
 class RMSNorm(nn.Module):
@@ -95,7 +95,11 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over all experts in fp32, then top-k. Returns (weights fp32 [T, k], ids int64 [T, k])."""
+    """Softmax over all experts in fp32, then top-k. Returns (weights fp32 [T, k], ids int64 [T, k]).
+    Natively (kernels.native_route) equal experts' ties go to the lower expert id."""
+    routed = native_route(router_logits, top_k, renormalize)               # the same in one native call
+    if routed is not None:
+        return routed
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)     # widened inside: one operator
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:

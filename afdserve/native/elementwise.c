@@ -212,6 +212,54 @@ static PyObject *add(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(route_doc,
+             "route(logits, ld, tokens, experts, bf16, k, renormalize, weights, ids) -> None\n\n"
+             "MoE routing of each token: softmax over its `experts` router logits (bf16 or fp32, row\n"
+             "stride ld) in fp32, the k largest probabilities (descending; ties: the lower expert id\n"
+             "first; NaN counts as largest) into weights fp32 [tokens, k] and ids int64 [tokens, k],\n"
+             "renormalized to sum 1 when asked: afdserve.model.layers.route in one call.");
+
+static int route_before(float a, float b)            /* a ranks above b */
+{
+    return (isnan(a) && !isnan(b)) || a > b;
+}
+
+static PyObject *route(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_ssize_t pl, ldl, T, E, k, pw, pi;
+    int bf16, renorm;
+    if (!PyArg_ParseTuple(args, "nnnnpnpnn", &pl, &ldl, &T, &E, &bf16, &k, &renorm, &pw, &pi)) return NULL;
+    if (T < 0 || E <= 0 || E > 4096 || k <= 0 || k > E || ldl < E || (T && (!pl || !pw || !pi))) {
+        PyErr_SetString(PyExc_ValueError, "route: bad sizes (0 < k <= experts <= 4096) or null buffer");
+        return NULL;
+    }
+    float *w = (float *)pw;
+    int64_t *ids = (int64_t *)pi;
+    for (Py_ssize_t t = 0; t < T; t++) {
+        float p[4096];
+        const void *x = bf16 ? (const void *)((const uint16_t *)pl + t * ldl) : (const void *)((const float *)pl + t * ldl);
+        float m = -INFINITY, sum = 0.f;
+        for (Py_ssize_t e = 0; e < E; e++) m = fmaxf(m, ld(x, e, bf16));
+        for (Py_ssize_t e = 0; e < E; e++) sum += p[e] = expf(ld(x, e, bf16) - m);
+        for (Py_ssize_t e = 0; e < E; e++) p[e] /= sum;
+        float kept = 0.f;
+        for (Py_ssize_t j = 0; j < k; j++) {
+            Py_ssize_t best = -1;
+            for (Py_ssize_t e = 0; e < E; e++) {
+                int taken = 0;
+                for (Py_ssize_t i = 0; i < j; i++) taken |= ids[t * k + i] == e;
+                if (!taken && (best < 0 || route_before(p[e], p[best]))) best = e;
+            }
+            ids[t * k + j] = best;
+            kept += w[t * k + j] = p[best];
+        }
+        if (renorm)
+            for (Py_ssize_t j = 0; j < k; j++) w[t * k + j] /= kept;
+    }
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(write_kv_doc,
              "write_kv(k_cache, v_cache, num_slots, slots, tokens, k, ldk, v, ldv, row_bytes) -> None\n\n"
              "The new tokens' keys and values into their cache slots: row t of k (stride ldk bytes) to\n"
@@ -376,6 +424,7 @@ PyMethodDef afd_elementwise_methods[] = {
     {"rope", rope, METH_VARARGS, rope_doc},
     {"write_kv", write_kv, METH_VARARGS, write_kv_doc},
     {"add", add, METH_VARARGS, add_doc},
+    {"route", route, METH_VARARGS, route_doc},
     {"silu_mul", silu_mul, METH_VARARGS, silu_mul_doc},
     {NULL, NULL, 0, NULL},
 };
