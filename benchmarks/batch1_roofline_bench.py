@@ -12,13 +12,14 @@ move at the stored precision (`afdserve.bench.decode.step_bytes`, scales include
 the highest bandwidth any round measured (the strict roofline, as `afdserve bench` takes the best
 of its measurements) and of the median one, and FP8 / bf16.
 
-    python benchmarks/batch1_roofline_bench.py --model /tmp/small [--rounds 6] [--steps 20]
+    python benchmarks/batch1_roofline_bench.py [--model DIR | --preset small] [--rounds 6] [--steps 20]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_graphs_bench import BS, Decoder  # noqa: E402
 
-from afdserve.bench.decode import step_bytes  # noqa: E402
+from afdserve.bench.decode import make_checkpoint, step_bytes  # noqa: E402
 from afdserve.bench.machine import describe, measure_bandwidth  # noqa: E402
 from afdserve.config import Step3Config  # noqa: E402
 from afdserve.engine.executor import CacheConfig, ColocatedExecutor  # noqa: E402
@@ -36,7 +37,8 @@ from afdserve.model import kernels  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="checkpoint folder (e.g. afdserve init-checkpoint --preset small)")
+    ap.add_argument("--model", default=None, help="checkpoint folder (default: a random --preset checkpoint)")
+    ap.add_argument("--preset", default="small")
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20, help="decode steps per round and mode")
     ap.add_argument("--rounds", type=int, default=6)
@@ -44,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    tmp = None
+    if args.model is None:
+        tmp = tempfile.TemporaryDirectory(prefix="afdserve-roofline-")
+        args.model = str(make_checkpoint(args.preset, Path(tmp.name) / args.preset))
     config = Step3Config.from_file(args.model)
     total = args.steps * args.rounds + 8
     blocks = -(-(args.context + total + 1) // BS)

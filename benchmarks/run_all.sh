@@ -11,6 +11,8 @@ $PY -m afdserve bench --no-afd --no-peer --no-attention --batches 1 --contexts 1
     --out runs/bench_fp8 2>&1 | tee runs/bench_fp8.log
 $PY benchmarks/vs_vllm.py --dtypes bfloat16,float32 --batches 1,8,32 --contexts 128,1024 --rounds 2 \
     --json runs/vs_vllm.json 2>&1 | tee runs/vs_vllm.log
+$PY benchmarks/batch1_roofline_bench.py 2>&1 | tee runs/batch1_roofline_bench.log
+$PY benchmarks/kv_cache_attention_bench.py --shuffled 2>&1 | tee runs/kv_cache_attention_bench.log
 $PY benchmarks/kernel_bench.py --json runs/kernel_bench.json 2>&1 | tee runs/kernel_bench.log
 $PY benchmarks/afd_bench.py --json runs/afd_bench.json 2>&1 | tee runs/afd_bench.log
 for b in 4 16 32; do
