@@ -30,6 +30,14 @@ static int row_threads(Py_ssize_t rows, Py_ssize_t width, int nthreads)
     return nthreads < most ? (nthreads < 1 ? 1 : nthreads) : (int)most;
 }
 
+/* The first i < n with idx[i] outside 0..limit-1, or -1: indices are checked before any is used. */
+static Py_ssize_t first_outside(const int64_t *idx, Py_ssize_t n, Py_ssize_t limit)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (idx[i] < 0 || idx[i] >= limit) return i;
+    return -1;
+}
+
 static inline float ld(const void *p, Py_ssize_t i, int bf16)
 {
     return bf16 ? afd_bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
@@ -276,11 +284,11 @@ static PyObject *write_kv(PyObject *self, PyObject *args)
         return NULL;
     }
     const int64_t *slots = (const int64_t *)ps;
-    for (Py_ssize_t t = 0; t < T; t++)
-        if (slots[t] < 0 || slots[t] >= N) {
-            PyErr_Format(PyExc_IndexError, "write_kv: slot %lld outside the cache's 0..%zd", (long long)slots[t], N - 1);
-            return NULL;
-        }
+    const Py_ssize_t bad = first_outside(slots, T, N);
+    if (bad >= 0) {
+        PyErr_Format(PyExc_IndexError, "write_kv: slot %lld outside the cache's 0..%zd", (long long)slots[bad], N - 1);
+        return NULL;
+    }
     for (Py_ssize_t t = 0; t < T; t++) {
         memcpy((char *)pkc + slots[t] * rb, (const char *)pk + t * ldk, (size_t)rb);
         memcpy((char *)pvc + slots[t] * rb, (const char *)pv + t * ldv, (size_t)rb);
@@ -307,11 +315,11 @@ static PyObject *rope(PyObject *self, PyObject *args)
         return NULL;
     }
     const int64_t *pos = (const int64_t *)ppos;
-    for (Py_ssize_t t = 0; t < T; t++)
-        if (pos[t] < 0 || pos[t] >= P) {
-            PyErr_Format(PyExc_ValueError, "rope: position %lld outside the table's 0..%zd", (long long)pos[t], P - 1);
-            return NULL;
-        }
+    const Py_ssize_t bad = first_outside(pos, T, P);
+    if (bad >= 0) {
+        PyErr_Format(PyExc_ValueError, "rope: position %lld outside the table's 0..%zd", (long long)pos[bad], P - 1);
+        return NULL;
+    }
     const size_t es = bf16 ? 2 : 4;
     const char *x = (const char *)px;
     char *y = (char *)py;
