@@ -205,3 +205,34 @@ def test_a_batch_size_is_recorded_on_its_third_decode_step():
     for step in range(2):
         assert g.run(torch.tensor([step]), _Meta()) is None and not g.graphs
     assert g.run(torch.tensor([7]), _Meta()).tolist() == [[7.0]] and 1 in g.graphs
+
+
+@pytest.mark.skipif(not kernels.NATIVE, reason="afdserve._native is not built on this machine")
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_the_live_attention_of_a_replay_calls_the_kernel_directly(cache_dtype, monkeypatch):
+    """paged_decode_runner, set up on one step's tensors, gives paged_attention's output for a
+    later step's metadata (3 sequences whose block tables are a column slice: strided rows), falls
+    back (False) when the policy no longer runs the native kernel, and is None for a prefill step."""
+    from afdserve.model.attention import AttentionMetadata, paged_attention, paged_decode_runner
+    monkeypatch.setattr(kernels, "_policy", kernels.decide_policy("auto", threads=2))
+    qdtype = torch.float32 if cache_dtype is torch.float32 else torch.bfloat16
+    g = torch.Generator().manual_seed(7)
+    k = torch.randn(40 * 4, 1, 16, generator=g).to(cache_dtype)
+    v = torch.randn(40 * 4, 1, 16, generator=g).to(cache_dtype)
+    q = torch.randn(3, 8, 16, generator=g).to(qdtype)
+    tables = [[3, 9, 1], [4, 20], [7, 8, 30, 31, 2]]
+
+    def meta(ctx):
+        return AttentionMetadata.build([c - 1 for c in ctx], [0, 0, 0], [1, 1, 1], ctx, tables, 4)
+    first, later = meta([9, 6, 17]), meta([10, 7, 11]).select(slice(0, 3))
+    later = dataclasses.replace(later, block_tables=later.block_tables[:, :3])     # rows strided by 5
+    assert not later.block_tables.is_contiguous()
+    with torch.inference_mode():
+        out = paged_attention(q, k, v, first, 0.25, (0.5, 2.0))
+        run = paged_decode_runner(q, k, v, first, 0.25, (0.5, 2.0), out=out)
+        assert run is not None and run(later)
+        assert torch.equal(out, paged_attention(q, k, v, later, 0.25, (0.5, 2.0)))
+        monkeypatch.setattr(kernels, "_policy", kernels.decide_policy("torch"))
+        assert run(later) is False
+        prefill = AttentionMetadata.build([0, 1], [0, 1], [2], [2], [[3]], 4)
+        assert paged_decode_runner(q[:2], k, v, prefill, 0.25, out=out[:2]) is None

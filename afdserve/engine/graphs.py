@@ -15,8 +15,9 @@ calls again, over the same tensors, in the same order:
   called again, views are free (they alias recorded tensors), the others recompute into their
   recorded output (through the operator's `out=` overload where it has one);
 * attention over the paged cache runs live: its inputs depend on the step (block tables, context
-  lengths), so every replay calls `paged_attention` with the step's own metadata and copies the
-  result into the recorded output.
+  lengths), so every replay computes it with the step's own metadata into the recorded output:
+  through the native kernel called directly (`attention.paged_decode_runner`, the tensors checked
+  once at capture), else by calling `paged_attention` and copying its result.
 
 Replay is exact: the same kernels on the same shapes give bitwise the same results. Safety:
 a capture is refused (the step runs normally, and so will that batch size) where the forward reads
@@ -241,12 +242,16 @@ class DecodeGraph:
             self.live_depth += 1
             try:
                 out = real(q, k_cache, v_cache, meta, *rest, **kw)
+                # the native kernel called straight into `out` with each step's tables and lengths
+                # (~3% of a batch-1 step less than the whole call); else the whole call, copied
+                direct = attention_mod.paged_decode_runner(q, k_cache, v_cache, meta, *rest, out=out, **kw)
             finally:
                 self.live_depth -= 1
             self.keep.append((q, k_cache, v_cache, out))
 
             def again():
-                out.copy_(real(q, k_cache, v_cache, self._meta, *rest, **kw))
+                if direct is None or not direct(self._meta):
+                    out.copy_(real(q, k_cache, v_cache, self._meta, *rest, **kw))
             self.ops.append(again)
             return out
         return live

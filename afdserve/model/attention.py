@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from afdserve.config import KV_CACHE_DTYPES, Step3Config
-from afdserve.model.kernels import (linear, native_causal_softmax, native_decode_attention, native_scores,
-                                    native_write_kv)
+from afdserve.model.kernels import (decode_attention_runner, linear, native_causal_softmax, native_decode_attention,
+                                    native_scores, native_write_kv)
 from afdserve.model.layers import RMSNorm, RotaryEmbedding
 
 
@@ -174,6 +174,19 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         out[tok:tok + nq] = _sequence_attention(q[tok:tok + nq], k, v, scale)
         tok += nq
     return out
+
+
+def paged_decode_runner(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                        scale: float, kv_scales: tuple[float, float] = FP8_KV_SCALES, *, out: torch.Tensor):
+    """For decode graphs (engine/graphs.py): a callable(meta) -> bool that writes
+    paged_attention(q, k_cache, v_cache, meta, scale, kv_scales) of a later decode step (its own
+    metadata, the same tensors) into `out` through the native kernel, with the checks of these
+    tensors done once here; False where the kernel does not apply then (the caller runs
+    paged_attention). None where it does not apply to this step."""
+    if not meta.is_decode_only:
+        return None
+    run = decode_attention_runner(q, k_cache, v_cache, meta.block_size, scale, kv_scales, out)
+    return None if run is None else (lambda m: run(m.block_tables, m.context_lens_tensor))
 
 
 def _group_queries(q: torch.Tensor, g: int) -> torch.Tensor:

@@ -403,17 +403,7 @@ def native_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     No K/V is copied: each block's keys and values are read where they lie. The cache is in q's
     dtype, or float8_e4m3fn (an 8-bit cache: keys and values are code x `kv_scales` = (k, v);
     widened in registers, needs F16C, else None)."""
-    p = _policy
-    if q.dtype not in p.attention or q.dim() != 3 or k_cache.dim() != 3:
-        return None
-    e4m3 = k_cache.dtype is torch.float8_e4m3fn
-    if e4m3 and not FEATURES.get("f16c"):
-        return None
-    tensors = (q, k_cache, v_cache)
-    if any(not t.is_cpu for t in tensors) or k_cache.dtype is not v_cache.dtype or \
-            k_cache.dtype not in (q.dtype, torch.float8_e4m3fn) or \
-            (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or \
-            not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.shape != v_cache.shape:
+    if not _native_attention_takes(_policy, q, k_cache, v_cache):
         return None
     S, nq, d = q.shape
     slots, g, dk = k_cache.shape
@@ -426,11 +416,56 @@ def native_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     tables = block_tables.to(torch.int64).contiguous()
     lens = torch.as_tensor(context_lens, dtype=torch.int64, device="cpu").contiguous()
     out = torch.empty_like(q)
-    _attention_kernel(q.data_ptr(), S, nq, d, k_cache.data_ptr(), v_cache.data_ptr(), slots // block_size,
-                      g, block_size, tables.data_ptr(), tables.shape[1], lens.data_ptr(), float(scale), out.data_ptr(),
-                      p.threads, q.dtype is torch.bfloat16, e4m3, float(kv_scales[0]), float(kv_scales[1]),
-                      p.attention_dp)
+    _attention_call(q, k_cache, v_cache, block_size, scale, kv_scales, out, tables, tables.shape[1], lens)
     return out
+
+
+def _native_attention_takes(p: KernelPolicy, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether policy `p` runs decode attention of these tensors on the native kernel."""
+    if q.dtype not in p.attention or q.dim() != 3 or k_cache.dim() != 3:
+        return False
+    if k_cache.dtype is torch.float8_e4m3fn and not FEATURES.get("f16c"):
+        return False
+    tensors = (q, k_cache, v_cache)
+    return not (any(not t.is_cpu for t in tensors) or k_cache.dtype is not v_cache.dtype or
+                k_cache.dtype not in (q.dtype, torch.float8_e4m3fn) or
+                (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or
+                not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.shape != v_cache.shape)
+
+
+def _attention_call(q, k_cache, v_cache, block_size, scale, kv_scales, out, tables, table_stride, lens) -> None:
+    """The native kernel over contiguous q / out, int64 tables (row stride `table_stride`, unit column
+    stride) and lens, under the current policy's threads and instruction set."""
+    p = _policy
+    S, nq, d = q.shape
+    slots, g, _ = k_cache.shape
+    _attention_kernel(q.data_ptr(), S, nq, d, k_cache.data_ptr(), v_cache.data_ptr(), slots // block_size,
+                      g, block_size, tables.data_ptr(), table_stride, lens.data_ptr(), float(scale), out.data_ptr(),
+                      p.threads, q.dtype is torch.bfloat16, k_cache.dtype is torch.float8_e4m3fn,
+                      float(kv_scales[0]), float(kv_scales[1]), p.attention_dp)
+
+
+def decode_attention_runner(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int,
+                            scale: float, kv_scales: tuple[float, float], out: torch.Tensor):
+    """For decode graphs: a callable(block_tables, context_lens_tensor) -> bool that runs
+    native_decode_attention of these very tensors into `out` for a later step's block tables and
+    context lengths, everything else checked once here (the kernel checks the tables and lengths
+    against the cache before reading). It returns False where the current policy no longer sends
+    this attention to the native kernel. None where it would not now."""
+    S = q.shape[0] if q.dim() == 3 else 0
+    if not _native_attention_takes(_policy, q, k_cache, v_cache) or not S or not q.is_contiguous() or \
+            not out.is_contiguous() or out.shape != q.shape or out.dtype is not q.dtype or \
+            k_cache.shape[2] != q.shape[2] or k_cache.shape[0] % block_size:
+        return None
+
+    def run(tables: torch.Tensor, lens: torch.Tensor) -> bool:
+        if q.dtype not in _policy.attention or tables.dtype is not torch.int64 or tables.shape[0] != S or \
+                (tables.dim() == 2 and tables.shape[1] and tables.stride(1) != 1) or lens.shape != (S,) or \
+                lens.dtype is not torch.int64 or not lens.is_contiguous():
+            return False
+        _attention_call(q, k_cache, v_cache, block_size, scale, kv_scales, out, tables, tables.stride(0), lens)
+        return True
+    return run
 
 
 def _elementwise_ok(p: KernelPolicy, *tensors: torch.Tensor) -> bool:
