@@ -242,8 +242,8 @@ class DecodeGraph:
             self.live_depth += 1
             try:
                 out = real(q, k_cache, v_cache, meta, *rest, **kw)
-                # the native kernel called straight into `out` with each step's tables and lengths
-                # (~3% of a batch-1 step less than the whole call); else the whole call, copied
+                # the native kernel called straight into `out` with each step's tables and lengths,
+                # without the Python of the whole call; else the whole call, copied
                 direct = attention_mod.paged_decode_runner(q, k_cache, v_cache, meta, *rest, out=out, **kw)
             finally:
                 self.live_depth -= 1
