@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from afdserve.model.kernels import native_argmax
+
 
 @dataclass
 class SamplingParams:
@@ -125,10 +127,13 @@ def _generator(r: SampleRequest) -> torch.Generator | None:
 
 def sample(logits: torch.Tensor, rows: list[SampleRequest]) -> list[Sample]:
     """logits: fp32 [n, V], one row per request -> one Sample per row."""
-    logits = apply_penalties(logits.float().clone(), rows)
+    logits = logits.float()
+    if any(r.params.has_penalties and r.output_token_ids for r in rows):
+        logits = apply_penalties(logits.clone(), rows)          # (a copy: the caller's logits stay)
     need_logprobs = any(r.params.logprobs is not None for r in rows)
     logprobs = torch.log_softmax(logits, -1) if need_logprobs else None
-    greedy = logits.argmax(-1).tolist()
+    best = native_argmax(logits)
+    greedy = (best if best is not None else logits.argmax(-1)).tolist()
     out = []
     for i, r in enumerate(rows):
         p = r.params

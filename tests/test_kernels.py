@@ -747,3 +747,22 @@ def test_native_route_equals_the_torch_route(dtype, renormalize, policy_restored
     empty_w, empty_ids = kernels.native_route(logits[:0], 3, renormalize)
     assert empty_w.shape == (0, 3) and empty_ids.shape == (0, 3)
     assert kernels.native_route(logits, 49, renormalize) is None                 # more than there are: torch's error
+
+
+@needs_native
+def test_native_argmax_is_torch_argmax(policy_restored):
+    """Greedy sampling's argmax: the first of equal maxima, the first NaN where a row has one,
+    all -inf rows, a vector tail (13 columns) and rows read with a stride."""
+    kernels.use_policy(kernels.decide_policy("auto", threads=2))
+    g = torch.Generator().manual_seed(5)
+    for cols in (13, 32000):
+        x = torch.randn(70, cols + 3, generator=g)[:, 1:cols + 1]             # row stride cols + 3
+        x[1, 2] = x[1, cols - 1] = x[1].max() + 1                               # a tie: the first
+        x[2, cols // 2], x[2, cols - 1] = float("nan"), float("nan")          # NaN counts as largest
+        x[3] = float("-inf")
+        x[4, cols - 1] = float("inf")
+        got = kernels.native_argmax(x)
+        assert got is not None and got.dtype is torch.int64
+        assert torch.equal(got, x.argmax(-1)), (got[:5], x.argmax(-1)[:5])
+    assert kernels.native_argmax(torch.zeros(0, 5)).shape == (0,)
+    assert kernels.native_argmax(torch.zeros(3, 5, dtype=torch.bfloat16)) is None   # torch's own

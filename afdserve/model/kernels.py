@@ -522,6 +522,19 @@ def native_route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> 
     return weights, ids
 
 
+def native_argmax(x: torch.Tensor) -> torch.Tensor | None:
+    """x.argmax(-1) (int64) for fp32 CPU rows [M, N] with unit stride along N, in one native pass
+    over the threads (torch's first-maximum and NaN rules), or None where the policy does not send
+    it there. Greedy sampling's argmax over a batch's logits took torch ~1.7 ms at 64 x 32000."""
+    if x.dim() != 2 or x.dtype is not torch.float32 or x.stride(1) != 1 or not x.shape[1] or \
+            not _elementwise_ok(_policy, x):
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    if x.shape[0]:
+        _native.argmax(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr(), _policy.threads)
+    return out
+
+
 def residual_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a + b, through one native pass for contiguous CPU tensors of one dtype the policy sends to
     the native element-wise kernels (bitwise torch's add: an fp32 sum rounded once), else torch.

@@ -268,6 +268,74 @@ static PyObject *route(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(argmax_doc,
+             "argmax(x, ld, rows, cols, out, nthreads) -> None\n\n"
+             "out[r] = the index of the largest of the `cols` fp32 values of row r of x (row stride ld),\n"
+             "the first one where several are equal, the first NaN where there is one: torch.argmax\n"
+             "over the last dim (greedy sampling of a batch's logits), rows over the threads.");
+
+#ifdef AFD_X86
+/* The largest value of row x[0:n] and whether it holds a NaN, eight lanes at a time. */
+TGT static float row_max8(const float *x, Py_ssize_t n, int *has_nan)
+{
+    __m256 m = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        m = _mm256_max_ps(m, v);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    float lanes[8], best = -INFINITY;
+    _mm256_storeu_ps(lanes, m);
+    for (int j = 0; j < 8; j++) best = lanes[j] > best ? lanes[j] : best;
+    int any = _mm256_movemask_ps(nan) != 0;
+    for (; i < n; i++) {
+        any |= isnan(x[i]);
+        best = x[i] > best ? x[i] : best;
+    }
+    *has_nan = any;
+    return best;
+}
+#endif
+
+static int64_t row_argmax(const float *x, Py_ssize_t n)
+{
+    int has_nan = 0;
+    float best = -INFINITY;
+#ifdef AFD_X86
+    if (afd_cpu_avx2())
+        best = row_max8(x, n, &has_nan);
+    else
+#endif
+        for (Py_ssize_t i = 0; i < n; i++) {
+            has_nan |= isnan(x[i]);
+            best = x[i] > best ? x[i] : best;
+        }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (has_nan ? isnan(x[i]) : x[i] == best) return i;
+    return 0;                                    /* (n == 0 is refused by the caller) */
+}
+
+static PyObject *argmax(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_ssize_t px, ld, M, N, po;
+    int nthreads;
+    if (!PyArg_ParseTuple(args, "nnnnni", &px, &ld, &M, &N, &po, &nthreads)) return NULL;
+    if (M < 0 || N <= 0 || ld < N || (M && (!px || !po))) {
+        PyErr_SetString(PyExc_ValueError, "argmax: bad sizes or null buffer");
+        return NULL;
+    }
+    const float *x = (const float *)px;
+    int64_t *out = (int64_t *)po;
+    const int nt = row_threads(M, N, nthreads);
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (Py_ssize_t r = 0; r < M; r++) out[r] = row_argmax(x + r * ld, N);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(write_kv_doc,
              "write_kv(k_cache, v_cache, num_slots, slots, tokens, k, ldk, v, ldv, row_bytes) -> None\n\n"
              "The new tokens' keys and values into their cache slots: row t of k (stride ldk bytes) to\n"
@@ -433,6 +501,7 @@ PyMethodDef afd_elementwise_methods[] = {
     {"write_kv", write_kv, METH_VARARGS, write_kv_doc},
     {"add", add, METH_VARARGS, add_doc},
     {"route", route, METH_VARARGS, route_doc},
+    {"argmax", argmax, METH_VARARGS, argmax_doc},
     {"silu_mul", silu_mul, METH_VARARGS, silu_mul_doc},
     {NULL, NULL, 0, NULL},
 };
