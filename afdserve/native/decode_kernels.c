@@ -481,29 +481,25 @@ TGT static void item_scores(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, const
         ptrdiff_t e = run_end(table, b, nb), r0 = b * bs > t0 ? b * bs : t0;
         ptrdiff_t nt = (e * bs < t1 ? e * bs : t1) - r0;
         ptrdiff_t base = (table[b] * bs * a->g + gi) * d + (r0 - b * bs) * ld;
-        if (a->dp)
-            for (ptrdiff_t c0 = 0; c0 < nt; c0 += KEY_CHUNK) {
-                ptrdiff_t n = nt - c0 < KEY_CHUNK ? nt - c0 : KEY_CHUNK, next = r0 + c0 + n;
-                prefetch_tokens(a, a->k, s, gi, next, next + KEY_CHUNK < t1 ? next + KEY_CHUNK : t1, 0, d);
-                const uint16_t *kb = (const uint16_t *)a->k + base + c0 * ld;
-                ptrdiff_t ldk = ld;
-                if (a->kv == KV_E4M3) {              /* widened to bf16 (exact), then the same */
-                    widen_rows_e4m3_bf16((const uint8_t *)a->k + base + c0 * ld, ld, n, d, (uint16_t *)conv);
-                    kb = (const uint16_t *)conv;
-                    ldk = d;
-                }
-                key_scores_dp(kb, ldk, n, (const uint32_t *)qt, HP, d, a->scale, st + (r0 + c0) * HP);
-            }
-        else if (!kv_widened(a)) {
+        if (!a->dp && !kv_widened(a)) {                             /* fp32, read in place */
             const ptrdiff_t next = r0 + nt;                         /* the next run's first keys */
             prefetch_tokens(a, a->k, s, gi, next, next + PF_KEYS < t1 ? next + PF_KEYS : t1, 0, d);
             key_scores((const float *)a->k + base, ld, nt, qt, HP, d, st + r0 * HP);
         } else
             for (ptrdiff_t c0 = 0; c0 < nt; c0 += KEY_CHUNK) {
                 ptrdiff_t n = nt - c0 < KEY_CHUNK ? nt - c0 : KEY_CHUNK, next = r0 + c0 + n;
+                float *sc = st + (r0 + c0) * HP;
                 prefetch_tokens(a, a->k, s, gi, next, next + KEY_CHUNK < t1 ? next + KEY_CHUNK : t1, 0, d);
-                widen_chunk(a, a->k, base, c0, n, 0, d, conv);
-                key_scores(conv, d, n, qt, HP, d, st + (r0 + c0) * HP);
+                if (!a->dp) {                                       /* widened to fp32 */
+                    widen_chunk(a, a->k, base, c0, n, 0, d, conv);
+                    key_scores(conv, d, n, qt, HP, d, sc);
+                } else if (a->kv == KV_E4M3) {                      /* widened to bf16 (exact) */
+                    widen_rows_e4m3_bf16((const uint8_t *)a->k + base + c0 * ld, ld, n, d, (uint16_t *)conv);
+                    key_scores_dp((const uint16_t *)conv, d, n, (const uint32_t *)qt, HP, d, a->scale, sc);
+                } else {                                            /* bf16, read in place */
+                    key_scores_dp((const uint16_t *)a->k + base + c0 * ld, ld, n, (const uint32_t *)qt, HP, d,
+                                  a->scale, sc);
+                }
             }
         b = e;
     }
@@ -543,8 +539,8 @@ TGT static void item_values(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, const
     }
 }
 
-/* The queries of KV head gi's nh query heads (at qoff), scaled and transposed to qt [d, HP] (HP = nh
-   rounded up to 8, the padding heads zero). */
+/* The queries of KV head gi's nh query heads (at qoff), scaled and transposed to qt [d, HP]
+   (HP = padded_heads, the padding heads zero); for the AVX-512 path packed as bf16 pairs instead. */
 TGT static void transpose_queries(const attn_args *a, ptrdiff_t qoff, ptrdiff_t nh, ptrdiff_t HP, float *qt)
 {
     const ptrdiff_t d = a->d;
@@ -580,26 +576,71 @@ static void finish_output(const attn_args *a, ptrdiff_t qoff, ptrdiff_t nh, floa
         }
 }
 
+/* One KV head gi of sequence s (one new token) as a thread sees it: its query heads, their padded
+   count HP, the context, where their queries / outputs start, and the thread's own buffers in
+   `priv` (attn_private_floats: the transposed queries qt [d, HP], the widening buffer conv, and
+   for a bf16 output the fp32 outputs os; a NULL priv gives NULL buffers). */
+typedef struct {
+    ptrdiff_t nh, HP, ctx, qoff;
+    float *qt, *conv, *os;
+} item_view;
+
+static item_view item_at(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, float *priv)
+{
+    item_view v;
+    v.nh = a->nq / a->g;
+    v.HP = padded_heads(a);
+    v.ctx = a->lens[s];
+    v.qoff = (s * a->nq + gi * v.nh) * a->d;
+    v.qt = priv;
+    v.conv = priv ? priv + a->d * v.HP : NULL;
+    v.os = a->bf16 ? (priv ? v.conv + conv_floats(a) : NULL) : (float *)a->out + v.qoff;
+    return v;
+}
+
+/* Scores st[t0:t1] of the item's keys; their first chunk is fetched while the queries are
+   transposed. */
+TGT static void item_scores_phase(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, const item_view *v, float *st,
+                                  ptrdiff_t t0, ptrdiff_t t1)
+{
+    prefetch_tokens(a, a->k, s, gi, t0, t1 - t0 < KEY_CHUNK ? t1 : t0 + KEY_CHUNK, 0, a->d);
+    transpose_queries(a, v->qoff, v->nh, v->HP, v->qt);
+    item_scores(a, s, gi, v->qt, v->HP, st, v->conv, t0, t1);
+}
+
+/* The first chunk of value columns [v0, v1), asked for before the softmax runs. */
+static void prefetch_first_values(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, const item_view *v, ptrdiff_t v0,
+                                  ptrdiff_t v1)
+{
+    prefetch_tokens(a, a->v, s, gi, 0, v->ctx < value_chunk(a->d) ? v->ctx : value_chunk(a->d), v0, v1 - v0);
+}
+
+/* Output columns [v0, v1) from the softmaxed scores st and their inverse sums inv. */
+TGT static void item_values_phase(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, const item_view *v,
+                                  const float *st, const float *inv, ptrdiff_t v0, ptrdiff_t v1)
+{
+    item_values(a, s, gi, st, v->HP, v->nh, v->os, v->conv, v0, v1);
+    finish_output(a, v->qoff, v->nh, v->os, inv, v0, v1);
+}
+
 /* One thread's KV head gi of sequence s (one new token): all its query heads attend together.
-   Their queries, scaled and transposed to [d, HP], meet every key once (key_scores, scores laid
-   out [ctx, HP]), the softmax runs down the columns, and the values are read once per chunk for
-   all heads (weighted_values). bf16 keys and values are widened to fp32 a chunk at a time (exact)
-   and everything after that is the fp32 code; the output is rounded once. e4m3 keys and values
-   are widened the same way (to their value x 2^-8: the queries' scale carries the keys' scale x
-   2^8, v_scale the values'). `work`: attn_scores_floats + attn_private_floats floats. */
+   Their queries meet every key once (scores laid out [ctx, HP]), the softmax runs down the
+   columns, and the values are read once per chunk for all heads. On the AVX2 path the queries are
+   scaled and transposed to [d, HP], bf16 keys and values are widened to fp32 a chunk at a time
+   (exact) and everything after that is the fp32 code; on the AVX-512 path (`dp`) scores come
+   from vdpbf16ps over the bf16 keys and values are widened in registers. The output is rounded
+   once. e4m3 keys and values are widened the same way (to their value x 2^-8: the queries' scale
+   carries the keys' scale x 2^8, v_scale the values'). `work`: attn_scores_floats +
+   attn_private_floats floats (st | inv | the thread's own buffers). */
 TGT static void attend_item(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, float *work)
 {
-    const ptrdiff_t d = a->d, nh = a->nq / a->g, HP = padded_heads(a), ctx = a->lens[s];
-    const ptrdiff_t qoff = (s * a->nq + gi * nh) * d;
-    float *st = work, *inv = st + a->max_ctx * HP, *qt = inv + HP, *conv = qt + d * HP;
-    float *os = a->bf16 ? conv + conv_floats(a) : (float *)a->out + qoff;
-    prefetch_tokens(a, a->k, s, gi, 0, ctx < KEY_CHUNK ? ctx : KEY_CHUNK, 0, d);
-    transpose_queries(a, qoff, nh, HP, qt);
-    item_scores(a, s, gi, qt, HP, st, conv, 0, ctx);
-    prefetch_tokens(a, a->v, s, gi, 0, ctx < value_chunk(d) ? ctx : value_chunk(d), 0, d);   /* during the softmax */
-    column_softmax(st, ctx, HP, inv, 0, HP);
-    item_values(a, s, gi, st, HP, nh, os, conv, 0, d);
-    finish_output(a, qoff, nh, os, inv, 0, d);
+    const ptrdiff_t HP = padded_heads(a);
+    float *st = work, *inv = st + a->max_ctx * HP;
+    const item_view v = item_at(a, s, gi, inv + HP);
+    item_scores_phase(a, s, gi, &v, st, 0, v.ctx);
+    prefetch_first_values(a, s, gi, &v, 0, a->d);
+    column_softmax(st, v.ctx, HP, inv, 0, HP);
+    item_values_phase(a, s, gi, &v, st, inv, 0, a->d);
 }
 
 #ifdef _OPENMP
@@ -612,27 +653,17 @@ TGT static void attend_item(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, float
 TGT static void team_item(const attn_args *a, ptrdiff_t s, ptrdiff_t gi, float *st, float *inv, float *priv,
                           int tid, int nt)
 {
-    const ptrdiff_t d = a->d, nh = a->nq / a->g, HP = padded_heads(a), ctx = a->lens[s];
-    const ptrdiff_t qoff = (s * a->nq + gi * nh) * d;
+    const item_view v = item_at(a, s, gi, priv);
     ptrdiff_t t0, t1, h0, h1, v0, v1;
-    afd_split(ctx, nt, tid, 4, &t0, &t1);
-    afd_split(HP, nt, tid, 8, &h0, &h1);
-    afd_split(d, nt, tid, 16, &v0, &v1);
-    float *qt = priv, *conv = priv ? qt + d * HP : NULL;
-    float *os = a->bf16 ? (priv ? conv + conv_floats(a) : NULL) : (float *)a->out + qoff;
-    if (priv && t0 < t1) {
-        prefetch_tokens(a, a->k, s, gi, t0, t1 - t0 < KEY_CHUNK ? t1 : t0 + KEY_CHUNK, 0, d);
-        transpose_queries(a, qoff, nh, HP, qt);
-        item_scores(a, s, gi, qt, HP, st, conv, t0, t1);
-    }
-    if (v0 < v1) prefetch_tokens(a, a->v, s, gi, 0, ctx < value_chunk(d) ? ctx : value_chunk(d), v0, v1 - v0);
+    afd_split(v.ctx, nt, tid, 4, &t0, &t1);
+    afd_split(v.HP, nt, tid, 8, &h0, &h1);
+    afd_split(a->d, nt, tid, 16, &v0, &v1);
+    if (priv && t0 < t1) item_scores_phase(a, s, gi, &v, st, t0, t1);
+    if (v0 < v1) prefetch_first_values(a, s, gi, &v, v0, v1);
 #pragma omp barrier
-    if (h0 < h1) column_softmax(st, ctx, HP, inv, h0, h1);
+    if (h0 < h1) column_softmax(st, v.ctx, v.HP, inv, h0, h1);
 #pragma omp barrier
-    if (priv && v0 < v1) {
-        item_values(a, s, gi, st, HP, nh, os, conv, v0, v1);
-        finish_output(a, qoff, nh, os, inv, v0, v1);
-    }
+    if (priv && v0 < v1) item_values_phase(a, s, gi, &v, st, inv, v0, v1);
 #pragma omp barrier                                    /* st and inv are the next item's */
 }
 
