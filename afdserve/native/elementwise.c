@@ -275,8 +275,9 @@ PyDoc_STRVAR(argmax_doc,
              "over the last dim (greedy sampling of a batch's logits), rows over the threads.");
 
 #ifdef AFD_X86
-/* The largest value of row x[0:n] and whether it holds a NaN, eight lanes at a time. */
-TGT static float row_max8(const float *x, Py_ssize_t n, int *has_nan)
+/* The largest of x[0:i) and whether they hold a NaN, eight lanes at a time, into *best / *has_nan;
+   returns i, where the scalar loop goes on. */
+TGT static Py_ssize_t row_max8(const float *x, Py_ssize_t n, float *best, int *has_nan)
 {
     __m256 m = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
     Py_ssize_t i = 0;
@@ -285,16 +286,11 @@ TGT static float row_max8(const float *x, Py_ssize_t n, int *has_nan)
         m = _mm256_max_ps(m, v);
         nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     }
-    float lanes[8], best = -INFINITY;
+    float lanes[8];
     _mm256_storeu_ps(lanes, m);
-    for (int j = 0; j < 8; j++) best = lanes[j] > best ? lanes[j] : best;
-    int any = _mm256_movemask_ps(nan) != 0;
-    for (; i < n; i++) {
-        any |= isnan(x[i]);
-        best = x[i] > best ? x[i] : best;
-    }
-    *has_nan = any;
-    return best;
+    for (int j = 0; j < 8; j++) *best = lanes[j] > *best ? lanes[j] : *best;
+    *has_nan = _mm256_movemask_ps(nan) != 0;
+    return i;
 }
 #endif
 
@@ -302,16 +298,15 @@ static int64_t row_argmax(const float *x, Py_ssize_t n)
 {
     int has_nan = 0;
     float best = -INFINITY;
+    Py_ssize_t i = 0;
 #ifdef AFD_X86
-    if (afd_cpu_avx2())
-        best = row_max8(x, n, &has_nan);
-    else
+    i = row_max8(x, n, &best, &has_nan);
 #endif
-        for (Py_ssize_t i = 0; i < n; i++) {
-            has_nan |= isnan(x[i]);
-            best = x[i] > best ? x[i] : best;
-        }
-    for (Py_ssize_t i = 0; i < n; i++)
+    for (; i < n; i++) {
+        has_nan |= isnan(x[i]);
+        best = x[i] > best ? x[i] : best;
+    }
+    for (i = 0; i < n; i++)
         if (has_nan ? isnan(x[i]) : x[i] == best) return i;
     return 0;                                    /* (n == 0 is refused by the caller) */
 }
