@@ -91,14 +91,19 @@ class Sample:
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
+    """The logits with each row's frequency / presence penalties applied: a copy where a row has
+    any to apply (the caller's logits stay as they are), else `logits` itself."""
+    out = logits
     for i, r in enumerate(rows):
         p = r.params
         if not p.has_penalties or not r.output_token_ids:
             continue
+        if out is logits:
+            out = logits.clone()
         ids = torch.tensor(r.output_token_ids, dtype=torch.int64)
-        counts = torch.bincount(ids, minlength=logits.shape[1]).to(logits.dtype)
-        logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
-    return logits
+        counts = torch.bincount(ids, minlength=out.shape[1]).to(out.dtype)
+        out[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(out.dtype)
+    return out
 
 
 def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -127,9 +132,7 @@ def _generator(r: SampleRequest) -> torch.Generator | None:
 
 def sample(logits: torch.Tensor, rows: list[SampleRequest]) -> list[Sample]:
     """logits: fp32 [n, V], one row per request -> one Sample per row."""
-    logits = logits.float()
-    if any(r.params.has_penalties and r.output_token_ids for r in rows):
-        logits = apply_penalties(logits.clone(), rows)          # (a copy: the caller's logits stay)
+    logits = apply_penalties(logits.float(), rows)
     need_logprobs = any(r.params.logprobs is not None for r in rows)
     logprobs = torch.log_softmax(logits, -1) if need_logprobs else None
     best = native_argmax(logits)
