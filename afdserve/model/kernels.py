@@ -540,7 +540,8 @@ def residual_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     the native element-wise kernels (bitwise torch's add: an fp32 sum rounded once), else torch.
     A decode step's residual adds are a few thousand elements: torch's dispatcher costs more.
     Anything else that adds (run_layers is generic over what it carries) adds as itself."""
-    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape or not (a.is_contiguous() and b.is_contiguous()) or not _elementwise_ok(_policy, a, b):
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape or \
+            not (a.is_contiguous() and b.is_contiguous()) or not _elementwise_ok(_policy, a, b):
         return a + b
     y = torch.empty(a.shape, dtype=a.dtype)
     if y.numel():                                  # (an empty micro-batch: nothing to add, no buffers)
