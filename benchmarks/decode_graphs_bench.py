@@ -55,35 +55,38 @@ class Decoder:
         self.runner.execute(self.step_input())
 
 
-def alternate(dec: Decoder, steps: int, rounds: int) -> dict[str, float]:
-    """Fastest ms per step of each mode over `rounds` alternations of `steps` steps."""
-    graphs, best = dec.runner.graphs, {"on": float("inf"), "off": float("inf")}
+def alternate(dec: Decoder, steps: int, rounds: int, modes: dict) -> dict:
+    """Fastest ms per step of each mode over `rounds` alternations of `steps` steps; `modes` maps a
+    mode to the callable that switches it on."""
+    best = {mode: float("inf") for mode in modes}
     for _ in range(rounds):
-        for mode in ("on", "off"):
-            graphs.mode = mode
+        for mode, switch in modes.items():
+            switch()
             t = time.perf_counter()
             for _ in range(steps):
                 dec.step()
             best[mode] = min(best[mode], (time.perf_counter() - t) / steps * 1e3)
-    graphs.mode = "on"
     return best
+
+
+def alternate_graphs(dec: Decoder, steps: int, rounds: int) -> dict[str, float]:
+    """Decode graphs "on" and "off"; left on."""
+    graphs = dec.runner.graphs
+    try:
+        return alternate(dec, steps, rounds, {m: (lambda m=m: setattr(graphs, "mode", m)) for m in ("on", "off")})
+    finally:
+        graphs.mode = "on"
 
 
 @torch.inference_mode()
 def alternate_attention(dec: Decoder, steps: int, rounds: int) -> dict[bool, float]:
-    """Fastest ms per step with the bf16 decode attention on AVX512-BF16 (True) and AVX2 (False)."""
-    base, best = kernels.current_policy(), {True: float("inf"), False: float("inf")}
+    """The bf16 decode attention on AVX512-BF16 (True) and AVX2 (False); the policy restored."""
+    base = kernels.current_policy()
     try:
-        for _ in range(rounds):
-            for dp in (False, True):
-                kernels.use_policy(dataclasses.replace(base, attention_dp=dp))
-                t = time.perf_counter()
-                for _ in range(steps):
-                    dec.step()
-                best[dp] = min(best[dp], (time.perf_counter() - t) / steps * 1e3)
+        return alternate(dec, steps, rounds, {dp: (lambda dp=dp: kernels.use_policy(
+            dataclasses.replace(base, attention_dp=dp))) for dp in (False, True)})
     finally:
         kernels.use_policy(base)
-    return best
 
 
 def _kind(op) -> str:
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"graph: {len(graph.ops)} recorded calls, {graph.nbytes / 2**20:.2f} MiB of intermediates kept")
     print("first decode steps: " + ", ".join(f"{ms:.1f}" for ms in first) + " ms (normal, normal, recorded, checked)")
-    best = alternate(dec, args.steps, args.rounds)
+    best = alternate_graphs(dec, args.steps, args.rounds)
     print(f"graphs on {best['on']:.2f} ms/step, off {best['off']:.2f} ms/step: {best['off'] / best['on']:.2f}x "
           f"(fastest of {args.rounds} alternated rounds of {args.steps} steps)")
     if args.attention_isas:
