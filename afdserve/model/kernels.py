@@ -525,7 +525,8 @@ def native_route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> 
 def native_argmax(x: torch.Tensor) -> torch.Tensor | None:
     """x.argmax(-1) (int64) for fp32 CPU rows [M, N] with unit stride along N, in one native pass
     over the threads (torch's first-maximum and NaN rules), or None where the policy does not send
-    it there. Greedy sampling's argmax over a batch's logits took torch ~1.7 ms at 64 x 32000."""
+    it there. Greedy sampling takes the argmax of a whole batch's logits every step, where torch's
+    reduction runs on one thread."""
     if x.dim() != 2 or x.dtype is not torch.float32 or x.stride(1) != 1 or not x.shape[1] or \
             not _elementwise_ok(_policy, x):
         return None
